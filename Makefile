@@ -1,0 +1,47 @@
+# ipa_fast — every target does its own set-up from a fresh clone, idempotently.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.ipa_fast_installed
+NATIVE_SOURCES := setup.py CMakeLists.txt $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
+
+.PHONY: install test bench demo cuda-check clean
+
+install: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# CPU torch first (a bare 'torch' requirement could pull a multi-GB CUDA build), then the
+# package in editable mode without build isolation (else pip fetches torch again to build).
+$(STAMP): $(VENV)/bin/python $(NATIVE_SOURCES) requirements-dev.txt
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-build-isolation -e .
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(VENV)/bin/ipa-fast bench sampler --json benchmarks/results/sampler_cpu.json --plot benchmarks/results/sampler_cpu.png
+
+demo: install
+	$(VENV)/bin/ipa-fast demo
+
+# Compile the CUDA sources with nvcc for sm_80 and sm_90, warnings as errors (no GPU needed).
+CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
+cuda-check:
+	@test -n "$(CUDA_SOURCES)" || { echo "no CUDA sources"; exit 1; }
+	@mkdir -p build/cuda-check
+	for f in $(CUDA_SOURCES); do \
+	  nvcc -std=c++17 -O3 --fmad=false -Icsrc -Werror all-warnings -Xcompiler -Wall,-Werror \
+	    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+	    -c $$f -o build/cuda-check/$$(basename $$f).o || exit 1; \
+	done
+	@echo "cuda-check: compiled $(words $(CUDA_SOURCES)) CUDA source(s) for sm_80 and sm_90"
+
+clean:
+	rm -rf build _skbuild *.egg-info ipa_fast/_C*.so

@@ -1,0 +1,99 @@
+"""The reference backend: the one definition of the sampler's semantics, in plain PyTorch.
+
+Every fast path (C++ ``cpu``, ``triton``, ``cuda``) is tested against this file. It is written
+for clarity, not speed: it sorts, and it accumulates masses in float64.
+
+Inputs arrive normalised by :func:`ipa_fast.sampling.sample` — every parameter is a ``[B]``
+tensor on the logits' device — so this module only states the maths:
+
+    z        = (base + alpha * adapter) / T         (alpha == 0 ignores the adapter)
+    top-k    : keep z >= the k-th largest z            (ties at the k-th value all kept)
+    top-p    : over the top-k survivors, renormalised, keep i iff the mass of tokens with
+               z strictly greater than z_i is < p      (value-based: tied tokens go together)
+    min-p    : keep i iff pi_i >= min_p * max pi, i.e. exp(z_i - max z) >= min_p
+    kept set : the intersection; it is always {i : z_i >= tau} for one threshold tau
+    draw     : u from the Philox stream (``ipa_fast.rng``); token = smallest index i in the
+               kept set whose inclusive cumulative kept mass (index order) exceeds u * total
+    T == 0   : greedy argmax of base + alpha * adapter, lowest index on ties; logprobs at T = 1
+               and filtered_logprobs = 0.
+    invalid  : a row whose z holds a NaN or +inf, or has no finite entry, or whose parameters are
+               out of range: token 0, logprobs NaN, valid False.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def mixed_logits(base: torch.Tensor, adapter: torch.Tensor | None, alpha: torch.Tensor) -> torch.Tensor:
+    """float32 ``base + alpha * adapter`` ([B, V]), with rows where alpha == 0 ignoring the adapter."""
+    z = base.float()
+    if adapter is None:
+        return z
+    a = alpha.float().unsqueeze(1)
+    term = torch.where(a == 0, torch.zeros((), device=z.device), a * adapter.float())
+    return z + term
+
+
+def row_validity(z: torch.Tensor, temperature, top_k, top_p, min_p) -> torch.Tensor:
+    """[B] bool: logits usable (no NaN / +inf, some finite entry) and parameters in range."""
+    ok = ~(torch.isnan(z) | (z == float("inf"))).any(dim=1)
+    ok &= torch.isfinite(z).any(dim=1)
+    ok &= (temperature >= 0) & (top_k >= 0) & (top_p > 0) & (top_p <= 1) & (min_p >= 0) & (min_p <= 1)
+    return ok
+
+
+def kept_mask(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """[B, V] bool: the tokens that survive top-k, then top-p, then min-p (rows valid, T > 0)."""
+    B, V = z.shape
+    sorted_z, _ = torch.sort(z, dim=1, descending=True)
+    # top-k: threshold at the k-th largest value; k == 0 or k >= V keeps every token.
+    k = torch.where((top_k <= 0) | (top_k >= V), torch.full_like(top_k, V), top_k)
+    tau_k = sorted_z.gather(1, (k - 1).unsqueeze(1))
+    keep = z >= tau_k
+    # top-p over the top-k survivors: in descending order, the last position whose exclusive
+    # cumulative mass is < p sets the threshold; its tied equals are then kept by value.
+    m = sorted_z[:, :1]
+    w = torch.exp((sorted_z - m).double()) * (sorted_z >= tau_k)
+    total = w.sum(dim=1, keepdim=True)
+    exclusive = torch.cumsum(w, dim=1) - w
+    below = exclusive < top_p.double().unsqueeze(1) * total
+    last = below.sum(dim=1, keepdim=True) - 1          # below is a prefix of True values
+    tau_p = sorted_z.gather(1, last.clamp(min=0))
+    keep &= (z >= tau_p) | (top_p >= 1).unsqueeze(1)
+    # min-p relative to the row max (unchanged by renormalisation over the survivors).
+    keep &= torch.exp(z - m) >= min_p.unsqueeze(1)
+    return keep
+
+
+def sample(base, adapter, alpha, temperature, top_k, top_p, min_p, seed, offset):
+    """Returns (tokens int64, logprobs float32, filtered_logprobs float32, valid bool), each [B]."""
+    from .rng import uniform
+
+    B, V = base.shape
+    x = mixed_logits(base, adapter, alpha)                    # T = 1 mixed logits
+    valid = row_validity(x, temperature, top_k, top_p, min_p)
+    greedy = temperature == 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).float().unsqueeze(1)
+    z = torch.where(valid.unsqueeze(1), x / t, torch.zeros((), device=x.device))
+
+    keep = kept_mask(z, top_k, top_p, min_p)
+    m = z.max(dim=1, keepdim=True).values
+    w = torch.exp((z - m).double()) * keep
+    total = w.sum(dim=1, keepdim=True)
+    u = uniform(seed, offset).to(z.device).unsqueeze(1)
+    cdf = torch.cumsum(w, dim=1)
+    hit = keep & (cdf > u * total)
+    # the first hit; if rounding leaves none, the last kept token
+    last_kept = V - 1 - keep.flip(1).int().argmax(dim=1)
+    tokens = torch.where(hit.any(dim=1), hit.int().argmax(dim=1), last_kept)
+    tokens = torch.where(greedy, z.argmax(dim=1), tokens)   # argmax returns the lowest index on ties
+
+    z_tok = z.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    lse = torch.logsumexp(z.double(), dim=1)
+    logprobs = (z_tok.double() - lse).float()
+    filtered = (z_tok.double() - m.squeeze(1).double() - torch.log(total.squeeze(1))).float()
+    filtered = torch.where(greedy, torch.zeros_like(filtered), filtered)
+
+    nan = torch.full_like(logprobs, float("nan"))
+    tokens = torch.where(valid, tokens, torch.zeros_like(tokens))
+    return tokens, torch.where(valid, logprobs, nan), torch.where(valid, filtered, nan), valid
