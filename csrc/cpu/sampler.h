@@ -1,0 +1,54 @@
+// The fused tailored sampler, C++ CPU kernel: mix -> top-k / top-p / min-p -> one draw ->
+// log-probs, for every row of a [B, V] pair of logits. Framework-free (no torch headers):
+// pointers and dtype codes come from csrc/bindings_cpu.cpp. Semantics: ipa_fast/reference.py.
+#pragma once
+#include <cstdint>
+
+namespace ipa_fast {
+namespace cpu {
+
+// dtype codes of the logits tensors (the Python wrapper maps torch dtypes to these).
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// A row's vocabulary is cut into fixed chunks (reductions are merged in chunk order, so a
+// row's result depends only on V, never on B or on the number of threads) and into blocks
+// whose maxima bound the top-k threshold from below.
+constexpr int64_t kChunk = 2048;
+constexpr int64_t kBlock = 256;
+
+struct SamplerArgs {
+  const void* base = nullptr;     // [B, V], contiguous
+  int base_dtype = kFloat32;
+  const void* adapter = nullptr;  // [B, V], contiguous, or null
+  int adapter_dtype = kFloat32;
+  int64_t batch = 0;
+  int64_t vocab = 0;
+  // per-row parameters, each [B]
+  const float* alpha = nullptr;
+  const float* temperature = nullptr;
+  const int64_t* top_k = nullptr;
+  const float* top_p = nullptr;
+  const float* min_p = nullptr;
+  const int64_t* seed = nullptr;    // read as uint64
+  const int64_t* offset = nullptr;  // read as uint64
+  // outputs, each [B]
+  int64_t* tokens = nullptr;
+  float* logprobs = nullptr;
+  float* filtered_logprobs = nullptr;
+  bool* valid = nullptr;
+};
+
+// Samples every row. num_threads >= 1 OpenMP threads: over rows, or inside a row when B is
+// smaller than the thread count. Never throws; bad rows come back with valid = false.
+void sample(const SamplerArgs& args, int num_threads);
+
+// The memory floor: one plain read of both inputs (a sum, so the loads are not optimised
+// away), parallelised like the sampler. adapter may be null.
+double read_pass(const void* base, int base_dtype, const void* adapter, int adapter_dtype, int64_t batch,
+                 int64_t vocab, int num_threads);
+
+// exp(x) for x <= 0 as the kernel computes it (0 below -87); exposed for tests.
+float exp_nonpositive(float x);
+
+}  // namespace cpu
+}  // namespace ipa_fast

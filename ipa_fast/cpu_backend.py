@@ -1,0 +1,44 @@
+"""Backend ``cpu``: the fused C++ kernel (``csrc/cpu/sampler.cpp``) through pybind11.
+
+Allocates the outputs and hands data pointers to the kernel; the kernel reads fp32 / fp16 /
+bf16 logits directly and runs OpenMP with ``torch.get_num_threads()`` threads.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def sample(base, adapter, *, alpha, temperature, top_k, top_p, min_p, seed, offset):
+    """Same contract as :func:`ipa_fast.reference.sample` (normalised ``[B]`` parameters)."""
+    if base.device.type != "cpu":
+        raise ValueError(f"backend 'cpu' needs CPU tensors, got {base.device}")
+    B, V = base.shape
+    base = base.contiguous()
+    if adapter is not None:
+        adapter = adapter.contiguous()
+    params = [t.contiguous() for t in (alpha, temperature, top_k, top_p, min_p, seed, offset)]
+    tokens = torch.empty(B, dtype=torch.int64)
+    logprobs = torch.empty(B, dtype=torch.float32)
+    filtered = torch.empty(B, dtype=torch.float32)
+    valid = torch.empty(B, dtype=torch.bool)
+    _C.sample(
+        base.data_ptr(), _DTYPE_CODES[base.dtype],
+        0 if adapter is None else adapter.data_ptr(), 0 if adapter is None else _DTYPE_CODES[adapter.dtype],
+        B, V, *(t.data_ptr() for t in params),
+        tokens.data_ptr(), logprobs.data_ptr(), filtered.data_ptr(), valid.data_ptr(),
+        torch.get_num_threads())
+    return tokens, logprobs, filtered, valid
+
+
+def read_pass(base: torch.Tensor, adapter: torch.Tensor | None = None) -> float:
+    """One plain read over both inputs (the memory floor the sampler is measured against)."""
+    base = base.contiguous()
+    adapter = None if adapter is None else adapter.contiguous()
+    return _C.read_pass(base.data_ptr(), _DTYPE_CODES[base.dtype],
+                        0 if adapter is None else adapter.data_ptr(),
+                        0 if adapter is None else _DTYPE_CODES[adapter.dtype],
+                        base.shape[0], base.shape[1], torch.get_num_threads())
