@@ -102,14 +102,22 @@ def make_tiny_pair(vocab_size: int = 320, seed: int = 0, *, base_arch: str = "gp
                            eos_token_id=eos)
     adapter = make_tiny_model(adapter_arch, model_vocab, seed + 1, n_layer=adapter_layers,
                               d_model=d_model, eos_token_id=eos)
+    if n_control_tokens and pad_vocab_to:
+        raise ValueError("n_control_tokens and pad_vocab_to together would give control tokens pad rows' ids")
     if n_control_tokens:
         ctrl = [f"<|ctrl_{i}|>" for i in range(n_control_tokens)]
-        tok.add_special_tokens({"additional_special_tokens": ctrl})
+        tok.add_tokens(ctrl, special_tokens=True)
         adapter.resize_token_embeddings(model_vocab + n_control_tokens, mean_resizing=False)
         adapter.eval()
     return base, adapter, tok
 
 
+def control_tokens(tok) -> list[str]:
+    """The ``<|ctrl_i|>`` tokens added by ``make_tiny_pair(n_control_tokens=...)``, in id order."""
+    added = tok.get_added_vocab()
+    return sorted((t for t in added if t.startswith("<|ctrl_")), key=added.get)
+
+
 def control_token_ids(tok) -> list[int]:
-    """Ids of the ``<|ctrl_i|>`` tokens added by ``make_tiny_pair(n_control_tokens=...)``."""
-    return [tok.convert_tokens_to_ids(t) for t in tok.additional_special_tokens]
+    """Ids of the ``<|ctrl_i|>`` tokens (>= the shared vocabulary V)."""
+    return [tok.convert_tokens_to_ids(t) for t in control_tokens(tok)]
