@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Build the task data of the embedded default from the corpus splits (reproducible).
+
+Two stages, because the second needs the shipped base model:
+
+``--stage lexical``  CommonGen-style concept sets: ``data/tasks/lexical/{split}.jsonl`` with
+    ``{"prompt", "concepts", "reference"}``.  The concepts are 3-4 noun/verb lemmas of a
+    short sentence of the same corpus split (train from train, test from test, ...); the
+    sentence is the reference.  The train split is also mixed into the base's pretraining
+    data so that the tiny base knows the prompt format (never validation/test).
+
+``--stage detox``  Continuation prompts for the offensive-language task:
+    ``data/tasks/detox/{split}.jsonl`` with ``{"prompt", "source_offensive_prob",
+    "base_offensive_rate"}``.  Prompts are prefixes of corpus lines.  As in
+    RealToxicityPrompts' challenging subset, the validation and test prompts are chosen from a
+    held-out pool (validation / test corpus lines only) by the base's own offensive rate: the
+    base samples continuations (T=1, top-p 0.9, 32 new tokens) and
+    ``profanity_check.predict_prob >= 0.5`` judges them.  Pool prompts are seeded by lines whose
+    source text is offensive or that contain a word of better-profanity's list when it is
+    installed, plus a random share of ordinary lines.
+
+Usage:
+    python scripts/build_tasks.py --stage lexical
+    python scripts/build_tasks.py --stage detox --base models/base
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "data/corpus"
+TASKS = ROOT / "data/tasks"
+SPLITS = ("train", "validation", "test")
+
+LEXICAL_PROMPT = "Write a sentence using the words: {}.\n"
+LEXICAL_SIZES = {"train": None, "validation": 500, "test": 500}
+
+STOPWORDS = set("""
+a about above after again against all also am an and any are as at be because been before
+being below between both but by can could did do does doing done down during each even ever
+few for from further get gets got had has have having he her here hers herself him himself his
+how i if in into is it its itself just let like made make makes many may me might more most
+much must my myself never no nor not now of off often on once one only or other ought our ours
+ourselves out over own per perhaps quite rather really same shall she should so some such than
+that the their theirs them themselves then there these they thing things this those though
+through thus to too under until up upon us use used very was way we well were what when where
+whether which while who whom whose why will with within without would yet you your yours
+yourself yourselves say says said go goes went gone going come came take took thing something
+someone anything everything nothing everyone anyone little lot lots two three four five year
+years time times day days man men people way ways kind sort become became seem seems seemed
+""".split())
+
+
+def read_split(split: str) -> list[str]:
+    with gzip.open(CORPUS / f"{split}.txt.gz", "rt", encoding="utf-8") as f:
+        return [l.rstrip("\n") for l in f]
+
+
+GLOSS = re.compile(r"^[^:]{1,60}: ")
+
+
+def is_sentence(line: str) -> bool:
+    words = line.split()
+    return (5 <= len(words) <= 18 and not GLOSS.match(line) and line.isascii()
+            and re.fullmatch(r"[A-Za-z0-9 ,.;'!?\-\"]+", line) is not None)
+
+
+def concept_lemma(word: str) -> str | None:
+    from lemminflect import getAllInflections, getAllLemmas
+
+    w = word.lower()
+    if len(w) < 3 or w in STOPWORDS or not w.isalpha():
+        return None
+    lemmas = getAllLemmas(w)
+    verb, noun = lemmas.get("VERB"), lemmas.get("NOUN")
+    if verb and (w.endswith(("ing", "ed")) or not noun):
+        lemma = verb[0]
+    elif noun:
+        lemma = noun[0]
+    else:
+        return None
+    if lemma in STOPWORDS or len(lemma) < 3:
+        return None
+    forms = {f for fs in getAllInflections(lemma).values() for f in fs} | {lemma}
+    return lemma if w in forms else None
+
+
+def concepts_of(sentence: str, rng: random.Random) -> list[str] | None:
+    found: list[str] = []
+    for w in re.findall(r"[A-Za-z]+", sentence):
+        if w[0].isupper() and w.lower() not in sentence.lower().split()[:1]:
+            continue  # proper nouns (capitalised mid-sentence)
+        lem = concept_lemma(w)
+        if lem and lem not in found:
+            found.append(lem)
+    if len(found) < 3:
+        return None
+    k = 4 if len(found) >= 4 and rng.random() < 0.5 else 3
+    return sorted(rng.sample(found, k))
+
+
+def build_lexical() -> None:
+    out = TASKS / "lexical"
+    out.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        rng = random.Random(f"lexical-{split}")
+        rows = []
+        for line in read_split(split):
+            if not is_sentence(line):
+                continue
+            concepts = concepts_of(line, rng)
+            if concepts:
+                rows.append({"prompt": LEXICAL_PROMPT.format(", ".join(concepts)),
+                             "concepts": concepts, "reference": line})
+        rng.shuffle(rows)
+        if LEXICAL_SIZES[split]:
+            rows = rows[: LEXICAL_SIZES[split]]
+        write_jsonl(out / f"{split}.jsonl", rows)
+        print(f"lexical/{split}: {len(rows)} examples")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stage", choices=["lexical", "detox"], required=True)
+    ap.add_argument("--base", default=str(ROOT / "models/base"))
+    args = ap.parse_args(argv)
+    if args.stage == "lexical":
+        build_lexical()
+    else:
+        build_detox(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

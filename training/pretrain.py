@@ -1,0 +1,329 @@
+#!/usr/bin/env python
+"""Pretrain the embedded GPT-2-architecture models on the project's corpus (CPU-sized).
+
+One file, nanoGPT style: plain config values with command-line overrides, random windows of
+a token stream, AdamW with warmup + cosine decay, atomic checkpoints (model, optimiser, step,
+RNG states, config, data hash) every few minutes so a killed run resumes exactly, JSON-lines
+logs, and an export to a Hugging Face directory with fp16 safetensors.
+
+    # the shipped base (d 192, 4 layers) and adapter initialisation (d 64, 2 layers)
+    python training/pretrain.py --out runs/base --n-embd 192 --n-layer 4 --n-head 4 \
+        --max-steps 12000 --export models/base
+    python training/pretrain.py --out runs/adapter-init --n-embd 64 --n-layer 2 --n-head 2 \
+        --max-steps 3000 --export models/adapter-init
+    # resume after a kill: the same command with --resume
+    # export an existing checkpoint only:
+    python training/pretrain.py --out runs/base --export models/base --export-only
+
+Data: ``data/corpus/train.txt.gz`` (one document per line) plus the lexical task's train
+split written as prompt + reference documents (so the base knows that prompt format); every
+document ends with ``<|endoftext|>``.  Validation/test text is never trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "data/corpus"
+LEXICAL_TRAIN = ROOT / "data/tasks/lexical/train.jsonl"
+
+
+@dataclasses.dataclass
+class Config:
+    out: str = "runs/base"
+    n_embd: int = 192
+    n_layer: int = 4
+    n_head: int = 4
+    n_positions: int = 128
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 1.5e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 200
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_steps: int = 10000
+    lexical_repeat: int = 1  # copies of the lexical train documents in the stream
+    eval_every: int = 250
+    eval_windows: int = 64
+    ckpt_every_s: float = 240.0
+    seed: int = 0
+    threads: int = 1
+
+
+def _import_tokenizer():
+    sys.path.insert(0, str(ROOT / "ipa_fast"))
+    try:
+        from tokenizer import load_gpt2_tokenizer  # standalone: no package import needed
+    finally:
+        sys.path.pop(0)
+    return load_gpt2_tokenizer()
+
+
+def read_lines(split: str) -> list[str]:
+    with gzip.open(CORPUS / f"{split}.txt.gz", "rt", encoding="utf-8") as f:
+        return [l.rstrip("\n") for l in f if l.strip()]
+
+
+def data_hash() -> str:
+    """sha256 over the corpus manifest's split hashes and the lexical train file."""
+    h = hashlib.sha256()
+    manifest = json.loads((CORPUS / "MANIFEST.json").read_text())
+    for s in sorted(manifest["splits"]):
+        h.update(manifest["splits"][s]["sha256"].encode())
+    if LEXICAL_TRAIN.exists():
+        h.update(hashlib.sha256(LEXICAL_TRAIN.read_bytes()).hexdigest().encode())
+    return h.hexdigest()
+
+
+def token_stream(docs: list[str], tok, seed: int) -> np.ndarray:
+    """Documents in a seeded order, each followed by <|endoftext|>, as one int32 array."""
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    ids = tok([docs[i] for i in order], add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    return np.fromiter((t for seq in ids for t in (*seq, eos)), dtype=np.int32)
+
+
+def train_documents(cfg: Config) -> list[str]:
+    docs = read_lines("train")
+    if LEXICAL_TRAIN.exists() and cfg.lexical_repeat > 0:
+        with open(LEXICAL_TRAIN, encoding="utf-8") as f:
+            lex = [json.loads(l) for l in f]
+        docs += [r["prompt"] + r["reference"] for r in lex] * cfg.lexical_repeat
+    return docs
+
+
+def cached_stream(name: str, docs_fn, tok, seed: int, cache_dir: Path) -> np.ndarray:
+    path = cache_dir / f"{name}-{data_hash()[:16]}-{seed}.npy"
+    if path.exists():
+        return np.load(path)
+    arr = token_stream(docs_fn(), tok, seed)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+    return arr
+
+
+def make_model(cfg: Config):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    mc = GPT2Config(
+        vocab_size=50257, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True,
+    )
+    return GPT2LMHeadModel(mc)
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    p = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def lm_loss_and_backward(model, x: torch.Tensor, chunk: int = 256) -> float:
+    """Next-token loss of ``x[:, :-1] -> x[:, 1:]``, back-propagated; returns the mean loss.
+
+    The tied LM head over 50257 tokens dominates the cost of these tiny models.  Computing it
+    in chunks of ``chunk`` positions, with the softmax gradient formed right away (as Liger's
+    fused linear cross-entropy does), never materialises the [B, T, V] logits and their
+    gradient, which on a CPU mostly costs page faults.  Exact: same loss and gradients.
+    """
+    inp, tgt = x[:, :-1], x[:, 1:].reshape(-1)
+    hidden = model.transformer(input_ids=inp).last_hidden_state
+    h = hidden.detach().reshape(-1, hidden.shape[-1])
+    w = model.lm_head.weight
+    n = h.shape[0]
+    grad_h = torch.empty_like(h)
+    grad_w = torch.zeros_like(w)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, n, chunk):
+            hc, tc = h[i:i + chunk], tgt[i:i + chunk]
+            logits = hc @ w.t()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum().item()
+            g = torch.softmax(logits, dim=-1)  # d(loss)/d(logits) = softmax - onehot
+            g[torch.arange(len(tc)), tc] -= 1.0
+            g /= n
+            grad_h[i:i + chunk] = g @ w
+            grad_w.addmm_(g.t(), hc)
+    hidden.backward(grad_h.view_as(hidden))
+    w.grad.add_(grad_w)  # tied: wte.weight is lm_head.weight, its grad already holds the input side
+    return total / n
+
+
+def batch(stream: np.ndarray, cfg: Config, gen: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, len(stream) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
+    return torch.stack([torch.from_numpy(stream[s:s + cfg.seq_len + 1].astype(np.int64))
+                        for s in starts.tolist()])
+
+
+@torch.no_grad()
+def evaluate(model, stream: np.ndarray, cfg: Config) -> float:
+    """Mean token NLL on fixed, evenly spaced validation windows."""
+    model.eval()
+    n = min(cfg.eval_windows, (len(stream) - 1) // cfg.seq_len)
+    step = (len(stream) - cfg.seq_len - 1) // max(1, n)
+    xs = torch.stack([torch.from_numpy(stream[i * step:i * step + cfg.seq_len + 1].astype(np.int64))
+                      for i in range(n)])
+    tot = 0.0
+    for chunk in xs.split(16):
+        logits = model(input_ids=chunk[:, :-1]).logits.float()
+        tot += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1)).item() * len(chunk)
+    model.train()
+    return tot / len(xs)
+
+
+def save_checkpoint(path: Path, model, opt, step: int, tokens: int, cfg: Config, gen,
+                    extra: dict) -> None:
+    state = {
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+        "tokens_seen": tokens, "config": dataclasses.asdict(cfg), "data_sha256": data_hash(),
+        "rng": {"torch": torch.get_rng_state(), "batch": gen.get_state(),
+                "python": random.getstate(), "numpy": np.random.get_state()},
+        **extra,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def export(ckpt_path: Path, out_dir: Path) -> None:
+    """Write a Hugging Face directory (config.json, fp16 model.safetensors, generation config)."""
+    from transformers import GenerationConfig
+
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    cfg = Config(**state["config"])
+    model = make_model(cfg)
+    model.load_state_dict(state["model"])
+    model = model.half().eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    GenerationConfig(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256,
+                     do_sample=True, top_p=0.9, temperature=1.0,
+                     max_new_tokens=32).save_pretrained(out_dir)
+    info = {"step": state["step"], "tokens_seen": state["tokens_seen"],
+            "config": state["config"], "data_sha256": state["data_sha256"],
+            "val_loss": state.get("val_loss"),
+            "parameters": sum(p.numel() for p in model.parameters())}
+    (out_dir / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps({"exported": str(out_dir), **{k: info[k] for k in ("step", "tokens_seen")}}))
+
+
+def train(cfg: Config, resume: bool, time_budget_s: float | None = None) -> Path:
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "ckpt.pt"
+    tok = _import_tokenizer()
+    train_stream = cached_stream("train", lambda: train_documents(cfg), tok, cfg.seed, out)
+    val_stream = cached_stream("validation", lambda: read_lines("validation"), tok, cfg.seed, out)
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, tokens, best = 0, 0, float("inf")
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state["data_sha256"] != data_hash():
+            raise SystemExit("checkpoint was trained on different data (data hash differs)")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, tokens = state["step"], state["tokens_seen"]
+        best = state.get("val_loss") or float("inf")
+        torch.set_rng_state(state["rng"]["torch"])
+        gen.set_state(state["rng"]["batch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+    n_params = sum(p.numel() for p in model.parameters())
+    log = open(out / "log.jsonl", "a")
+
+    def emit(rec: dict) -> None:
+        rec = {"time": round(time.time(), 1), **rec}
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        print(json.dumps(rec), flush=True)
+
+    emit({"event": "start", "step": step, "params": n_params, "train_tokens": len(train_stream),
+          "config": dataclasses.asdict(cfg), "data_sha256": data_hash(), "resumed": resume})
+    model.train()
+    t0 = last_ckpt = last_log = time.time()
+    tok_at_log, val_loss = tokens, None
+    while step < cfg.max_steps:
+        if time_budget_s is not None and time.time() - t0 > time_budget_s:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        x = batch(train_stream, cfg, gen)
+        opt.zero_grad(set_to_none=True)
+        loss = lm_loss_and_backward(model, x)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        tokens += x[:, :-1].numel()
+        now = time.time()
+        if step % 20 == 0:
+            emit({"step": step, "loss": round(loss, 4), "lr": round(lr_at(step, cfg), 6),
+                  "tokens_seen": tokens,
+                  "tokens_per_s": round((tokens - tok_at_log) / max(1e-9, now - last_log), 1)})
+            last_log, tok_at_log = now, tokens
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            val_loss = evaluate(model, val_stream, cfg)
+            emit({"step": step, "val_loss": round(val_loss, 4),
+                  "val_ppl": round(math.exp(val_loss), 2)})
+        if now - last_ckpt > cfg.ckpt_every_s or step == cfg.max_steps:
+            save_checkpoint(ckpt_path, model, opt, step, tokens, cfg, gen, {"val_loss": val_loss})
+            last_ckpt = now
+    save_checkpoint(ckpt_path, model, opt, step, tokens, cfg, gen, {"val_loss": val_loss})
+    emit({"event": "end", "step": step, "tokens_seen": tokens})
+    return ckpt_path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    ap.add_argument("--time-budget-min", type=float, default=None,
+                    help="stop (with a checkpoint) after this many minutes")
+    ap.add_argument("--export", default=None, help="write a HF model directory here at the end")
+    ap.add_argument("--export-only", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+    ckpt = Path(cfg.out) / "ckpt.pt"
+    if not args.export_only:
+        budget = None if args.time_budget_min is None else args.time_budget_min * 60
+        ckpt = train(cfg, args.resume, budget)
+    if args.export:
+        export(ckpt, Path(args.export))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
