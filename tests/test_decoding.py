@@ -204,3 +204,24 @@ def test_bad_input(lm):
         lm.generate(["the"], 2, top_p=1.5)
     with pytest.raises(ValueError, match="seed"):
         lm.generate(["the", "a"], 2, seed=[1, 2, 3])
+
+
+def test_generate_cli_and_naive_bench_loop(tmp_path, capsys):
+    import json
+
+    from ipa_fast.bench_decode import naive_generate
+    from ipa_fast.cli import main
+
+    base, adapter, tok = make_tiny_pair(seed=6)
+    base.save_pretrained(tmp_path / "b")
+    tok.save_pretrained(tmp_path / "b")
+    TailoredLM(base, adapter, tok, alpha=0.5).save_adapter(tmp_path / "a", base=str(tmp_path / "b"))
+    rc = main(["generate", "--base", str(tmp_path / "b"), "--adapter", str(tmp_path / "a"), "--prompt", "the cat",
+               "--prompt", "Hello", "--max-new-tokens", "3", "--seed", "1", "--json", str(tmp_path / "g.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert res["alpha"] == 0.5 and len(res["results"]) == 2 and "tokens/s" in capsys.readouterr().out
+    assert main(["generate", "--base", str(tmp_path / "b"), "--adapter", str(tmp_path / "a"),
+                 "--prompt", "x", "--max-new-tokens", "0"]) == 2
+    ids, lp = naive_generate(base, adapter, [[5, 6, 7], [8]], 4, pad_id=tok.pad_token_id)
+    assert ids.shape == (2, 3 + 4) and lp.shape == (2, 4) and bool((lp <= 0).all())
