@@ -201,24 +201,33 @@ struct RowBuffers {
   }
 };
 
-// Scratch of the thread that finishes a row: candidate lists and the selection histogram.
-constexpr int kBuckets = 512;  // w's float bits >> 21: exponent + 2 mantissa bits; w <= 1 -> < 509
-constexpr int kHistCopies = 4;  // interleaved copies break store-to-load chains on equal buckets
+// Scratch of the thread that finishes a row: candidates (indices, z, w) and the selection
+// histograms. The threshold search is a radix descent on w's float bits (w = exp(z - max) is
+// monotone in z): 9 + 11 + 10 bits over w <= 1, then a sort of the equal-w survivors by z.
+constexpr int kBuckets1 = 512;  // bits >> 21: exponent + 2 mantissa bits (w <= 1 -> < 509)
+constexpr int kBuckets2 = 2048;  // (bits >> 10) & 0x7ff
+constexpr int kBuckets3 = 1024;  // bits & 0x3ff
+constexpr int kHistCopies = 4;   // interleaved level-1 copies break store-to-load chains
 
 struct FinishScratch {
   std::vector<int32_t> list, list2;
-  std::vector<float> bmax;
-  std::vector<std::pair<float, float>> boundary;  // (z, w) of the boundary bucket
-  std::vector<double> hist_mass;
+  std::vector<float> cz, cw, bmax;
+  std::vector<float> ez, ew;  // the boundary bucket's elements
+  std::vector<double> hist_mass, sums;
   std::vector<int32_t> hist_count;
   void ensure(int64_t vocab) {
-    if (static_cast<int64_t>(list.size()) < vocab) {
-      list.resize(vocab);
-      list2.resize(vocab);
+    if (static_cast<int64_t>(list.size()) < vocab + 8) {
+      list.resize(vocab + 8);
+      list2.resize(vocab + 8);
+      cz.resize(vocab + 8);
+      cw.resize(vocab + 8);
+      ez.resize(vocab + 8);
+      ew.resize(vocab + 8);
+      sums.resize(vocab / 64 + 2);
     }
     if (hist_mass.empty()) {
-      hist_mass.resize(kBuckets * kHistCopies);
-      hist_count.resize(kBuckets * kHistCopies);
+      hist_mass.resize(kBuckets1 * kHistCopies);
+      hist_count.resize(kBuckets1 * kHistCopies);
     }
   }
 };
@@ -340,84 +349,155 @@ void pass_b_chunk(int64_t vocab, int64_t chunk, float m, RowBuffers& rb) {
 // ------------------------------------------------------------------------------------------
 // Finishing a row: thresholds and the draw.
 
+#ifdef IPA_FAST_AVX2
+// For each 8-bit mask, the lanes of its set bits first (ascending), for left-packing.
+struct PackTable {
+  alignas(32) int32_t idx[256][8];
+  PackTable() {
+    for (int m = 0; m < 256; ++m) {
+      int n = 0;
+      for (int l = 0; l < 8; ++l)
+        if (m >> l & 1) idx[m][n++] = l;
+      for (; n < 8; ++n) idx[m][n] = 0;
+    }
+  }
+};
+const PackTable kPack;
+#endif
+
 // Candidates: indices i (ascending) with z_i >= z_low and w_i >= w_low.
-int64_t collect(const RowBuffers& rb, int64_t vocab, float z_low, float w_low, int32_t* out) {
+int64_t collect(const RowBuffers& rb, int64_t vocab, float z_low, float w_low, int32_t* out, float* out_z,
+                float* out_w) {
   const float* z = rb.z.data();
   const float* w = rb.w.data();
   int64_t n = 0, i = 0;
 #ifdef IPA_FAST_AVX2
   const __m256 vz = _mm256_set1_ps(z_low), vw = _mm256_set1_ps(w_low);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (; i + 8 <= vocab; i += 8) {
-    const __m256 hit = _mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(z + i), vz, _CMP_GE_OQ),
-                                     _mm256_cmp_ps(_mm256_loadu_ps(w + i), vw, _CMP_GE_OQ));
-    unsigned bits = static_cast<unsigned>(_mm256_movemask_ps(hit));
-    while (bits) {  // clears one of at most 8 bits per step
-      out[n++] = static_cast<int32_t>(i + __builtin_ctz(bits));
-      bits &= bits - 1;
-    }
+    const __m256 zi = _mm256_loadu_ps(z + i), wi = _mm256_loadu_ps(w + i);
+    const __m256 hit = _mm256_and_ps(_mm256_cmp_ps(zi, vz, _CMP_GE_OQ), _mm256_cmp_ps(wi, vw, _CMP_GE_OQ));
+    const unsigned bits = static_cast<unsigned>(_mm256_movemask_ps(hit));
+    // Left-pack the hits (a permutation from the table), store 8 lanes, advance by the count;
+    // the buffers have 8 spare entries for the overhang.
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPack.idx[bits]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + n),
+                        _mm256_permutevar8x32_epi32(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(i)), lane), perm));
+    _mm256_storeu_ps(out_z + n, _mm256_permutevar8x32_ps(zi, perm));
+    _mm256_storeu_ps(out_w + n, _mm256_permutevar8x32_ps(wi, perm));
+    n += __builtin_popcount(bits);
   }
 #endif
   for (; i < vocab; ++i)
-    if (z[i] >= z_low && w[i] >= w_low) out[n++] = static_cast<int32_t>(i);
+    if (z[i] >= z_low && w[i] >= w_low) {
+      out[n] = static_cast<int32_t>(i);
+      out_z[n] = z[i];
+      out_w[n++] = w[i];
+    }
   return n;
 }
 
-inline int bucket_of(float w) { return static_cast<int>(float_to_bits(w) >> 21); }
-
-// The exact threshold over the candidate list J (ascending indices):
-//   by_mass == false: the k-th largest z (-inf if |J| < k);
-//   by_mass == true : the smallest z value v with mass{z > v} < P (mass = sum of w over J);
-//                     -inf if the whole list's mass stays below P (everything kept).
-// Elements are bucketed by w's float bits (monotone in z); only the boundary bucket is sorted.
-float select_threshold(const RowBuffers& rb, const int32_t* J, int64_t n, bool by_mass, int64_t k, double P,
-                       FinishScratch& fs) {
-  const float* z = rb.z.data();
-  const float* w = rb.w.data();
-  double* hm = fs.hist_mass.data();
-  int32_t* hc = fs.hist_count.data();
-  std::fill(hm, hm + kBuckets * kHistCopies, 0.0);
-  std::fill(hc, hc + kBuckets * kHistCopies, 0);
-  for (int64_t j = 0; j < n; ++j) {
-    const float wj = w[J[j]];
-    const int slot = static_cast<int>(j & (kHistCopies - 1)) * kBuckets + bucket_of(wj);
-    hc[slot] += 1;
-    hm[slot] += wj;
+// Walks a histogram from the top bucket down to the one that holds the threshold: by count,
+// the first bucket where the count reaches k; by mass, the first where the mass reaches P.
+// Updates the count / mass above it; -1 if none does.
+int find_boundary(const int32_t* count, const double* mass, int nb, bool by_mass, int64_t k, double P,
+                  int64_t* count_above, double* mass_above) {
+  for (int bkt = nb - 1; bkt >= 0; --bkt) {
+    if (by_mass ? (mass[bkt] > 0.0 && *mass_above + mass[bkt] >= P) : (*count_above + count[bkt] >= k)) return bkt;
+    *count_above += count[bkt];
+    *mass_above += mass[bkt];
   }
+  return -1;
+}
+
+// The exact threshold over candidates (cz, cw)[0, n), which hold every token that can be kept:
+//   by_mass == false: the k-th largest z (-inf if n < k);
+//   by_mass == true : the smallest z value v with mass{z > v} < P (mass = sum of w);
+//                     -inf if the candidates' whole mass stays below P (everything kept).
+float select_threshold(const float* cz, const float* cw, int64_t n, bool by_mass, int64_t k, double P,
+                       FinishScratch& fs) {
   int64_t count_above = 0;
   double mass_above = 0.0;
-  int boundary = -1;
-  for (int bkt = kBuckets - 1; bkt >= 0; --bkt) {
-    int64_t cnt = 0;
-    for (int c = 0; c < kHistCopies; ++c) cnt += hc[c * kBuckets + bkt];
-    const double mass = (hm[bkt] + hm[kBuckets + bkt]) + (hm[2 * kBuckets + bkt] + hm[3 * kBuckets + bkt]);
-    if (by_mass ? (cnt > 0 && mass_above + mass >= P) : (count_above + cnt >= k)) {
-      boundary = bkt;
-      break;
+  // Level 1 over all candidates, with interleaved histogram copies merged in a fixed order.
+  double* hm = fs.hist_mass.data();
+  int32_t* hc = fs.hist_count.data();
+  std::fill(hm, hm + kBuckets1 * kHistCopies, 0.0);
+  std::fill(hc, hc + kBuckets1 * kHistCopies, 0);
+  // One statistic per mode: by mass a bucket reaching P has a positive mass, hence elements.
+  if (by_mass) {
+    for (int64_t j = 0; j < n; ++j)
+      hm[static_cast<int>(j & (kHistCopies - 1)) * kBuckets1 + static_cast<int>(float_to_bits(cw[j]) >> 21)] += cw[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j)
+      hc[static_cast<int>(j & (kHistCopies - 1)) * kBuckets1 + static_cast<int>(float_to_bits(cw[j]) >> 21)] += 1;
+  }
+  for (int bkt = 0; bkt < kBuckets1; ++bkt) {
+    hc[bkt] = (hc[bkt] + hc[kBuckets1 + bkt]) + (hc[2 * kBuckets1 + bkt] + hc[3 * kBuckets1 + bkt]);
+    hm[bkt] = (hm[bkt] + hm[kBuckets1 + bkt]) + (hm[2 * kBuckets1 + bkt] + hm[3 * kBuckets1 + bkt]);
+  }
+  const int b1 = find_boundary(hc, hm, kBuckets1, by_mass, k, P, &count_above, &mass_above);
+  if (b1 < 0) return -kInf;
+  float* ez = fs.ez.data();
+  float* ew = fs.ew.data();
+  int64_t ne = 0;
+  int64_t j = 0;
+#ifdef IPA_FAST_AVX2
+  const __m256i vb1 = _mm256_set1_epi32(b1);
+  for (; j + 8 <= n; j += 8) {  // left-pack the boundary bucket's elements
+    const __m256 wj = _mm256_loadu_ps(cw + j);
+    const __m256i d = _mm256_srli_epi32(_mm256_castps_si256(wj), 21);
+    const unsigned bits = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(d, vb1))));
+    if (!bits) continue;
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPack.idx[bits]));
+    _mm256_storeu_ps(ez + ne, _mm256_permutevar8x32_ps(_mm256_loadu_ps(cz + j), perm));
+    _mm256_storeu_ps(ew + ne, _mm256_permutevar8x32_ps(wj, perm));
+    ne += __builtin_popcount(bits);
+  }
+#endif
+  for (; j < n; ++j) {  // branch-free: write always, advance on a match
+    ez[ne] = cz[j];
+    ew[ne] = cw[j];
+    ne += static_cast<int>(float_to_bits(cw[j]) >> 21) == b1;
+  }
+  // Levels 2 and 3 refine w's remaining bits inside the boundary bucket.
+  for (int level = 2; level <= 3; ++level) {
+    const int shift = level == 2 ? 10 : 0, nb = level == 2 ? kBuckets2 : kBuckets3;
+    const uint32_t mask = static_cast<uint32_t>(nb - 1);
+    std::vector<int32_t> cnt(nb, 0);
+    std::vector<double> mass(nb, 0.0);
+    for (int64_t j = 0; j < ne; ++j) {
+      const int d = static_cast<int>((float_to_bits(ew[j]) >> shift) & mask);
+      cnt[d] += 1;
+      mass[d] += ew[j];
     }
-    count_above += cnt;
-    mass_above += mass;
+    const int d = find_boundary(cnt.data(), mass.data(), nb, by_mass, k, P, &count_above, &mass_above);
+    if (d < 0) {  // rounding (mass summed in another order): the whole bucket is kept
+      float lo = kInf;
+      for (int64_t j = 0; j < ne; ++j) lo = std::min(lo, ez[j]);
+      return lo;
+    }
+    int64_t kept = 0;
+    for (int64_t j = 0; j < ne; ++j)
+      if (static_cast<int>((float_to_bits(ew[j]) >> shift) & mask) == d) {
+        ez[kept] = ez[j];
+        ew[kept++] = ew[j];
+      }
+    ne = kept;
   }
-  if (boundary < 0) return -kInf;
-  auto& E = fs.boundary;
-  E.clear();
-  for (int64_t j = 0; j < n; ++j) {
-    const float wj = w[J[j]];
-    if (bucket_of(wj) == boundary) E.emplace_back(z[J[j]], wj);
-  }
-  std::sort(E.begin(), E.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
-  float tau = E.empty() ? -kInf : E.back().first;
-  const int64_t ne = static_cast<int64_t>(E.size());
+  // Every survivor has the same w; distinct z may still share it: order them by z.
+  std::sort(ez, ez + ne, std::greater<float>());
+  float tau = ne > 0 ? ez[ne - 1] : -kInf;
+  const double wv = ne > 0 ? static_cast<double>(ew[0]) : 0.0;
   for (int64_t g = 0; g < ne;) {  // groups of equal z, descending
     int64_t h = g;
-    double group_mass = 0.0;
-    while (h < ne && E[h].first == E[g].first) group_mass += E[h++].second;
+    while (h < ne && ez[h] == ez[g]) ++h;
     if (by_mass) {
       if (!(mass_above < P)) break;
-      tau = E[g].first;
-      mass_above += group_mass;
+      tau = ez[g];
+      mass_above += wv * static_cast<double>(h - g);
     } else {
       count_above += h - g;
-      if (count_above >= k) return E[g].first;
+      if (count_above >= k) return ez[g];
     }
     g = h;
   }
@@ -432,13 +512,7 @@ int64_t draw_full_row(const RowBuffers& rb, int64_t vocab, float tau, float w_mi
   const float* w = rb.w.data();
   const int64_t nchunks = (vocab + kChunk - 1) / kChunk;
   auto kept = [&](int64_t i) { return z[i] >= tau && w[i] >= w_min; };
-  std::vector<double>& sums = thread_finish_scratch().hist_mass;  // >= kBuckets*4 entries, reused
-  std::vector<double> big;
-  double* cs = sums.data();
-  if (nchunks > static_cast<int64_t>(sums.size())) {
-    big.resize(nchunks);
-    cs = big.data();
-  }
+  double* cs = thread_finish_scratch().sums.data();  // >= V/64 + 2 >= nchunks entries
   double total = 0.0;
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t c0 = c * kChunk, c1 = std::min(vocab, c0 + kChunk);
@@ -492,13 +566,7 @@ int64_t draw_list(const RowBuffers& rb, const int32_t* K, int64_t n, double u, d
   constexpr int64_t kSub = 64;
   const float* w = rb.w.data();
   const int64_t nblocks = (n + kSub - 1) / kSub;
-  std::vector<double>& sums = thread_finish_scratch().hist_mass;
-  std::vector<double> big;
-  double* bs = sums.data();
-  if (nblocks > static_cast<int64_t>(sums.size())) {
-    big.resize(nblocks);
-    bs = big.data();
-  }
+  double* bs = thread_finish_scratch().sums.data();  // >= V/64 + 2 >= nblocks entries
   double total = 0.0;
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     const int64_t j0 = blk * kSub, j1 = std::min(n, j0 + kSub);
@@ -585,23 +653,28 @@ void finish_row(const SamplerArgs& args, int64_t row, const RowParams& p, const 
         if (p_on) w_low = static_cast<float>(0.999 * (1.0 - static_cast<double>(p.top_p)) / V * total);
         w_low = std::max(w_low, w_min);
       }
-      n = collect(rb, V, z_low, w_low, fs.list.data());
       int32_t* J = fs.list.data();
+      float* cz = fs.cz.data();
+      float* cw = fs.cw.data();
+      n = collect(rb, V, z_low, w_low, J, cz, cw);
       if (k_on) {
-        tau = select_threshold(rb, J, n, false, p.top_k, 0.0, fs);
+        tau = select_threshold(cz, cw, n, false, p.top_k, 0.0, fs);
         if (p_on) {
           int64_t n1 = 0;  // the top-k survivors, still ascending
-          double total_k = 0.0;
           for (int64_t j = 0; j < n; ++j)
-            if (z[J[j]] >= tau) J[n1++] = J[j];
+            if (cz[j] >= tau) {
+              J[n1] = J[j];
+              cz[n1] = cz[j];
+              cw[n1++] = cw[j];
+            }
           n = n1;
           double a[4] = {0.0, 0.0, 0.0, 0.0};
-          for (int64_t j = 0; j < n; ++j) a[j & 3] += rb.w[J[j]];
-          total_k = (a[0] + a[1]) + (a[2] + a[3]);
-          tau = std::max(tau, select_threshold(rb, J, n, true, 0, static_cast<double>(p.top_p) * total_k, fs));
+          for (int64_t j = 0; j < n; ++j) a[j & 3] += cw[j];
+          const double total_k = (a[0] + a[1]) + (a[2] + a[3]);
+          tau = std::max(tau, select_threshold(cz, cw, n, true, 0, static_cast<double>(p.top_p) * total_k, fs));
         }
       } else if (p_on) {
-        tau = select_threshold(rb, J, n, true, 0, static_cast<double>(p.top_p) * total, fs);
+        tau = select_threshold(cz, cw, n, true, 0, static_cast<double>(p.top_p) * total, fs);
       }
     }
     double kept_total = 0.0;
