@@ -57,6 +57,9 @@ class Config:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     max_steps: int = 10000
+    time_budget_min: float = 0.0  # > 0: the cosine schedule and the run end at this much
+                                  # training time (summed over resumes) if before max_steps
+    restrict_vocab: int = 1  # 1: exact head over the tokens seen in training (see loss)
     lexical_repeat: int = 1  # copies of the lexical train documents in the stream
     eval_every: int = 250
     eval_windows: int = 64
@@ -130,25 +133,46 @@ def make_model(cfg: Config):
     return GPT2LMHeadModel(mc)
 
 
-def lr_at(step: int, cfg: Config) -> float:
+def lr_at(step: int, cfg: Config, progress: float | None = None) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio * lr`` over the run's progress
+    (``step / max_steps``, or the larger time-budget fraction when given)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     p = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+    if progress is not None:
+        p = max(p, min(1.0, progress))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def lm_loss_and_backward(model, x: torch.Tensor, chunk: int = 256) -> float:
+def lm_loss_and_backward(model, x: torch.Tensor, seen: torch.Tensor | None = None,
+                         chunk: int = 256) -> float:
     """Next-token loss of ``x[:, :-1] -> x[:, 1:]``, back-propagated; returns the mean loss.
 
     The tied LM head over 50257 tokens dominates the cost of these tiny models.  Computing it
     in chunks of ``chunk`` positions, with the softmax gradient formed right away (as Liger's
     fused linear cross-entropy does), never materialises the [B, T, V] logits and their
-    gradient, which on a CPU mostly costs page faults.  Exact: same loss and gradients.
+    gradient, which on a CPU mostly costs page faults.
+
+    ``seen`` (sorted ids of every token in the training stream) restricts the head to those
+    rows.  The other U = V - len(seen) embedding rows are held at exactly zero, so their
+    logits are exactly 0 and their total mass is exp(log U): one constant extra logit.  The
+    loss and gradients are then exactly those of the full 50257-way softmax of the same model
+    (whose unseen rows are zero), at the cost of len(seen) rows only.
     """
     inp, tgt = x[:, :-1], x[:, 1:].reshape(-1)
     hidden = model.transformer(input_ids=inp).last_hidden_state
     h = hidden.detach().reshape(-1, hidden.shape[-1])
-    w = model.lm_head.weight
+    w_full = model.lm_head.weight
+    if seen is not None:
+        w = w_full.detach().index_select(0, seen)
+        remap = torch.full((w_full.shape[0],), -1, dtype=torch.long)
+        remap[seen] = torch.arange(len(seen))
+        tgt = remap[tgt]
+        if (tgt < 0).any():
+            raise ValueError("a target token is outside the 'seen' vocabulary")
+        log_unseen = math.log(w_full.shape[0] - len(seen)) if len(seen) < w_full.shape[0] else None
+    else:
+        w, log_unseen = w_full.detach(), None
     n = h.shape[0]
     grad_h = torch.empty_like(h)
     grad_w = torch.zeros_like(w)
@@ -158,14 +182,20 @@ def lm_loss_and_backward(model, x: torch.Tensor, chunk: int = 256) -> float:
             hc, tc = h[i:i + chunk], tgt[i:i + chunk]
             logits = hc @ w.t()
             lse = torch.logsumexp(logits, dim=-1)
+            if log_unseen is not None:
+                lse = torch.logaddexp(lse, torch.tensor(log_unseen))
             total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum().item()
-            g = torch.softmax(logits, dim=-1)  # d(loss)/d(logits) = softmax - onehot
+            g = torch.exp(logits - lse[:, None])  # d(loss)/d(logits) = softmax - onehot
             g[torch.arange(len(tc)), tc] -= 1.0
             g /= n
             grad_h[i:i + chunk] = g @ w
             grad_w.addmm_(g.t(), hc)
     hidden.backward(grad_h.view_as(hidden))
-    w.grad.add_(grad_w)  # tied: wte.weight is lm_head.weight, its grad already holds the input side
+    # tied: wte.weight is lm_head.weight, its grad already holds the input side
+    if seen is not None:
+        w_full.grad.index_add_(0, seen, grad_w)
+    else:
+        w_full.grad.add_(grad_w)
     return total / n
 
 
@@ -197,6 +227,7 @@ def save_checkpoint(path: Path, model, opt, step: int, tokens: int, cfg: Config,
     state = {
         "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
         "tokens_seen": tokens, "config": dataclasses.asdict(cfg), "data_sha256": data_hash(),
+        "commands": extra.pop("commands", []),
         "rng": {"torch": torch.get_rng_state(), "batch": gen.get_state(),
                 "python": random.getstate(), "numpy": np.random.get_state()},
         **extra,
@@ -222,13 +253,68 @@ def export(ckpt_path: Path, out_dir: Path) -> None:
                      max_new_tokens=32).save_pretrained(out_dir)
     info = {"step": state["step"], "tokens_seen": state["tokens_seen"],
             "config": state["config"], "data_sha256": state["data_sha256"],
-            "val_loss": state.get("val_loss"),
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "val_loss": state.get("val_loss"), "train_seconds": state.get("train_seconds"),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "commands": state.get("commands", []),
+            "zero_embedding_rows": int((model.transformer.wte.weight == 0).all(1).sum())}
     (out_dir / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_model_card(out_dir, info)
     print(json.dumps({"exported": str(out_dir), **{k: info[k] for k in ("step", "tokens_seen")}}))
 
 
-def train(cfg: Config, resume: bool, time_budget_s: float | None = None) -> Path:
+def write_model_card(out_dir: Path, info: dict) -> None:
+    """MODEL_CARD.md from the training record (and eval_ppl.json when it exists)."""
+    c = info["config"]
+    ppl_file = out_dir / "eval_ppl.json"
+    if ppl_file.exists():
+        e = json.loads(ppl_file.read_text())
+        ppl = (f"{e['perplexity']:.1f} on the first {e['tokens']} predicted tokens of the "
+               f"corpus {e['split']} split (`python scripts/eval_ppl.py models/{out_dir.name} "
+               f"--split {e['split']} --max-tokens {e.get('max_tokens', 0)}`; windows of "
+               f"{c['n_positions']} tokens, fp16 weights computed in float32)")
+    else:
+        ppl = "not measured yet (`python scripts/eval_ppl.py <this directory>`)"
+    val = info.get("val_loss")
+    hours = (info.get("train_seconds") or 0) / 3600
+    size = (out_dir / "model.safetensors").stat().st_size / 2**20
+    cmds = "\n".join(f"    {cmd}" for cmd in info.get("commands", [])) or "    (not recorded)"
+    text = f"""# {out_dir.name}: a tiny GPT-2 pretrained on the ipa_fast corpus
+
+Part of the embedded default of ipa_fast (offline, CPU-sized). Not a capable language model:
+it was trained for {hours:.2f} hours on one CPU thread (of a shared 2-core machine), seeing
+{info['tokens_seen']:,} tokens of WordNet glosses/examples and fortune cookies. It exists so that the IPA
+demo runs offline; any GPT-2-family checkpoint (same tokenizer) can replace it.
+
+* Architecture: `transformers.GPT2LMHeadModel`, vocabulary 50257 (GPT-2 BPE, the tokenizer
+  in `ipa_fast/tokenizer.py`), n_embd {c['n_embd']}, n_layer {c['n_layer']}, n_head {c['n_head']},
+  n_positions {c['n_positions']}, tied input/output embeddings, {info['parameters']:,} parameters,
+  stored as fp16 safetensors ({size:.1f} MiB).
+* Data: `data/corpus/train.txt.gz` plus the lexical task's train split written as
+  prompt + reference documents (see `data/README.md`); data sha256 `{info['data_sha256']}`.
+  Validation and test text was never trained on. Embedding rows of the
+  {info.get('zero_embedding_rows', 0)} GPT-2 tokens that never occur in the training
+  data are exactly zero (their logit is always 0; the training loss accounted for them exactly).
+* Training: AdamW (betas 0.9/0.95, weight decay {c['weight_decay']}), lr {c['lr']} with {c['warmup']} warmup
+  steps and cosine decay to {c['min_lr_ratio']}x over the time budget ({c['time_budget_min']} min)
+  or max_steps ({c['max_steps']}), whichever comes first; batch {c['batch_size']} x {c['seq_len']} tokens
+  (random windows of the document stream), seed {c['seed']}.
+  Steps: {info['step']}; tokens seen: {info['tokens_seen']:,}.
+* Held-out perplexity: {ppl}. Last validation loss during training: {'%.3f' % val if val else 'n/a'}.
+* Licence of the weights: derived from the corpus; the WordNet 3.0 licence notice and
+  disclaimer (data/README.md) apply; the fortune cookies are collected quotations, mostly
+  public domain. Content warning: the corpus contains offensive language, and so can the
+  model's output (that is what the detox task measures).
+
+Reproduce (the time budget makes the step count depend on the machine's speed):
+
+{cmds}
+    python scripts/eval_ppl.py models/{out_dir.name} --split test --json models/{out_dir.name}/eval_ppl.json
+    python training/pretrain.py --out <same --out> --export models/{out_dir.name} --export-only
+"""
+    (out_dir / "MODEL_CARD.md").write_text(text)
+
+
+def train(cfg: Config, resume: bool) -> Path:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,7 +333,15 @@ def train(cfg: Config, resume: bool, time_budget_s: float | None = None) -> Path
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, tokens, best = 0, 0, float("inf")
+    step, tokens, train_s = 0, 0, 0.0
+    commands = [" ".join(["python", "training/pretrain.py", *sys.argv[1:]])]
+    seen = None
+    if cfg.restrict_vocab:
+        seen = torch.from_numpy(np.unique(train_stream).astype(np.int64))
+        unseen = torch.ones(model.config.vocab_size, dtype=torch.bool)
+        unseen[seen] = False
+        with torch.no_grad():
+            model.transformer.wte.weight[unseen] = 0.0
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if state["data_sha256"] != data_hash():
@@ -255,7 +349,8 @@ def train(cfg: Config, resume: bool, time_budget_s: float | None = None) -> Path
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, tokens = state["step"], state["tokens_seen"]
-        best = state.get("val_loss") or float("inf")
+        train_s = state.get("train_seconds", 0.0)
+        commands = state.get("commands", []) + commands
         torch.set_rng_state(state["rng"]["torch"])
         gen.set_state(state["rng"]["batch"])
         random.setstate(state["rng"]["python"])
@@ -272,23 +367,29 @@ def train(cfg: Config, resume: bool, time_budget_s: float | None = None) -> Path
     emit({"event": "start", "step": step, "params": n_params, "train_tokens": len(train_stream),
           "config": dataclasses.asdict(cfg), "data_sha256": data_hash(), "resumed": resume})
     model.train()
+    budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min > 0 else None
     t0 = last_ckpt = last_log = time.time()
+    train_s0 = train_s
     tok_at_log, val_loss = tokens, None
-    while step < cfg.max_steps:
-        if time_budget_s is not None and time.time() - t0 > time_budget_s:
-            break
+
+    def progress() -> float | None:
+        return None if budget_s is None else train_s / budget_s
+
+    while step < cfg.max_steps and (budget_s is None or train_s < budget_s):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr_at(step, cfg, progress())
         x = batch(train_stream, cfg, gen)
         opt.zero_grad(set_to_none=True)
-        loss = lm_loss_and_backward(model, x)
+        loss = lm_loss_and_backward(model, x, seen)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
         tokens += x[:, :-1].numel()
         now = time.time()
+        train_s = train_s0 + now - t0
         if step % 20 == 0:
-            emit({"step": step, "loss": round(loss, 4), "lr": round(lr_at(step, cfg), 6),
+            emit({"step": step, "loss": round(loss, 4),
+                  "lr": round(lr_at(step, cfg, progress()), 6), "train_s": round(train_s),
                   "tokens_seen": tokens,
                   "tokens_per_s": round((tokens - tok_at_log) / max(1e-9, now - last_log), 1)})
             last_log, tok_at_log = now, tokens
@@ -297,9 +398,13 @@ def train(cfg: Config, resume: bool, time_budget_s: float | None = None) -> Path
             emit({"step": step, "val_loss": round(val_loss, 4),
                   "val_ppl": round(math.exp(val_loss), 2)})
         if now - last_ckpt > cfg.ckpt_every_s or step == cfg.max_steps:
-            save_checkpoint(ckpt_path, model, opt, step, tokens, cfg, gen, {"val_loss": val_loss})
+            save_checkpoint(ckpt_path, model, opt, step, tokens, cfg, gen, {"val_loss": val_loss, "train_seconds": train_s, "commands": commands})
             last_ckpt = now
-    save_checkpoint(ckpt_path, model, opt, step, tokens, cfg, gen, {"val_loss": val_loss})
+    if val_loss is None or step % cfg.eval_every:
+        val_loss = evaluate(model, val_stream, cfg)
+        emit({"step": step, "val_loss": round(val_loss, 4), "val_ppl": round(math.exp(val_loss), 2)})
+    save_checkpoint(ckpt_path, model, opt, step, tokens, cfg, gen,
+                    {"val_loss": val_loss, "train_seconds": train_s, "commands": commands})
     emit({"event": "end", "step": step, "tokens_seen": tokens})
     return ckpt_path
 
@@ -309,8 +414,6 @@ def main(argv=None) -> int:
     for f in dataclasses.fields(Config):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    ap.add_argument("--time-budget-min", type=float, default=None,
-                    help="stop (with a checkpoint) after this many minutes")
     ap.add_argument("--export", default=None, help="write a HF model directory here at the end")
     ap.add_argument("--export-only", action="store_true")
     args = ap.parse_args(argv)
@@ -318,8 +421,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
     ckpt = Path(cfg.out) / "ckpt.pt"
     if not args.export_only:
-        budget = None if args.time_budget_min is None else args.time_budget_min * 60
-        ckpt = train(cfg, args.resume, budget)
+        ckpt = train(cfg, args.resume)
     if args.export:
         export(ckpt, Path(args.export))
     return 0

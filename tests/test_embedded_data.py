@@ -1,0 +1,126 @@
+"""The embedded default's shipped files: hashes, task files, split hygiene, model files."""
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "data/corpus"
+TASKS = ROOT / "data/tasks"
+
+
+def _module(name, rel):
+    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+embedded = _module("ipa_fast_embedded", "ipa_fast/embedded.py")
+
+
+def _manifest():
+    if not (CORPUS / "MANIFEST.json").exists():
+        pytest.skip("corpus not built (python scripts/build_corpus.py)")
+    return json.loads((CORPUS / "MANIFEST.json").read_text())
+
+
+def _rows(task, split):
+    path = TASKS / task / f"{split}.jsonl"
+    if not path.exists():
+        pytest.skip(f"{path} not built (python scripts/build_tasks.py --stage {task})")
+    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_corpus_split_matches_manifest(split):
+    info = _manifest()["splits"][split]
+    data = (CORPUS / info["file"]).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == info["sha256"]
+    lines = gzip.decompress(data).decode("utf-8").splitlines()
+    assert len(lines) == info["lines"] > 0
+    assert lines == embedded.read_corpus(split)
+
+
+def test_manifest_states_sources_and_licences():
+    m = _manifest()
+    assert set(m["sources"]) >= {"wordnet-base", "fortunes"}
+    for src in m["sources"].values():
+        assert src["version"] and src["licence"]
+    assert (ROOT / "data/README.md").exists()
+
+
+def test_corpus_splits_disjoint():
+    _manifest()
+    sets = {s: set(embedded.read_corpus(s)) for s in ("train", "validation", "test")}
+    assert not sets["train"] & sets["test"]
+    assert not sets["train"] & sets["validation"]
+    assert not sets["validation"] & sets["test"]
+
+
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_lexical_rows(split):
+    rows = _rows("lexical", split)
+    assert rows
+    for r in rows[:2000]:
+        assert 3 <= len(r["concepts"]) <= 4
+        assert r["prompt"].endswith("\n") and all(c in r["prompt"] for c in r["concepts"])
+        assert isinstance(r["reference"], str) and r["reference"]
+
+
+def test_lexical_test_never_from_training_text():
+    train_text = set(embedded.read_corpus("train")) if (CORPUS / "train.txt.gz").exists() else set()
+    train_refs = {r["reference"] for r in _rows("lexical", "train")}
+    for split in ("validation", "test"):
+        refs = {r["reference"] for r in _rows("lexical", split)}
+        assert not refs & train_refs
+        assert not refs & train_text
+
+
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_detox_rows(split):
+    rows = _rows("detox", split)
+    assert rows and all(isinstance(r["prompt"], str) and r["prompt"].strip() for r in rows)
+
+
+def test_detox_test_disjoint_from_train():
+    train = {r["prompt"] for r in _rows("detox", "train")}
+    test = {r["prompt"] for r in _rows("detox", "test")}
+    assert not train & test
+    # every test prompt is a prefix of a held-out (test-split) corpus line
+    held_out = embedded.read_corpus("test")
+    for p in sorted(test)[:50]:
+        assert any(l.startswith(p) for l in held_out), p
+
+
+def test_paths_and_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError):
+        embedded.task_data_path("nope", "test")
+    with pytest.raises(ValueError):
+        embedded.task_data_path("lexical", "dev")
+    monkeypatch.setenv("IPA_FAST_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="build it with"):
+        embedded.base_path()
+    with pytest.raises(FileNotFoundError, match="build_tasks"):
+        embedded.task_data_path("detox", "test")
+
+
+@pytest.mark.parametrize("name,limit_mb", [("base", 30), ("adapter-init", 10)])
+def test_shipped_model(name, limit_mb):
+    d = ROOT / "models" / name
+    if not (d / "model.safetensors").exists():
+        pytest.skip(f"models/{name} not built (training/pretrain.py --export models/{name})")
+    assert (d / "model.safetensors").stat().st_size <= limit_mb * 2**20
+    assert (d / "MODEL_CARD.md").exists()
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["vocab_size"] == 50257 and cfg["model_type"] == "gpt2"
+    from safetensors import safe_open
+
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            assert str(f.get_slice(k).get_dtype()) in ("F16",), k
