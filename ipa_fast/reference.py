@@ -71,10 +71,12 @@ def sample(base, adapter, alpha, temperature, top_k, top_p, min_p, seed, offset)
 
     B, V = base.shape
     x = mixed_logits(base, adapter, alpha)                    # T = 1 mixed logits
-    valid = row_validity(x, temperature, top_k, top_p, min_p)
     greedy = temperature == 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature).float().unsqueeze(1)
-    z = torch.where(valid.unsqueeze(1), x / t, torch.zeros((), device=x.device))
+    z = x / t
+    # validity is judged on z itself: a tiny T can overflow finite logits to +inf
+    valid = row_validity(z, temperature, top_k, top_p, min_p)
+    z = torch.where(valid.unsqueeze(1), z, torch.zeros((), device=x.device))
 
     keep = kept_mask(z, top_k, top_p, min_p)
     m = z.max(dim=1, keepdim=True).values
