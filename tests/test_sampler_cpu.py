@@ -1,0 +1,152 @@
+"""The C++ CPU kernel against the reference: agreement, batch / thread invariance, odd shapes."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ipa_fast
+from sampler_cases import one_thread, random_logits, random_params  # noqa: F401  (fixture)
+
+if ipa_fast.backends()["cpu"] != "ok":
+    pytest.skip(f"backend cpu: {ipa_fast.backends()['cpu']}", allow_module_level=True)
+
+from ipa_fast import _C, cpu_backend  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def both(base, adapter=None, **kw):
+    return (ipa_fast.sample(base, adapter, backend="reference", **kw),
+            ipa_fast.sample(base, adapter, backend="cpu", **kw))
+
+
+def assert_agree(ref, cpu, min_rate=0.999, atol=2e-5):
+    assert torch.equal(ref.valid, cpu.valid)
+    rate = (ref.tokens == cpu.tokens).double().mean().item()
+    assert rate >= min_rate, f"token agreement {rate:.5f}"
+    same = (ref.tokens == cpu.tokens) & ref.valid
+    torch.testing.assert_close(cpu.logprobs[same], ref.logprobs[same], rtol=0, atol=atol)
+    torch.testing.assert_close(cpu.filtered_logprobs[same], ref.filtered_logprobs[same], rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("vocab,batch,scale", [(300, 3000, 2.0), (5000, 200, 1.0), (50257, 12, 3.0)])
+def test_agrees_with_reference_on_random_inputs(vocab, batch, scale):
+    base = random_logits(batch, vocab, seed=vocab, scale=scale, masked=0.01)
+    adapter = random_logits(batch, vocab, seed=vocab + 1, scale=scale)
+    prm = random_params(batch, vocab, seed=vocab)
+    prm["temperature"][::17] = 0.0  # a few greedy rows
+    assert_agree(*both(base, adapter, seed=42, offset=3, **prm))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(top_p=0.9), dict(top_p=0.999), dict(top_k=50, top_p=0.9), dict(top_k=300), dict(min_p=0.02),
+    dict(top_p=0.6, min_p=0.3), dict(), dict(top_k=20, min_p=0.5, temperature=0.3),
+])
+@pytest.mark.parametrize("scale", [0.5, 4.0])  # flat rows (many candidates) and peaked rows (few)
+def test_agrees_on_every_path(kw, scale):
+    B, V = 16, 20000
+    base = random_logits(B, V, seed=5, scale=scale)
+    adapter = random_logits(B, V, seed=6, scale=scale)
+    assert_agree(*both(base, adapter, alpha=0.7, seed=9, **kw), min_rate=15 / 16)
+
+
+def test_ties_and_integer_logits():
+    B, V = 64, 1000
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(-3, 4, (B, V), generator=g).float()  # massive ties everywhere
+    for kw in [dict(top_k=5), dict(top_k=1), dict(top_p=0.3), dict(min_p=math.exp(-1.0)), dict(temperature=0.0),
+               dict(top_k=400, top_p=0.95)]:
+        assert_agree(*both(base, seed=1, **kw), min_rate=1.0)
+
+
+def test_batch_and_thread_invariance():
+    """A row's token and log-probs never depend on the batch or the number of threads."""
+    B, V = 6, 50257  # several chunks; B < threads splits a row's vocabulary across the team
+    base = random_logits(B, V, seed=1, scale=1.5)
+    adapter = random_logits(B, V, seed=2, scale=1.5)
+    kw = dict(alpha=0.5, top_p=torch.tensor([1.0, 0.9, 0.5, 0.95, 1.0, 0.8]),
+              top_k=torch.tensor([0, 0, 40, 0, 5, 0]), seed=torch.tensor([5, 6, 7, 8, 9, 10]), offset=12)
+    outs = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        outs.append(ipa_fast.sample(base, adapter, backend="cpu", **kw))
+        for r in range(B):  # the row alone
+            one = ipa_fast.sample(base[r:r + 1], adapter[r:r + 1], backend="cpu", alpha=0.5,
+                                  top_p=kw["top_p"][r:r + 1], top_k=kw["top_k"][r:r + 1],
+                                  seed=kw["seed"][r:r + 1], offset=12)
+            outs.append(("row", r, one))
+        sub = ipa_fast.sample(base[1:4], adapter[1:4], backend="cpu", alpha=0.5, top_p=kw["top_p"][1:4],
+                              top_k=kw["top_k"][1:4], seed=kw["seed"][1:4], offset=12)
+        outs.append(("sub", 1, sub))
+    full = outs[0]
+    for o in outs[1:]:
+        if isinstance(o, tuple):
+            _, r0, got = o
+            n = got.tokens.shape[0]
+            assert torch.equal(got.tokens, full.tokens[r0:r0 + n])
+            assert torch.equal(got.logprobs, full.logprobs[r0:r0 + n])
+            assert torch.equal(got.filtered_logprobs, full.filtered_logprobs[r0:r0 + n])
+        else:
+            assert torch.equal(o.tokens, full.tokens) and torch.equal(o.logprobs, full.logprobs)
+
+
+def test_all_dtypes_agree_with_reference():
+    B, V = 64, 3001
+    for dt in (torch.float16, torch.bfloat16):
+        base = random_logits(B, V, seed=3, dtype=dt, masked=0.05)
+        adapter = random_logits(B, V, seed=4, dtype=dt)
+        prm = random_params(B, V, seed=3)
+        assert_agree(*both(base, adapter, seed=1, **prm), min_rate=63 / 64)
+        assert_agree(*both(base, adapter.float(), seed=1, **prm), min_rate=63 / 64)
+
+
+def test_exp_is_accurate():
+    xs = torch.linspace(-86.9, 0.0, 20001).tolist() + [0.0, -1e-30, -0.5, -1.0]
+    worst = max(abs(_C.exp_nonpositive(x) - math.exp(x)) / math.exp(x) for x in xs)
+    assert worst < 3e-7  # ~2.5 float32 ulp
+    assert _C.exp_nonpositive(0.0) == 1.0 and _C.exp_nonpositive(float("-inf")) == 0.0
+
+
+def test_read_pass_reads_everything():
+    x = torch.ones(3, 5000)
+    assert cpu_backend.read_pass(x, x) == pytest.approx(30000.0)
+    assert cpu_backend.read_pass(x.half()) == pytest.approx(15000.0)
+
+
+@st.composite
+def cases(draw):
+    B = draw(st.integers(1, 4))
+    V = draw(st.one_of(st.integers(1, 70), st.sampled_from([255, 256, 257, 2047, 2048, 2049, 4111])))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    scale = draw(st.sampled_from([0.01, 1.0, 5.0, 30.0]))
+    masked = draw(st.sampled_from([0.0, 0.3, 0.95]))
+    adapter = draw(st.booleans())
+    kw = dict(
+        alpha=draw(st.sampled_from([0.0, 0.5, 1.0, 2.0])),
+        temperature=draw(st.sampled_from([0.0, 0.05, 0.7, 1.0, 3.0])),
+        top_k=draw(st.sampled_from([0, 1, 2, 3, 17, 1000])),
+        top_p=draw(st.sampled_from([1.0, 0.999, 0.9, 0.5, 0.01])),
+        min_p=draw(st.sampled_from([0.0, 0.01, 0.5, 1.0])),
+        seed=draw(st.integers(0, 2**64 - 1)) - 2**63,
+        offset=draw(st.integers(0, 2**40)),
+    )
+    return B, V, dtype, scale, masked, adapter, draw(st.integers(0, 10**6)), kw
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_property_cpu_equals_reference(case):
+    B, V, dtype, scale, masked, with_adapter, data_seed, kw = case
+    base = random_logits(B, V, seed=data_seed, scale=scale, dtype=dtype, masked=masked)
+    adapter = random_logits(B, V, seed=data_seed + 1, scale=scale, dtype=dtype) if with_adapter else None
+    ref, cpu = both(base, adapter, validate=False, **kw)
+    assert torch.equal(ref.valid, cpu.valid)
+    assert ((cpu.tokens >= 0) & (cpu.tokens < V)).all()
+    assert torch.equal(ref.tokens, cpu.tokens)  # any mismatch here would need u within rounding of a CDF step
+    ok = ref.valid
+    torch.testing.assert_close(cpu.logprobs[ok], ref.logprobs[ok], rtol=0, atol=3e-5)
+    torch.testing.assert_close(cpu.filtered_logprobs[ok], ref.filtered_logprobs[ok], rtol=0, atol=3e-5)
