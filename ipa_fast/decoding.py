@@ -352,7 +352,7 @@ class TailoredLM:
         (HF semantics, over prompt + generated tokens) act on the *mixed* logits, after
         mixing and before filtering, as the official IPA code applies its masks.
         """
-        rows = self._rows = self.encode(prompts)
+        rows = self.encode(prompts)
         B = len(rows)
         max_new = self._per_row("max_new_tokens", max_new_tokens, B, integer=True)
         max_new = torch.as_tensor(max_new, device=self.device).expand(B).clone()
@@ -370,6 +370,8 @@ class TailoredLM:
         seeds = self._per_row("seed", seed, B, integer=True)
         prefix = self.adapter_prefix if adapter_prefix is None else self._prefix_ids(adapter_prefix)
         eos_ids = _as_id_list(self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id)
+        if any(not 0 <= i < self.V for i in eos_ids):
+            raise ValueError(f"eos_token_id must be in [0, {self.V}), got {eos_ids}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         banned_single, banned_seqs = _split_bad_words(bad_words_ids, self.V)
         V, dev = self.V, self.device
@@ -397,7 +399,7 @@ class TailoredLM:
         for t in range(steps):
             z_base = base_logits[:, :V]
             z_adapter = adapter_logits[:, :V].to(dev)
-            mask = self._hard_mask(B, t, min_new_tokens, eos_t, banned_single, banned_seqs, host_tokens)
+            mask = self._hard_mask(t, rows, host_tokens, min_new_tokens, eos_t, banned_single, banned_seqs)
             if seen is not None:  # penalty on the mixed logits: mix here, sample without adapter
                 z_base = _repetition_penalty(_mix(z_base, z_adapter, knobs["alpha"]), seen, repetition_penalty)
                 if mask is not None:
@@ -442,10 +444,11 @@ class TailoredLM:
                                 adapter_logprobs=[alp_all[i][:n[i]] for i in range(B)], finish_reasons=finish,
                                 prompt_token_ids=rows)
 
-    def _hard_mask(self, B, t, min_new_tokens, eos_t, banned_single, banned_seqs, host_tokens):
+    def _hard_mask(self, t, rows, host_tokens, min_new_tokens, eos_t, banned_single, banned_seqs):
         """``[B, V]`` bool of banned tokens at step ``t``, or None when nothing is banned."""
         if t >= min_new_tokens and banned_single is None and not banned_seqs:
             return None
+        B = len(rows)
         mask = torch.zeros((B, self.V), dtype=torch.bool, device=self.device)
         if t < min_new_tokens:
             mask[:, eos_t] = True
@@ -454,7 +457,7 @@ class TailoredLM:
         for seq in banned_seqs:
             head, last = seq[:-1], seq[-1]
             for i in range(B):
-                if (self._rows[i] + host_tokens[i])[-len(head):] == head:
+                if (rows[i] + host_tokens[i])[-len(head):] == head:
                     mask[i, last] = True
         return mask
 
