@@ -1,0 +1,665 @@
+"""The RL training loop for the adapter: Quark or PPO through the tailored policy.
+
+    from ipa_fast.training import TrainConfig, train
+    result = train(TrainConfig(algo="quark", task="lexical", steps=200, out="runs/lex"))
+
+One step = rollout -> reward -> update:
+
+- **rollout**: ``TailoredLM.generate`` samples from pi = softmax((base + alpha * adapter) / T);
+  the adapter sees its own prefix (Quark: the best reward token), the base the plain prompt.
+  Seeds are derived from (config seed, step, row), so a resumed run draws the same samples.
+- **reward**: the plain callable, checked (one finite float per completion); a failure saves a
+  checkpoint of the last completed step, then stops the run with the reward's message.
+- **update**: teacher-forced scoring with :meth:`Trainer.token_stats` — both models over
+  left-padded prompt + response with position ids from the attention mask, adapter logits
+  trimmed to V, then :func:`ipa_fast.token_stats.tailored_token_stats` for log pi, H(pi) and
+  KL(pi || pi_ref). PPO's old log-probs come from the same function, so the ratio is exactly 1
+  before the first update; with the initial adapter as reference, KL is exactly 0.
+
+Models stay in eval mode (dropout off) throughout; the base never gets gradients; only the
+adapter (and PPO's value head) are in the optimiser. Every step appends a JSON line to
+``<out>/metrics.jsonl``; evaluation every ``eval_every`` steps (SPEC §6 decoding: T = 1,
+top_p = 0.9, 32 new tokens, fixed seeds) appends to it, prints a sample table and redraws
+``<out>/reward_curve.png``; checkpoints go to ``<out>/checkpoints`` (see checkpoint.py) and
+the final adapter to ``<out>/adapter`` (loadable with ``TailoredLM.from_pretrained``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ipa_fast.decoding import TailoredLM, left_pad, save_adapter
+from ipa_fast.token_stats import tailored_token_stats
+
+from . import checkpoint as ckpt
+from . import ppo as P
+from .quark import DataPool, add_control_tokens
+from .rewards import RewardError, call_reward, reward_name
+
+TIME_KEYS = ("time/rollout", "time/reward", "time/update", "time/eval", "time/step")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run, as plain values (saved in each checkpoint and in ``<out>/config.json``)."""
+    algo: str = "quark"                 # "quark" | "ppo"
+    out: str = "runs/train"
+    steps: int = 100                    # the run's total number of steps (resume continues to it)
+    seed: int = 0
+    # data and models (paths are recorded; the Python API may also pass objects to train())
+    task: str | None = None             # "lexical" | "detox": built-in data + reward
+    reward: str | None = None           # "module:function" or "file.py:function"
+    prompts: str | None = None          # JSON lines {"prompt": ..., <fields>...}
+    eval_prompts: str | None = None     # held-out JSON lines (default: the task's validation split,
+                                        # else the last eval_size rows of --prompts)
+    base: str | None = None
+    adapter: str | None = None
+    # the tailored policy and rollouts
+    alpha: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0                      # rollouts sample pi unfiltered by default: filtering makes
+    top_p: float = 1.0                  # the sampling distribution differ from the scored one
+    max_new_tokens: int = 32
+    backend: str = "auto"               # ipa_fast.sample backend for rollouts
+    reference: str = "initial"          # KL reference: "initial" (base x frozen initial adapter) | "base"
+    # optimisation
+    batch_size: int = 16                # prompts per rollout
+    minibatch_size: int = 8             # samples per optimiser step
+    grad_accum: int = 1                 # micro-batches per minibatch (minibatch_size % grad_accum == 0)
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"       # "constant" | "linear" (linear decay to 0 at `steps`)
+    adam_eps: float = 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0          # 0 = no clipping
+    kl_coef: float = 0.05               # PPO: per-token KL penalty; Quark: KL term of the loss
+    kl_target: float | None = None      # adaptive KL controller target (None = fixed kl_coef)
+    kl_horizon: float = 10000.0
+    # Quark
+    n_quantiles: int = 5
+    entropy_coef: float = 0.0
+    quark_updates: int = 1              # optimiser steps on pool batches per rollout
+    # PPO
+    ppo_epochs: int = 4
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_scores: bool = True
+    score_clip: float | None = None
+    early_stop_kl: float | None = 1.0   # stop the PPO epochs when approx KL(old||new) > 1.5 x this
+    # bookkeeping
+    eval_every: int = 10                # 0 = only before and after training
+    eval_size: int = 32
+    eval_max_new_tokens: int = 32
+    eval_top_p: float = 0.9
+    eval_seed: int = 1234
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 3
+    sample_rows: int = 4                # rows in the printed sample table
+    progress: bool = True
+
+    def validate(self) -> None:
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+        need(self.algo in ("quark", "ppo"), f"algo must be 'quark' or 'ppo', got {self.algo!r}")
+        need(self.reference in ("initial", "base"), f"reference must be 'initial' or 'base', got {self.reference!r}")
+        need(self.lr_schedule in ("constant", "linear"), f"lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
+        need(self.task in (None, "lexical", "detox"), f"task must be 'lexical' or 'detox', got {self.task!r}")
+        need(isinstance(self.steps, int) and self.steps >= 0, f"steps must be an int >= 0, got {self.steps!r}")
+        for name in ("batch_size", "minibatch_size", "grad_accum", "max_new_tokens", "n_quantiles",
+                     "quark_updates", "ppo_epochs", "eval_size", "eval_max_new_tokens", "keep_checkpoints",
+                     "checkpoint_every"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.minibatch_size % self.grad_accum == 0,
+             f"minibatch_size ({self.minibatch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        need(self.algo != "ppo" or self.minibatch_size <= self.batch_size,
+             f"PPO minibatch_size ({self.minibatch_size}) must be <= batch_size ({self.batch_size})")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.temperature > 0, f"temperature must be > 0 for training, got {self.temperature}")
+        need(0 < self.top_p <= 1 and 0 < self.eval_top_p <= 1, "top_p and eval_top_p must be in (0, 1]")
+        need(self.kl_coef >= 0 and self.entropy_coef >= 0, "kl_coef and entropy_coef must be >= 0")
+        need(self.kl_target is None or self.kl_target > 0, f"kl_target must be > 0, got {self.kl_target}")
+        need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+
+
+def step_seed(*parts: int) -> int:
+    """A 62-bit seed from integers (config seed, step, purpose, ...), stable across runs."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]) >> 2
+
+
+class Trainer:
+    """Holds the models, optimiser and state of one run; :meth:`fit` runs it to ``config.steps``."""
+
+    def __init__(self, config: TrainConfig, base, adapter, tokenizer, reward: Callable,
+                 train_rows: list[dict], eval_rows: list[dict]):
+        config.validate()
+        if not train_rows:
+            raise ValueError("no training prompts")
+        self.cfg, self.reward, self.tokenizer = config, reward, tokenizer
+        self.train_rows, self.eval_rows = train_rows, eval_rows
+        self.out = Path(config.out)
+        self.base = base.eval()
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.adapter = adapter.eval()  # eval mode for good: dropout off in rollouts and updates
+        self.control_ids: list[int] = []
+        if config.algo == "quark":
+            gen = torch.Generator().manual_seed(step_seed(config.seed, 0, 7))
+            self.control_ids = add_control_tokens(self.adapter, config.n_quantiles, gen)
+        self.lm = TailoredLM(self.base, self.adapter, tokenizer, alpha=config.alpha)
+        self.V = self.lm.V
+        self.pad_id = self.lm.pad_id
+        self.ref_adapter = None
+        if config.reference == "initial":
+            self.ref_adapter = copy.deepcopy(self.adapter).eval()
+            for p in self.ref_adapter.parameters():
+                p.requires_grad_(False)
+        self.value_head = None
+        params = [p for p in self.adapter.parameters() if p.requires_grad]
+        if config.algo == "ppo":
+            hidden = self.adapter.get_input_embeddings().weight.shape[1]
+            torch.manual_seed(step_seed(config.seed, 0, 8))
+            self.value_head = P.ValueHead(hidden).to(next(self.adapter.parameters()).device)
+            params += list(self.value_head.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, eps=config.adam_eps,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.kl_ctl = (P.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+                       if config.kl_target else P.FixedKLController(config.kl_coef))
+        self.pool = DataPool(config.n_quantiles) if config.algo == "quark" else None
+        self.step = 0
+        self.initial_eval: dict | None = None
+        self.last_eval: dict | None = None
+        self.last_samples: list[dict] = []
+
+    # ------------------------------------------------------------------------------------
+    # the tailored policy, teacher-forced
+
+    def _lr_factor(self, step: int) -> float:
+        c = self.cfg
+        warm = min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else 1.0
+        decay = max(0.0, 1.0 - step / max(1, c.steps)) if c.lr_schedule == "linear" else 1.0
+        return warm * decay
+
+    @property
+    def inference_prefix(self) -> list[int]:
+        """What the adapter sees before every prompt at rollout and inference time."""
+        return self.control_ids[:1]
+
+    def _logits(self, model, rows, keep, hidden=False):
+        ids, mask = left_pad(rows, self.pad_id, next(model.parameters()).device)
+        pos = (mask.cumsum(1) - 1).clamp_(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                    logits_to_keep=keep, output_hidden_states=hidden)
+        return out.logits[:, -keep:], (out.hidden_states[-1][:, -keep:] if hidden else None)
+
+    def token_stats(self, prompt_ids, prefixes, responses, values: bool = False) -> dict:
+        """Per-token statistics of ``responses`` under pi, right-padded to ``[B, R]``.
+
+        Returns ``logprob``, ``entropy``, ``kl`` (to the reference), ``mask`` and, with
+        ``values``, the value head's ``values``. Differentiable w.r.t. the adapter (and value
+        head) when grad is enabled.
+        """
+        B = len(responses)
+        lens = [len(r) for r in responses]
+        R = max(lens)
+        full = [list(p) + list(r) for p, r in zip(prompt_ids, responses)]
+        adapter_rows = [list(x) + f for x, f in zip(prefixes, full)]
+        # Row i's response is its last lens[i] tokens; the logits predicting them sit in the
+        # kept window's columns R - lens[i] - ... : gather them into [N, V] rows.
+        rows = torch.tensor([i for i in range(B) for _ in range(lens[i])], dtype=torch.long)
+        cols = torch.tensor([R - lens[i] + k for i in range(B) for k in range(lens[i])], dtype=torch.long)
+        targets = torch.tensor([t for r in responses for t in r], dtype=torch.long)
+        with torch.no_grad():
+            zb, _ = self._logits(self.base, full, R + 1)
+            zr = None
+            if self.ref_adapter is not None:
+                zr, _ = self._logits(self.ref_adapter, adapter_rows, R + 1)
+                zr = zr[rows, cols, :self.V]
+        zb = zb[rows, cols, :self.V]
+        za, hidden = self._logits(self.adapter, adapter_rows, R + 1, hidden=values)
+        za = za[rows, cols, :self.V].to(zb.device)
+        if zr is not None:
+            zr = zr.to(zb.device)
+        lp, ent, kl = tailored_token_stats(zb, za, targets.to(zb.device), alpha=self.cfg.alpha,
+                                           temperature=self.cfg.temperature, ref_adapter=zr)
+        mask = torch.zeros(B, R)
+        mask[torch.arange(B).repeat_interleave(torch.tensor(lens)), torch.cat([torch.arange(n) for n in lens])] = 1
+
+        def pad(flat):
+            outp = torch.zeros(B, R, dtype=flat.dtype, device=flat.device)
+            return outp.index_put((torch.arange(B).repeat_interleave(torch.tensor(lens)),
+                                   torch.cat([torch.arange(n) for n in lens])), flat)
+
+        out = {"logprob": pad(lp.cpu()), "entropy": pad(ent.cpu()), "kl": pad(kl.cpu()), "mask": mask}
+        if values:
+            out["values"] = pad(self.value_head(hidden[rows, cols]).cpu())
+        return out
+
+    # ------------------------------------------------------------------------------------
+    # phases
+
+    def _prompt_batch(self, step: int) -> list[int]:
+        g = np.random.default_rng(step_seed(self.cfg.seed, step, 1))
+        n = len(self.train_rows)
+        k = self.cfg.batch_size
+        return g.choice(n, size=k, replace=k > n).tolist()
+
+    def rollout(self, rows: list[dict], seed: int, *, max_new_tokens=None, top_k=None, top_p=None, temperature=None):
+        c = self.cfg
+        self.adapter.eval()
+        return self.lm.generate([r["prompt"] for r in rows], max_new_tokens or c.max_new_tokens,
+                                temperature=c.temperature if temperature is None else temperature,
+                                top_k=c.top_k if top_k is None else top_k, top_p=c.top_p if top_p is None else top_p,
+                                seed=[step_seed(seed, i) for i in range(len(rows))],
+                                adapter_prefix=self.inference_prefix, backend=c.backend)
+
+    def score(self, rows: list[dict], gen) -> list[float]:
+        """The reward of a generation; the prompt file's extra fields and ``completion_ids``
+        (the generated token ids, as TRL passes them) go to rewards that accept them."""
+        fields = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
+        fields["completion_ids"] = gen.token_ids
+        return call_reward(self.reward, [r["prompt"] for r in rows], gen.texts, fields)
+
+    def _micro_batches(self, idx: list[int]) -> list[list[int]]:
+        m = len(idx)
+        size = max(1, math.ceil(m / self.cfg.grad_accum))
+        return [idx[i:i + size] for i in range(0, m, size)]
+
+    def _optimizer_step(self) -> float:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # -- Quark ---------------------------------------------------------------------------
+
+    def quark_backward(self, idx: list[int]) -> dict:
+        """Accumulate the Quark loss gradient of pool samples ``idx`` (split into
+        ``grad_accum`` micro-batches; normalised by the minibatch's token count)."""
+        pool = self.pool
+        n_tokens = sum(len(pool.response_ids[i]) for i in idx)
+        sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "entropy": 0.0}
+        for micro in self._micro_batches(idx):
+            st = self.token_stats([pool.prompt_ids[i] for i in micro],
+                                  [[self.control_ids[pool.quantiles[i]]] for i in micro],
+                                  [pool.response_ids[i] for i in micro])
+            m = st["mask"]
+            nll, kl, ent = -(st["logprob"] * m).sum(), (st["kl"] * m).sum(), (st["entropy"] * m).sum()
+            loss = (nll + self.kl_ctl.value * kl - self.cfg.entropy_coef * ent) / n_tokens
+            loss.backward()
+            for k, v in (("loss", loss * n_tokens), ("nll", nll), ("kl", kl), ("entropy", ent)):
+                sums[k] += float(v.detach())
+        return {k: v / n_tokens for k, v in sums.items()}
+
+    def quark_update(self, step: int, prompt_ids, responses, scores) -> dict:
+        self.pool.add(prompt_ids, responses, scores)
+        stats = []
+        for u in range(self.cfg.quark_updates):
+            g = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, 2, u))
+            s = self.quark_backward(self.pool.sample(self.cfg.minibatch_size, g))
+            s["grad_norm"] = self._optimizer_step()
+            stats.append(s)
+        mean = {f"quark/{k}": float(np.mean([s[k] for s in stats])) for k in stats[0]}
+        self.kl_ctl.update(mean["quark/kl"], self.cfg.minibatch_size * self.cfg.quark_updates)
+        mean["quark/pool_size"] = len(self.pool)
+        return mean
+
+    # -- PPO -----------------------------------------------------------------------------
+
+    def ppo_prepare(self, prompt_ids, responses, scores) -> dict:
+        """Old log-probs, values, per-token rewards, advantages and returns of a rollout."""
+        prefixes = [self.inference_prefix] * len(responses)
+        with torch.no_grad():
+            old = self.token_stats(prompt_ids, prefixes, responses, values=True)
+        m = old["mask"]
+        shaped = P.shape_scores(torch.tensor(scores), self.cfg.whiten_scores, self.cfg.score_clip)
+        rewards = P.token_rewards(shaped, old["kl"], m, self.kl_ctl.value)
+        adv, returns = P.gae(rewards, old["values"], m, self.cfg.gamma, self.cfg.lam)
+        adv = P.masked_whiten(adv, m) * m
+        return {"prompt_ids": prompt_ids, "prefixes": prefixes, "responses": responses, "mask": m,
+                "old_logprob": old["logprob"], "old_values": old["values"], "kl": old["kl"],
+                "entropy": old["entropy"], "advantages": adv, "returns": returns}
+
+    def ppo_backward(self, data: dict, idx: list[int]) -> dict:
+        """Accumulate the PPO loss gradient of rollout rows ``idx`` (``grad_accum``
+        micro-batches; normalised by the minibatch's token count)."""
+        c = self.cfg
+        n_tokens = float(data["mask"][idx].sum())
+        sums: dict[str, float] = {}
+        for micro in self._micro_batches(idx):
+            st = self.token_stats([data["prompt_ids"][i] for i in micro], [data["prefixes"][i] for i in micro],
+                                  [data["responses"][i] for i in micro], values=True)
+            R = st["mask"].shape[1]
+            sel = lambda k: data[k][micro][:, :R]  # noqa: E731 - rows padded to the rollout's width
+            m = st["mask"]
+            pl, ps = P.policy_loss(st["logprob"], sel("old_logprob"), sel("advantages"), m, c.cliprange, n_tokens)
+            vl, vs = P.value_loss(st["values"], sel("old_values"), sel("returns"), m, c.cliprange_value, n_tokens)
+            (pl + c.vf_coef * vl).backward()
+            for k, v in {"policy_loss": float(pl.detach()) * n_tokens, "value_loss": float(vl.detach()) * n_tokens, **ps, **vs}.items():
+                sums[k] = sums.get(k, 0.0) + v
+        return {k: v / n_tokens for k, v in sums.items()}
+
+    def ppo_update(self, step: int, prompt_ids, responses, scores) -> dict:
+        c = self.cfg
+        data = self.ppo_prepare(prompt_ids, responses, scores)
+        B = len(responses)
+        stats, stopped = [], False
+        for epoch in range(c.ppo_epochs):
+            g = torch.Generator().manual_seed(step_seed(c.seed, step, 3, epoch))
+            perm = torch.randperm(B, generator=g).tolist()
+            for s in range(0, B - c.minibatch_size + 1, c.minibatch_size):
+                st = self.ppo_backward(data, perm[s:s + c.minibatch_size])
+                st["grad_norm"] = self._optimizer_step()
+                stats.append(st)
+                if c.early_stop_kl is not None and st["approx_kl"] > 1.5 * c.early_stop_kl:
+                    stopped = True
+                    break
+            if stopped:
+                break
+        m = data["mask"]
+        seq_kl = float((data["kl"] * m).sum(1).mean())
+        out = {f"ppo/{k}": float(np.mean([s[k] for s in stats])) for k in stats[0]}
+        out.update({"ppo/ratio_first": stats[0]["ratio"], "ppo/early_stopped": stopped,
+                    "ppo/updates": len(stats), "ppo/kl_seq": seq_kl,
+                    "ppo/entropy": float(P.masked_mean(data["entropy"], m)),
+                    "ppo/returns_mean": float(P.masked_mean(data["returns"], m))})
+        self.kl_ctl.update(seq_kl, B)
+        return out
+
+    # ------------------------------------------------------------------------------------
+    # one step, evaluation, checkpoints
+
+    def train_step(self) -> dict:
+        step = self.step + 1
+        c = self.cfg
+        t0 = time.perf_counter()
+        rows = [self.train_rows[i] for i in self._prompt_batch(step)]
+        gen = self.rollout(rows, step_seed(c.seed, step, 0))
+        t1 = time.perf_counter()
+        try:
+            scores = self.score(rows, gen)
+        except RewardError as exc:
+            path = self.save_checkpoint()
+            raise RewardError(f"{exc} (at step {step}; checkpoint of step {self.step} saved to {path})") from exc
+        t2 = time.perf_counter()
+        update = self.quark_update if c.algo == "quark" else self.ppo_update
+        stats = update(step, gen.prompt_token_ids, gen.token_ids, scores)
+        self.scheduler.step()
+        self.step = step
+        t3 = time.perf_counter()
+        lens = [len(t) for t in gen.token_ids]
+        return {"type": "train", "step": step, "reward": float(np.mean(scores)),
+                "reward_std": float(np.std(scores)), "response_len": float(np.mean(lens)),
+                "kl_coef": self.kl_ctl.value, "lr": self.scheduler.get_last_lr()[0], **stats,
+                "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0}
+
+    def evaluate(self) -> dict:
+        c = self.cfg
+        rows = self.eval_rows or self.train_rows[: c.eval_size]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            gen = self.rollout(rows, c.eval_seed, max_new_tokens=c.eval_max_new_tokens, top_k=0,
+                               top_p=c.eval_top_p, temperature=1.0)
+        try:
+            scores = self.score(rows, gen)
+        except RewardError as exc:
+            path = self.save_checkpoint() if self.initial_eval is not None else None
+            raise RewardError(f"{exc} (in evaluation at step {self.step}"
+                              + (f"; checkpoint saved to {path})" if path else ")")) from exc
+        rec = {"type": "eval", "step": self.step, "reward": float(np.mean(scores)),
+               **extra_eval_metrics(c.task, rows, gen.texts), "time/eval": time.perf_counter() - t0}
+        self.last_eval = rec
+        self.last_samples = [{"prompt": r["prompt"], "completion": t, "reward": s}
+                             for r, t, s in zip(rows, gen.texts, scores)][: c.sample_rows]
+        return rec
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "config": dataclasses.asdict(self.cfg),
+                "adapter": self.adapter.state_dict(),
+                "ref_adapter": None if self.ref_adapter is None else self.ref_adapter.state_dict(),
+                "value_head": None if self.value_head is None else self.value_head.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "kl_controller": self.kl_ctl.state_dict(),
+                "pool": None if self.pool is None else self.pool.state_dict(),
+                "control_ids": self.control_ids, "rng": ckpt.rng_state(),
+                "initial_eval": self.initial_eval, "last_eval": self.last_eval, "last_samples": self.last_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adapter.load_state_dict(state["adapter"])
+        if self.ref_adapter is not None and state["ref_adapter"] is not None:
+            self.ref_adapter.load_state_dict(state["ref_adapter"])
+        if self.value_head is not None:
+            self.value_head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        if self.pool is not None:
+            self.pool.load_state_dict(state["pool"])
+        self.control_ids = list(state["control_ids"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.initial_eval, self.last_eval = state["initial_eval"], state["last_eval"]
+        self.last_samples = state["last_samples"]
+
+    def save_checkpoint(self) -> Path:
+        return ckpt.save(self.out / "checkpoints", self.step, self.state_dict(), keep=self.cfg.keep_checkpoints)
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint under ``<out>``; drop log lines written after it."""
+        found = ckpt.load_latest(self.out / "checkpoints")
+        if found is None:
+            return False
+        state, _ = found
+        if state["config"]["algo"] != self.cfg.algo:
+            raise ValueError(f"cannot resume: {self.out} holds a {state['config']['algo']} run, not {self.cfg.algo}")
+        self.load_state_dict(state)
+        log = self.out / "metrics.jsonl"
+        if log.is_file():
+            # A checkpoint of step k is written after step k's train and eval lines: keep those.
+            keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+            tmp = log.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(log)
+        return True
+
+    def save_final_adapter(self) -> Path:
+        c = self.cfg
+        tok = self.tokenizer
+        names = []
+        if self.control_ids and self.control_ids[0] == len(tok):
+            tok = copy.deepcopy(tok)
+            names = [f"<|quark_q{i}|>" for i in range(len(self.control_ids))]
+            tok.add_special_tokens({"additional_special_tokens": names})
+        return save_adapter(self.out / "adapter", self.adapter, tok, alpha=c.alpha,
+                            adapter_prefix=self.inference_prefix, vocab_size=self.V, base=c.base,
+                            reference_policy=c.reference, control_tokens=names,
+                            extra={"algo": c.algo, "steps": self.step, "quark_control_ids": self.control_ids})
+
+    # ------------------------------------------------------------------------------------
+
+    def _log(self, rec: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def fit(self, resume: bool = False) -> dict:
+        """Run (or continue, with ``resume``) to ``config.steps``; return the summary dict."""
+        from tqdm.auto import tqdm
+
+        c = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume() if resume else False
+        if not resumed and (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()
+        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2) + "\n")
+        if self.initial_eval is None:
+            self.initial_eval = self.evaluate()
+            self._log(self.initial_eval)
+            self._report_eval()
+            self.save_checkpoint()
+        bar = tqdm(total=c.steps, initial=min(self.step, c.steps), desc=f"{c.algo} train",
+                   disable=not c.progress, dynamic_ncols=True)
+        while self.step < c.steps:
+            rec = self.train_step()
+            self._log(rec)
+            bar.update(1)
+            bar.set_postfix(reward=f"{rec['reward']:.3f}", kl_coef=f"{rec['kl_coef']:.3g}",
+                            rollout=f"{rec['time/rollout']:.2f}s", update=f"{rec['time/update']:.2f}s")
+            if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
+                self._log(self.evaluate())
+                self._report_eval()
+            if self.step % c.checkpoint_every == 0 and self.step < c.steps:
+                self.save_checkpoint()
+        bar.close()
+        if self.last_eval is None or self.last_eval["step"] != self.step:
+            self._log(self.evaluate())
+            self._report_eval()
+        path = self.save_checkpoint()
+        adapter_dir = self.save_final_adapter()
+        return self.summary(path, adapter_dir)
+
+    def _report_eval(self) -> None:
+        from tqdm.auto import tqdm
+
+        rec = self.last_eval
+        plot_reward_curve(self.out / "metrics.jsonl", self.out / "reward_curve.png")
+        lines = [f"eval @ step {rec['step']}: reward {rec['reward']:.4f}"]
+        for s in self.last_samples:
+            lines.append(f"  {s['reward']:7.3f} | {_short(s['prompt'])} -> {_short(s['completion'])}")
+        if self.cfg.progress:
+            tqdm.write("\n".join(lines))
+        with open(self.out / "samples.txt", "a") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def summary(self, checkpoint_dir: Path, adapter_dir: Path) -> dict:
+        log = [json.loads(ln) for ln in (self.out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        train = [r for r in log if r["type"] == "train"]
+        phases = {k.split("/")[1]: float(np.mean([r[k] for r in train])) for k in
+                  ("time/rollout", "time/reward", "time/update", "time/step")} if train else {}
+        return {"steps": self.step, "algo": self.cfg.algo, "reward_fn": reward_name(self.reward),
+                "initial_eval": self.initial_eval, "final_eval": self.last_eval,
+                "checkpoint": str(checkpoint_dir), "adapter": str(adapter_dir),
+                "metrics": str(self.out / "metrics.jsonl"), "reward_curve": str(self.out / "reward_curve.png"),
+                "seconds_per_step": phases, "samples": self.last_samples}
+
+
+def _short(text: str, n: int = 60) -> str:
+    text = text.replace("\n", " ")
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def extra_eval_metrics(task: str | None, rows: list[dict], texts: list[str]) -> dict:
+    """SPEC §6 task metrics beside the reward: ordered coverage, offensive rate."""
+    from . import rewards as R
+
+    if task == "lexical":
+        return {"coverage_ordered": float(np.mean(R.lexical_coverage_ordered(
+            [r["prompt"] for r in rows], texts, [r["concepts"] for r in rows])))}
+    if task == "detox":
+        return {"offensive_rate": R.offensive_rate(texts)}
+    return {}
+
+
+def plot_reward_curve(metrics_path: Path, png_path: Path) -> None:
+    """Train reward per step and held-out reward per evaluation, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
+    train = [(r["step"], r["reward"]) for r in log if r["type"] == "train"]
+    ev = [(r["step"], r["reward"]) for r in log if r["type"] == "eval"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="train (rollout) reward", alpha=0.6)
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="held-out reward")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png_path)
+
+
+def _as_rows(prompts) -> list[dict]:
+    return [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
+
+
+def train(config: TrainConfig, *, reward: Callable | None = None, train_prompts=None, eval_prompts=None,
+          base=None, adapter=None, tokenizer=None, resume: bool = False) -> dict:
+    """Train an adapter; return the run summary (``steps``, ``initial_eval``, ``final_eval``,
+    ``checkpoint``, ``adapter``, timings, ...).
+
+    Anything not passed comes from ``config``: the reward from ``config.reward`` or the task's
+    built-in, prompts from ``config.prompts`` / the task's data (lists of strings or of dicts
+    with ``"prompt"`` are accepted here), models from ``config.base`` / ``config.adapter`` or
+    the defaults (see :mod:`ipa_fast.training.loading`). ``resume`` continues the run in
+    ``config.out`` from its newest checkpoint up to ``config.steps``.
+    """
+    from . import loading
+    from .rewards import TASK_REWARDS, load_reward
+
+    config.validate()
+    if reward is None:
+        if config.reward:
+            reward = load_reward(config.reward)
+        elif config.task:
+            reward = TASK_REWARDS[config.task]
+        else:
+            raise ValueError("no reward: pass --task {lexical,detox} or --reward module:function")
+    if not callable(reward):
+        raise TypeError(f"reward must be callable, got {type(reward).__name__}")
+    if train_prompts is None:
+        if config.prompts:
+            train_prompts = loading.read_prompts(config.prompts)
+        elif config.task:
+            train_prompts = loading.read_prompts(loading.task_data_path(config.task, "train"))
+        else:
+            raise ValueError("no prompts: pass --prompts FILE.jsonl (or --task)")
+        if eval_prompts is None and config.eval_prompts:
+            eval_prompts = loading.read_prompts(config.eval_prompts)
+        elif eval_prompts is None and config.task and not config.prompts:
+            path = loading.task_data_path(config.task, "validation")
+            if path.is_file():
+                eval_prompts = loading.read_prompts(path)
+    train_rows = _as_rows(train_prompts)
+    if eval_prompts is None:  # hold out the last eval_size rows (at most a fifth of the file)
+        n_eval = min(config.eval_size, len(train_rows) // 5)
+        eval_rows = train_rows[len(train_rows) - n_eval:] if n_eval else []
+        train_rows = train_rows[: len(train_rows) - n_eval]
+    else:
+        eval_rows = _as_rows(eval_prompts)
+    eval_rows = eval_rows[: config.eval_size]
+    if base is None or adapter is None:
+        if (base is None) != (adapter is None):
+            raise ValueError("pass both base and adapter models, or neither")
+        base, adapter, tok, base_name, _ = loading.load_models(config.base, config.adapter)
+        tokenizer = tokenizer or tok
+        if config.base is None:
+            config = dataclasses.replace(config, base=base_name)
+    if tokenizer is None:
+        raise ValueError("pass tokenizer= with model objects")
+    out = Path(config.out)
+    if not resume and ckpt.checkpoint_dirs(out / "checkpoints"):
+        raise ValueError(f"{out} already holds checkpoints: pass --resume to continue that run, "
+                         "or choose another --out")
+    trainer = Trainer(config, base, adapter, tokenizer, reward, train_rows, eval_rows)
+    return trainer.fit(resume=resume)
