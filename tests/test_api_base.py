@@ -12,10 +12,16 @@ import torch
 from ipa_fast.api_base import APIBase, APIBaseError, completions_url
 from ipa_fast.decoding import TailoredLM
 from ipa_fast.serve import CompletionServer
-from tiny_models import make_tiny_pair
+from tiny_models import make_tiny_pair, single_thread
 
 PROMPTS = ["the cat", "a dog runs in the park with", "Hello"]
 K = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

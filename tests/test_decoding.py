@@ -9,9 +9,16 @@ import torch
 
 from ipa_fast import sample, tailored_log_softmax
 from ipa_fast.decoding import GenerationOutput, TailoredLM, load_adapter_metadata
-from tiny_models import control_token_ids, control_tokens, make_tiny_model, make_tiny_pair, make_tiny_tokenizer
+from tiny_models import (control_token_ids, control_tokens, make_tiny_model, make_tiny_pair, make_tiny_tokenizer,
+                         single_thread)
 
 PROMPTS = ["the cat", "a dog runs in the park with", "Hello"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

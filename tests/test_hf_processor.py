@@ -1,15 +1,22 @@
 """TailoredLogitsProcessor inside HF ``model.generate()``: its mixed logits equal a no-cache
 recomputation of ``tailored_log_softmax`` on left-padded batches (so HF's warpers and draw
 sample from the tailored policy), and greedy decoding agrees with TailoredLM token for token."""
+import pytest
 import torch
 from transformers import LogitsProcessorList
 
 from ipa_fast import tailored_log_softmax
 from ipa_fast.decoding import TailoredLM
 from ipa_fast.hf import TailoredLogitsProcessor
-from tiny_models import control_token_ids, make_tiny_pair
+from tiny_models import control_token_ids, make_tiny_pair, single_thread
 
 PROMPTS = ["the cat", "a dog runs in the park with", "Hello"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
 
 
 class Recorder(TailoredLogitsProcessor):

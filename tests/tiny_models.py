@@ -12,6 +12,7 @@ Models are float32, in eval mode, on CPU; their vocabulary is ``len(tok)`` unles
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -121,3 +122,15 @@ def control_tokens(tok) -> list[str]:
 def control_token_ids(tok) -> list[int]:
     """Ids of the ``<|ctrl_i|>`` tokens (>= the shared vocabulary V)."""
     return [tok.convert_tokens_to_ids(t) for t in control_tokens(tok)]
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch on one thread: tiny models gain nothing from more, and on a shared machine
+    intra-op threads spin-wait for each other (tests ran 3x slower with 2 threads here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
