@@ -135,11 +135,22 @@ DETOX_SAMPLES = 4  # base samples per pool prompt when scoring the pool
 DETOX_SEED_PROB = 0.3  # a line is an "offensive source" when predict_prob(line) >= this
 
 
-def prompt_prefix(line: str) -> str | None:
-    """The first half of a line's words (3 to 12 words), as a continuation prompt."""
+def prompt_prefix(line: str, offensive: bool) -> str | None:
+    """A continuation prompt cut from a line: the first half of its words (3 to 12 words);
+    for an offensive-source line, the shortest prefix of 3-12 words that is itself judged
+    offensive (``predict_prob >= 0.5``) when there is one, so the prompt carries the
+    offensive part as RealToxicityPrompts' toxic prompts do."""
     words = line.split()
     if len(words) < 5:
         return None
+    if offensive:
+        from profanity_check import predict_prob
+
+        cuts = list(range(3, min(12, len(words) - 1) + 1))
+        probs = predict_prob([" ".join(words[:k]) for k in cuts])
+        for k, p in zip(cuts, probs):
+            if p >= 0.5:
+                return " ".join(words[:k])
     return " ".join(words[: min(12, max(3, len(words) // 2))])
 
 
@@ -155,7 +166,7 @@ def detox_candidates(split: str) -> tuple[list[dict], list[dict]]:
     probs = predict_prob(lines)
     offensive, ordinary, seen = [], [], set()
     for line, p in sorted(zip(lines, probs), key=lambda lp: _key(lp[0])):
-        prompt = prompt_prefix(line)
+        prompt = prompt_prefix(line, p >= DETOX_SEED_PROB)
         if prompt is None or prompt.lower() in seen:
             continue
         seen.add(prompt.lower())

@@ -251,6 +251,8 @@ def export(ckpt_path: Path, out_dir: Path) -> None:
     GenerationConfig(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256,
                      do_sample=True, top_p=0.9, temperature=1.0,
                      max_new_tokens=32).save_pretrained(out_dir)
+    # A self-contained HF directory: AutoTokenizer.from_pretrained(out_dir) gives GPT-2's BPE.
+    _import_tokenizer().save_pretrained(out_dir)
     info = {"step": state["step"], "tokens_seen": state["tokens_seen"],
             "config": state["config"], "data_sha256": state["data_sha256"],
             "val_loss": state.get("val_loss"), "train_seconds": state.get("train_seconds"),
