@@ -1,0 +1,27 @@
+// Host-side entry point of the CUDA sampler. No CUDA or torch headers: tensors arrive as data
+// pointers and the stream as an integer, so the pybind11 binding compiles with the host compiler.
+#pragma once
+#include <cstdint>
+
+namespace ipa_fast {
+namespace cuda {
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct SampleArgs {
+  int dtype;              // of base and adapter (the wrapper casts mixed dtypes to float32)
+  int64_t batch, vocab;
+  uintptr_t base, adapter;  // [B, V] row-major; adapter 0 = none
+  uintptr_t alpha, temperature, top_p, min_p;  // [B] float32
+  uintptr_t top_k, seed, offset;               // [B] int64 (seed and offset read as uint64)
+  uintptr_t tokens;                            // [B] int64 out
+  uintptr_t logprobs, filtered_logprobs;       // [B] float32 out
+  uintptr_t valid;                             // [B] bool (1 byte) out
+  uintptr_t stream;                            // cudaStream_t
+};
+
+// Enqueues the sampler on args.stream; never synchronises. Returns nullptr, or a static error text.
+const char* launch_sample(const SampleArgs& args);
+
+}  // namespace cuda
+}  // namespace ipa_fast
