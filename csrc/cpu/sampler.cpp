@@ -397,6 +397,43 @@ int64_t collect(const RowBuffers& rb, int64_t vocab, float z_low, float w_low, i
   return n;
 }
 
+// sum of x[0, n) in double: four interleaved accumulators, merged as (a0 + a1) + (a2 + a3).
+double sum4(const float* x, int64_t n) {
+  double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    a0 += x[j];
+    a1 += x[j + 1];
+    a2 += x[j + 2];
+    a3 += x[j + 3];
+  }
+  if (j < n) a0 += x[j];
+  if (j + 1 < n) a1 += x[j + 1];
+  if (j + 2 < n) a2 += x[j + 2];
+  return (a0 + a1) + (a2 + a3);
+}
+
+// A guess (not a bound) for the top-p threshold in w: where every 16th token's mass, walked
+// from the top, reaches the fraction p of its own total; returned one octave lower (0 when the
+// row is small). The caller verifies it.
+float guess_nucleus_bound(const float* w, int64_t vocab, double p) {
+  constexpr int64_t kStride = 16;
+  if (vocab < 256 * kStride) return 0.0f;
+  double hist[kBuckets1] = {};
+  double sub_total = 0.0;
+  for (int64_t i = 0; i < vocab; i += kStride) {
+    hist[float_to_bits(w[i]) >> 21] += w[i];
+    sub_total += w[i];
+  }
+  const double target = p * sub_total;
+  double acc = 0.0;
+  for (int bkt = kBuckets1 - 1; bkt >= 0; --bkt) {
+    acc += hist[bkt];
+    if (acc >= target) return bits_to_float(static_cast<uint32_t>(std::max(0, bkt - 4)) << 21);
+  }
+  return 0.0f;
+}
+
 // Walks a histogram from the top bucket down to the one that holds the threshold: by count,
 // the first bucket where the count reaches k; by mass, the first where the mass reaches P.
 // Updates the count / mass above it; -1 if none does.
@@ -570,9 +607,16 @@ int64_t draw_list(const RowBuffers& rb, const int32_t* K, int64_t n, double u, d
   double total = 0.0;
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     const int64_t j0 = blk * kSub, j1 = std::min(n, j0 + kSub);
-    double a[4] = {0.0, 0.0, 0.0, 0.0};
-    for (int64_t j = j0; j < j1; ++j) a[j & 3] += w[K[j]];
-    bs[blk] = (a[0] + a[1]) + (a[2] + a[3]);
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+    int64_t j = j0;
+    for (; j + 4 <= j1; j += 4) {
+      a0 += w[K[j]];
+      a1 += w[K[j + 1]];
+      a2 += w[K[j + 2]];
+      a3 += w[K[j + 3]];
+    }
+    for (; j < j1; ++j) a0 += w[K[j]];
+    bs[blk] = (a0 + a1) + (a2 + a3);
     total += bs[blk];
   }
   *kept_total = total;
@@ -656,7 +700,18 @@ void finish_row(const SamplerArgs& args, int64_t row, const RowParams& p, const 
       int32_t* J = fs.list.data();
       float* cz = fs.cz.data();
       float* cw = fs.cw.data();
-      n = collect(rb, V, z_low, w_low, J, cz, cw);
+      n = -1;
+      if (!k_on && p_on) {
+        // Usually much tighter: a bound L guessed from a subsample, kept only if the tokens with
+        // w >= L verifiably hold mass >= P (then every token below L has mass >= P above it).
+        const double P = static_cast<double>(p.top_p) * total;
+        const float guess = guess_nucleus_bound(rb.w.data(), V, static_cast<double>(p.top_p));
+        if (guess > w_low) {
+          n = collect(rb, V, z_low, guess, J, cz, cw);
+          if (!(sum4(cw, n) >= P * (1.0 + 1e-6))) n = -1;  // fall back to the safe bound
+        }
+      }
+      if (n < 0) n = collect(rb, V, z_low, w_low, J, cz, cw);
       if (k_on) {
         tau = select_threshold(cz, cw, n, false, p.top_k, 0.0, fs);
         if (p_on) {
@@ -668,9 +723,7 @@ void finish_row(const SamplerArgs& args, int64_t row, const RowParams& p, const 
               cw[n1++] = cw[j];
             }
           n = n1;
-          double a[4] = {0.0, 0.0, 0.0, 0.0};
-          for (int64_t j = 0; j < n; ++j) a[j & 3] += cw[j];
-          const double total_k = (a[0] + a[1]) + (a[2] + a[3]);
+          const double total_k = sum4(cw, n);
           tau = std::max(tau, select_threshold(cz, cw, n, true, 0, static_cast<double>(p.top_p) * total_k, fs));
         }
       } else if (p_on) {
@@ -681,11 +734,15 @@ void finish_row(const SamplerArgs& args, int64_t row, const RowParams& p, const 
     if (n < 0 || n > V / 8) {
       token = draw_full_row(rb, V, tau, w_min, u, &kept_total);
     } else {
-      int32_t* J = fs.list.data();
+      const int32_t* J = fs.list.data();
+      const float* cz = fs.cz.data();
+      const float* cw = fs.cw.data();
       int32_t* K = fs.list2.data();
       int64_t nk = 0;
-      for (int64_t j = 0; j < n; ++j)
-        if (z[J[j]] >= tau && rb.w[J[j]] >= w_min) K[nk++] = J[j];
+      for (int64_t j = 0; j < n; ++j) {  // branch-free: write always, advance when kept
+        K[nk] = J[j];
+        nk += (cz[j] >= tau) & (cw[j] >= w_min);
+      }
       token = draw_list(rb, K, nk, u, &kept_total);
     }
     filtered = (static_cast<double>(z[token]) - static_cast<double>(m)) - std::log(kept_total);
