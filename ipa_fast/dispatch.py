@@ -13,6 +13,8 @@ import os
 import torch
 
 ORDER_CPU = ("cpu", "reference")
+# CUDA: the one-launch CUDA kernel first (no Python launch overhead), then the Triton kernels.
+# Unmeasured on a GPU so far: benchmarks/gpu_check.sh prints which is faster; reorder from that.
 ORDER_CUDA = ("cuda", "triton", "reference")
 
 
@@ -48,8 +50,18 @@ def _load(name: str):
         return None, f"{type(exc).__name__}: {exc}"
 
 
+def auto_choice(device_type: str) -> str:
+    """The backend ``backend="auto"`` uses for tensors on ``device_type`` ("cpu" or "cuda")."""
+    order = ORDER_CUDA if device_type == "cuda" else ORDER_CPU
+    return next(name for name in order if _load(name)[0] is not None or name == "reference")
+
+
 def backends() -> dict[str, str]:
-    """``{name: "ok" | reason}`` for every backend; ``reference`` always works."""
+    """``{name: "ok" | reason}`` for every backend; ``reference`` always works.
+
+    The extra key ``"auto"`` says what ``backend="auto"`` picks, e.g. ``"cpu tensors: cpu; cuda
+    tensors: cuda"`` (the CUDA pick is shown even where no GPU is present).
+    """
     out = {}
     for name in _LOADERS:
         impl, reason = _load(name)
@@ -61,6 +73,7 @@ def backends() -> dict[str, str]:
             out[name] = "importable, but needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
         else:
             out[name] = "ok"
+    out["auto"] = f"cpu tensors: {auto_choice('cpu')}; cuda tensors: {auto_choice('cuda')}"
     return out
 
 

@@ -9,10 +9,13 @@ import os
 import sys
 import threading
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if torch.cuda.is_available():   # the interpreter switch is process-wide: leave a GPU to tests/test_gpu.py
+    pytest.skip("a CUDA device is present: tests/test_gpu.py runs these checks on it", allow_module_level=True)
+
+os.environ["TRITON_INTERPRET"] = "1"
 
 triton = pytest.importorskip("triton")
 
