@@ -62,19 +62,26 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def default_paths(args) -> tuple[str | None, str]:
+def shipped_models():
+    """``(base_dir, adapter_dir)`` of the shipped models, or None when this build has none."""
+    try:
+        from . import embedded
+        paths = embedded.base_path(), embedded.adapter_init_path()
+    except (ImportError, AttributeError, FileNotFoundError, OSError):
+        return None
+    return tuple(str(p) for p in paths) if all(Path(p).exists() for p in paths) else None
+
+
+def default_paths(args) -> tuple[str | None, str, bool]:
+    """``(base, adapter, shipped)``: the user's paths, the shipped models filling the gaps."""
     base, adapter = args.base, args.adapter
-    if base is None and adapter is None or (base is None and not args.api_base) or adapter is None:
-        try:
-            from . import embedded
-            base = base or (None if args.api_base else str(embedded.base_path()))
-            adapter = adapter or str(embedded.adapter_init_path())
-        except (ImportError, AttributeError, FileNotFoundError):
-            pass
-    if adapter is None or (base is None and not args.api_base):
-        raise ValueError("the shipped models are not available in this build: pass --base PATH (or --api-base URL) "
-                         "and --adapter PATH")
-    return base, adapter
+    if adapter is not None and (base is not None or args.api_base):
+        return base, adapter, False
+    shipped = shipped_models()
+    if shipped is None:
+        raise ValueError("the shipped models are not available in this build: pass --base PATH "
+                         "(or --api-base URL) and --adapter PATH")
+    return (base or (None if args.api_base else shipped[0])), (adapter or shipped[1]), True
 
 
 def parse_prefix(text):
@@ -88,18 +95,25 @@ def parse_prefix(text):
 def run(args) -> dict:
     import torch
 
-    from .api_base import APIBase
+    from .api_base import APIBase, APIBaseError
+    from .cli import UsageError
     from .decoding import TailoredLM
 
     prompts = read_prompts(args)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    base_path, adapter_path = default_paths(args)
+    base_path, adapter_path, shipped = default_paths(args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     tokenizer = None
-    if args.api_base or args.tokenizer:
+    if args.tokenizer:
         from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or adapter_path)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    elif shipped or args.api_base:
+        from .decoding import _try_tokenizer
+        from .tokenizer import load_gpt2_tokenizer
+        tokenizer = _try_tokenizer(adapter_path) or (load_gpt2_tokenizer() if shipped else None)
+        if tokenizer is None:
+            raise ValueError(f"no tokenizer in {adapter_path}: pass --tokenizer PATH")
     base = APIBase(args.api_base, tokenizer, model=args.api_model, top_logprobs=args.top_logprobs) \
         if args.api_base else base_path
     t0 = time.perf_counter()
@@ -110,9 +124,12 @@ def run(args) -> dict:
     for w in lm.metadata.get("warnings", []):
         print(f"warning: {w}")
     t0 = time.perf_counter()
-    out = lm.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=args.stop or None,
-                      min_new_tokens=args.min_new_tokens, repetition_penalty=args.repetition_penalty)
+    try:
+        out = lm.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=args.stop or None,
+                          min_new_tokens=args.min_new_tokens, repetition_penalty=args.repetition_penalty)
+    except APIBaseError as e:  # server down / timeout / malformed reply: one line, exit 2
+        raise UsageError(str(e)) from None
     gen_s = time.perf_counter() - t0
     n_tokens = sum(len(t) for t in out.token_ids)
     print(f"base: {args.api_base or base_path}   adapter: {adapter_path}   alpha: {lm.alpha}   "
