@@ -92,7 +92,7 @@ class APIBase:
     def top_k(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token top-k of each row: ``(ids [B, K] int64, logprobs [B, K] float32)``.
 
-        Rows whose reply holds fewer than K entries are padded with ``-inf`` (at id 0)."""
+        A reply with fewer than K entries is padded with copies of its first entry."""
         if self.batch:
             tops = self._request(rows)
         else:
@@ -102,9 +102,13 @@ class APIBase:
         vals = torch.full((len(rows), K), float("-inf"))
         for i, top in enumerate(tops):
             pairs = [(self.key_to_id(k), _as_logprob(v, k, self.url)) for k, v in top.items()][:K]
-            if pairs:
-                ids[i, :len(pairs)] = torch.tensor([p[0] for p in pairs])
-                vals[i, :len(pairs)] = torch.tensor([p[1] for p in pairs])
+            if not pairs:
+                raise APIBaseError(f"API base {self.url} returned empty top_logprobs")
+            # A short reply is padded by repeating its first entry, so a scatter writes it twice
+            # with the same value (never a stray -inf over a real entry).
+            pairs += [pairs[0]] * (K - len(pairs))
+            ids[i] = torch.tensor([p[0] for p in pairs])
+            vals[i] = torch.tensor([p[1] for p in pairs])
         return ids, vals
 
     def _request(self, rows):

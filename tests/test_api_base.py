@@ -165,3 +165,15 @@ def test_completions_url_forms():
     assert completions_url("http://h:1") == "http://h:1/v1/completions"
     assert completions_url("http://h:1/v1/") == "http://h:1/v1/completions"
     assert completions_url("http://h:1/v1/completions") == "http://h:1/v1/completions"
+
+
+def test_short_reply_densifies_to_its_entries_only(pair):
+    reply = {"choices": [{"index": 0, "logprobs": {"top_logprobs": [{"token_id:3": -0.5, "token_id:0": -1.0}]}}]}
+    fake = _Fake(json.dumps(reply).encode())
+    try:
+        api = APIBase(fake.url, pair[2], top_logprobs=K, timeout=5)
+        dense = api.prefill([[1, 2]], 1)
+    finally:
+        fake.close()
+    assert dense[0, 3] == -0.5 and dense[0, 0] == -1.0
+    assert torch.isinf(dense[0]).sum() == dense.shape[1] - 2
