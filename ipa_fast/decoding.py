@@ -297,6 +297,19 @@ class TailoredLM:
             raise ValueError(f"adapter_prefix ids must be in [0, {n_in}) (the adapter's embedding rows), got {ids}")
         return ids
 
+    def _row_prefixes(self, prefix, B) -> list[list[int]]:
+        """The adapter's prefix for each row: the model's, one for all rows, or one per row
+        (a list of B strings / id lists, e.g. Quark quantile tokens during training)."""
+        if prefix is None:
+            return [self.adapter_prefix] * B
+        if isinstance(prefix, torch.Tensor):
+            prefix = prefix.tolist()
+        if isinstance(prefix, (list, tuple)) and prefix and not isinstance(prefix[0], numbers.Integral):
+            if len(prefix) != B:
+                raise ValueError(f"adapter_prefix has {len(prefix)} per-row entries for {B} prompts")
+            return [self._prefix_ids(p) for p in prefix]
+        return [self._prefix_ids(prefix)] * B
+
     def encode(self, prompts) -> list[list[int]]:
         """Prompts (strings or token-id lists) → token-id lists, validated against the base."""
         if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], numbers.Integral)):
@@ -346,7 +359,8 @@ class TailoredLM:
         list / ``[B]`` tensor (one per prompt), or None (torch's generator draws seeds).
         ``temperature`` / ``top_k`` / ``top_p`` / ``min_p`` / ``alpha``: scalars or one per prompt,
         as :func:`ipa_fast.sample` (T = 0 is greedy). ``stop``: string(s) ending a row; the text
-        is cut before it. ``adapter_prefix``: overrides the model's for this call.
+        is cut before it. ``adapter_prefix``: overrides the model's for this call (ids or a
+        string for every row, or a list with one per row).
         Hard masks — ``bad_words_ids`` (HF semantics: a token is banned when the row ends with
         the sequence's prefix) and EOS before ``min_new_tokens`` — and ``repetition_penalty``
         (HF semantics, over prompt + generated tokens) act on the *mixed* logits, after
@@ -368,7 +382,7 @@ class TailoredLM:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)))
         seeds = self._per_row("seed", seed, B, integer=True)
-        prefix = self.adapter_prefix if adapter_prefix is None else self._prefix_ids(adapter_prefix)
+        prefixes = self._row_prefixes(adapter_prefix, B)
         eos_ids = _as_id_list(self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id)
         if any(not 0 <= i < self.V for i in eos_ids):
             raise ValueError(f"eos_token_id must be in [0, {self.V}), got {eos_ids}")
@@ -379,7 +393,7 @@ class TailoredLM:
         # Prefill: the base sees the prompt, the adapter its prefix + the prompt.
         base_lm, adapter_lm = self._base_lm(), CachedLM(self.adapter, self.pad_id)
         base_logits = base_lm.prefill(rows, steps)
-        adapter_logits = adapter_lm.prefill([prefix + r for r in rows], steps)
+        adapter_logits = adapter_lm.prefill([p + r for p, r in zip(prefixes, rows)], steps)
         prompt_len = torch.tensor([len(r) for r in rows], device=dev)
         seen = None
         if repetition_penalty != 1.0:
@@ -476,12 +490,12 @@ class TailoredLM:
         comps = [[int(i) for i in c] for c in completions_ids]
         if len(comps) != len(rows):
             raise ValueError(f"{len(comps)} completions for {len(rows)} prompts")
-        prefix = self.adapter_prefix if adapter_prefix is None else self._prefix_ids(adapter_prefix)
+        prefixes = self._row_prefixes(adapter_prefix, len(rows))
         alpha = self.alpha if alpha is None else alpha
         full = [r + c for r, c in zip(rows, comps)]
         with torch.no_grad():
             base_logits = _full_logits(self.base, full, self.pad_id)
-        adapter_logits = _full_logits(self.adapter, [prefix + f for f in full], self.pad_id)
+        adapter_logits = _full_logits(self.adapter, [p + f for p, f in zip(prefixes, full)], self.pad_id)
         lps, alps = [], []
         for i, (r, c) in enumerate(zip(rows, comps)):
             # Row i is right-aligned: its last len(c) tokens are the completion, predicted by the

@@ -145,6 +145,13 @@ def test_control_prefix_reaches_the_adapter_only():
     assert other.logprobs[0][0] != out.logprobs[0][0] or other.token_ids != out.token_ids
     with pytest.raises(ValueError, match="shared vocabulary"):
         lm.generate([[ctrl[0]] + ids], 2)  # control tokens do not go to the base
+    # one prefix per row (Quark: each sample's own quantile token)
+    rows = no_eos(lm, ["the cat", "the cat"], 4, seed=[3, 3], adapter_prefix=[[ctrl[1]], [ctrl[2]]])
+    assert rows.token_ids[0] == no_eos(lm, ["the cat"], 4, seed=3).token_ids[0]
+    assert rows.token_ids[1] == no_eos(lm, ["the cat"], 4, seed=3, adapter_prefix=[ctrl[2]]).token_ids[0]
+    sc = lm.score(["the cat", "the cat"], rows.token_ids, adapter_prefix=[[ctrl[1]], [ctrl[2]]])
+    for r in range(2):
+        torch.testing.assert_close(sc.logprobs[r].detach(), torch.tensor(rows.logprobs[r]), atol=1e-4, rtol=0)
 
 
 def test_mismatched_vocabularies_refused():
