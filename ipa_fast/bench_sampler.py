@@ -156,6 +156,8 @@ def write_plot(rows: list[dict], path: str, threads: int) -> None:
                     color=line.get_color(), alpha=0.6, label=f"reference, V={V}, {ftext}")
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xscale("log", base=2)
+    batches = sorted({r["batch"] for r in rows})
+    ax.set_xticks(batches, [str(b) for b in batches])
     ax.set_yscale("log")
     ax.set_xlabel("batch size B")
     ax.set_ylabel("speed-up vs HF warpers + multinomial")

@@ -17,6 +17,8 @@ def sample(base, adapter, *, alpha, temperature, top_k, top_p, min_p, seed, offs
     if base.device.type != "cpu":
         raise ValueError(f"backend 'cpu' needs CPU tensors, got {base.device}")
     B, V = base.shape
+    if V >= 2**31:
+        raise ValueError(f"backend 'cpu' indexes the vocabulary with int32, got V = {V}")
     base = base.contiguous()
     if adapter is not None:
         adapter = adapter.contiguous()

@@ -4,11 +4,12 @@
 //           maxima; NaN / +inf detection.
 //   pass B  (row buffer, cache-hot)  w = exp(z - max) into a second buffer; chunk sums in
 //           double lanes -> total and logsumexp.
-//   finish  candidates that can survive the filters (the top-k bound from block maxima, the
-//           top-p bound w < (1-p)/V * total, the min-p bound w >= min_p), an exact threshold
-//           tau over the candidates (a histogram on w's float bits, then a sort of the one
-//           boundary bucket only), and one Philox uniform drawn through the inverse CDF of the
-//           kept set {z >= tau, w >= min_p} in index order.
+//   finish  candidates that can survive the filters (the top-k bound from block maxima; for
+//           top-p a bound guessed from a subsample and verified, else w < (1-p)/V * total; the
+//           min-p bound w >= min_p), an exact threshold tau over the candidates (a radix descent
+//           on w's float bits, 9 + 11 + 10 bits, then a sort of the few equal-w survivors by z),
+//           and one Philox uniform drawn through the inverse CDF of the kept set
+//           {z >= tau, w >= min_p} in index order.
 //
 // Every reduction has a fixed shape: chunks of kChunk elements, double lanes inside a chunk,
 // chunks merged in index order. So a row's result depends only on its own data and V, not
