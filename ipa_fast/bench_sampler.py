@@ -80,6 +80,19 @@ def median_ms(fn, repeats: int, budget_s: float = 4.0) -> float:
     return 1e3 * statistics.median(times)
 
 
+def interleaved_median_ms(fns: dict, repeats: int) -> dict:
+    """Median ms of each fast contender, called in turn so that they share the machine's load."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
 def run(args) -> dict:
     import ipa_fast
     from ipa_fast import cpu_backend
@@ -106,17 +119,18 @@ def run(args) -> dict:
         for B in grid["batches"]:
             base = (torch.randn(B, V, generator=g) * args.scale).to(dtype)
             adapter = (torch.randn(B, V, generator=g) * args.scale).to(dtype)
-            floor = median_ms(lambda: cpu_backend.read_pass(base, adapter), max(repeats, 21))
             for ftext in grid["filters"]:
                 f = parse_filter(ftext)
                 hf = median_ms(lambda: hf_chain(base, adapter, args.alpha, **f), repeats)
                 ref = None if args.no_reference else median_ms(
                     lambda: ipa_fast.sample(base, adapter, alpha=args.alpha, seed=0, backend="reference", **f), repeats)
-                cpu = median_ms(
-                    lambda: ipa_fast.sample(base, adapter, alpha=args.alpha, seed=0, backend="cpu", **f),
-                    max(repeats, 21))
                 prm = kernel_params(B, args.alpha, **f)
-                kernel = median_ms(lambda: cpu_backend.sample(base, adapter, **prm), max(repeats, 21))
+                fast = interleaved_median_ms({
+                    "cpu": lambda: ipa_fast.sample(base, adapter, alpha=args.alpha, seed=0, backend="cpu", **f),
+                    "kernel": lambda: cpu_backend.sample(base, adapter, **prm),
+                    "floor": lambda: cpu_backend.read_pass(base, adapter),
+                }, max(repeats, 21))
+                cpu, kernel, floor = fast["cpu"], fast["kernel"], fast["floor"]
                 row = dict(vocab=V, batch=B, filter=ftext, hf_ms=hf, reference_ms=ref, cpu_ms=cpu, kernel_ms=kernel,
                            floor_ms=floor,
                            cpu_speedup_vs_hf=hf / cpu, reference_speedup_vs_hf=None if ref is None else hf / ref,
