@@ -1,0 +1,171 @@
+"""``ipa-fast demo``: the main job on the embedded default, offline, minutes on a CPU.
+
+With the shipped models present (``models/base``, ``models/adapter-init`` and one trained
+adapter per task under ``models/adapters/<task>``) it shows IPA working, per SPEC §6:
+
+1. for each task (lexical constraints, offensive language), on held-out test prompts: the base
+   alone, base + trained IPA adapter, and the adapter alone — task score, perplexity under the
+   base, distinct-2 — with side-by-side samples;
+2. a short live IPA training (Quark) from the initial adapter, with a progress bar, and the
+   held-out reward before and after;
+3. a JSON summary (``--json``) and a PNG plot.
+
+Until those models are shipped it runs the sampler benchmark in quick mode instead (a real
+job: the fused sampler against the Hugging Face chain) and says so.
+Content warning: the offensive-language task prints model outputs that may be offensive.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from . import embedded
+
+# the evaluation protocol of SPEC §6, fixed and printed
+PROTOCOL = {"temperature": 1.0, "top_p": 0.9, "samples_per_prompt": 1, "max_new_tokens": 32, "seed": 20261126}
+TASK_SCORE = {"lexical": "coverage (higher is better)", "detox": "offensive rate (lower is better)"}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--quick", action="store_true", help="fewer prompts and training steps (< 2 minutes)")
+    parser.add_argument("--out", default="runs/demo", help="where the live training and the plot go")
+    parser.add_argument("--plot", default=None, help="PNG path (default: <out>/demo.png)")
+    parser.add_argument("--prompts", type=int, default=None, help="held-out prompts per task (default 64, quick 16)")
+    parser.add_argument("--train-steps", type=int, default=None, help="live training steps (default 30, quick 6)")
+    parser.add_argument("--home", default=None, help="a root holding models/ and data/ (default: the shipped ones)")
+
+
+def trained_adapter_path(task: str, home: Path) -> Path:
+    return home / "models" / "adapters" / task
+
+
+def missing_models(home: Path) -> list[str]:
+    need = [home / "models/base", home / "models/adapter-init"]
+    need += [trained_adapter_path(t, home) for t in embedded.TASKS]
+    need += [home / "data/tasks" / t / f"{s}.jsonl" for t in embedded.TASKS for s in ("validation", "test")]
+    return [str(p) for p in need if not p.exists()]
+
+
+def evaluate_variant(lm, task: str, rows: list[dict], *, alpha: float, base_weight: float = 1.0) -> dict:
+    """Score one decoding variant on ``rows`` with the fixed protocol."""
+    from .evaluation import distinct_n, perplexity
+    from .training.rewards import lexical_coverage, offensive_rate
+
+    prompts = [r["prompt"] for r in rows]
+    gen = lm.generate(prompts, max_new_tokens=PROTOCOL["max_new_tokens"], temperature=PROTOCOL["temperature"],
+                      top_p=PROTOCOL["top_p"], seed=PROTOCOL["seed"], alpha=alpha, base_weight=base_weight)
+    if task == "lexical":
+        score = sum(lexical_coverage(prompts, gen.texts, [r["concepts"] for r in rows])) / len(rows)
+    else:
+        score = offensive_rate(gen.texts)
+    ppl = perplexity(lm.base, gen.prompt_token_ids, gen.token_ids, pad_token_id=lm.pad_id)
+    return {"score": score, "perplexity": ppl, "distinct_2": distinct_n(gen.texts, 2), "texts": gen.texts}
+
+
+def run_task(task: str, home: Path, n_prompts: int) -> tuple[dict, list[dict]]:
+    from .decoding import TailoredLM
+
+    rows = embedded.read_task(task, "test")[:n_prompts]
+    lm = TailoredLM.from_pretrained(str(home / "models/base"), str(trained_adapter_path(task, home)))
+    variants = {
+        "base": evaluate_variant(lm, task, rows, alpha=0.0),
+        "ipa": evaluate_variant(lm, task, rows, alpha=lm.alpha),
+        "adapter_only": evaluate_variant(lm, task, rows, alpha=1.0, base_weight=0.0),
+    }
+    samples = [{"prompt": r["prompt"], **{k: v["texts"][i] for k, v in variants.items()}} for i, r in enumerate(rows[:3])]
+    return {k: {m: v[m] for m in ("score", "perplexity", "distinct_2")} for k, v in variants.items()}, samples
+
+
+def live_training(home: Path, out: Path, steps: int, quick: bool) -> dict:
+    from .training import TrainConfig, train
+
+    cfg = TrainConfig(algo="quark", task="lexical", steps=steps, out=str(out / "live-training"),
+                      base=str(home / "models/base"), adapter=str(home / "models/adapter-init"),
+                      batch_size=8 if quick else 16, eval_size=16 if quick else 32, eval_every=0,
+                      checkpoint_every=max(steps, 1), lr=1e-4)
+    summary = train(cfg, resume=(out / "live-training" / "checkpoints").exists())
+    return {"task": "lexical", "algo": "quark", "steps": summary["steps"],
+            "reward_before": summary["initial_eval"]["reward"], "reward_after": summary["final_eval"]["reward"]}
+
+
+def print_table(results: dict) -> None:
+    print(f"\nEvaluation protocol: {PROTOCOL}")
+    print(f"{'task':8} {'variant':13} {'score':>8} {'perplexity':>11} {'distinct-2':>11}")
+    for task, variants in results.items():
+        for name, m in variants.items():
+            print(f"{task:8} {name:13} {m['score']:8.3f} {m['perplexity']:11.2f} {m['distinct_2']:11.3f}")
+        print(f"{'':8} score = {TASK_SCORE[task]}")
+
+
+def plot(results: dict, live: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results) + 1, figsize=(4 * (len(results) + 1), 3.2))
+    for ax, (task, variants) in zip(axes, results.items()):
+        names = list(variants)
+        ax.bar(names, [variants[n]["score"] for n in names], color=["#999", "#1f77b4", "#ff7f0e"])
+        ax.set_title(f"{task}: {TASK_SCORE[task]}", fontsize=9)
+    axes[-1].bar(["before", "after"], [live["reward_before"], live["reward_after"]], color=["#999", "#2ca02c"])
+    axes[-1].set_title(f"live Quark training, {live['steps']} steps: held-out reward", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_sampler_fallback(args, missing: list[str]) -> dict:
+    from . import bench_sampler
+
+    print("The shipped models are not all present yet, so the demo runs the fused sampler benchmark "
+          "(quick mode) instead.\nMissing: " + ", ".join(missing) + "\n")
+    bench_args = argparse.Namespace(**{a.dest: a.default for a in _bench_parser()._actions if a.dest != "help"})
+    bench_args.quick = True
+    bench_args.plot = args.plot
+    result = bench_sampler.run(bench_args)
+    return {"mode": "sampler-benchmark", "missing": missing, "sampler": result}
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    from . import bench_sampler
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--json", default=None)
+    bench_sampler.add_arguments(p)
+    return p
+
+
+def run(args) -> dict:
+    home = Path(args.home) if args.home else embedded.root()
+    missing = missing_models(home)
+    if missing:
+        return run_sampler_fallback(args, missing)
+    if args.home:
+        import os
+        os.environ["IPA_FAST_HOME"] = str(home)
+    n_prompts = args.prompts or (16 if args.quick else 64)
+    steps = args.train_steps if args.train_steps is not None else (6 if args.quick else 30)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    results, samples = {}, {}
+    for task in embedded.TASKS:
+        print(f"[demo] {task}: base alone vs base + IPA adapter vs adapter alone on {n_prompts} held-out prompts"
+              + (" (content warning: outputs may be offensive)" if task == "detox" else ""))
+        results[task], samples[task] = run_task(task, home, n_prompts)
+    print_table(results)
+    for task, rows in samples.items():
+        print(f"\nSamples ({task}):")
+        for row in rows:
+            print(f"  prompt: {row['prompt']!r}")
+            for name in ("base", "ipa", "adapter_only"):
+                print(f"    {name:13} {row[name]!r}")
+    print(f"\n[demo] live IPA training (Quark, lexical) from the initial adapter, {steps} steps")
+    live = live_training(home, out, steps, args.quick)
+    print(f"[demo] held-out reward {live['reward_before']:.3f} -> {live['reward_after']:.3f}")
+    plot_path = Path(args.plot) if args.plot else out / "demo.png"
+    plot(results, live, plot_path)
+    print(f"[demo] plot: {plot_path}   total {time.perf_counter() - t0:.0f} s")
+    return {"mode": "ipa", "protocol": PROTOCOL, "tasks": results, "live_training": live,
+            "samples": samples, "plot": str(plot_path), "seconds": time.perf_counter() - t0}
