@@ -31,7 +31,8 @@ bench: install
 demo: install
 	$(VENV)/bin/ipa-fast demo
 
-# Compile the CUDA sources with nvcc for sm_80 and sm_90, warnings as errors (no GPU needed).
+# Compile the CUDA sources with nvcc for sm_80 and sm_90, warnings as errors, and the Triton kernels
+# ahead of time through ptxas for the same targets (no GPU needed; needs the venv: make install).
 CUDA_SOURCES := $(wildcard csrc/cuda/*.cu)
 cuda-check:
 	@test -n "$(CUDA_SOURCES)" || { echo "no CUDA sources"; exit 1; }
@@ -42,6 +43,8 @@ cuda-check:
 	    -c $$f -o build/cuda-check/$$(basename $$f).o || exit 1; \
 	done
 	@echo "cuda-check: compiled $(words $(CUDA_SOURCES)) CUDA source(s) for sm_80 and sm_90"
+	env -u TRITON_INTERPRET $(PY) -m ipa_fast.kernels.compile_check --arch 80 90
+	@echo "cuda-check: Triton kernels compiled to cubin for sm_80 and sm_90"
 
 clean:
 	rm -rf build _skbuild *.egg-info ipa_fast/_C*.so

@@ -39,6 +39,8 @@ R = 4.0            # bins per nat
 CAP = 16384        # candidate capacity per row (CAND rows); larger kept sets take the ROW path
 BLOCK = 256        # block size of the per-row loops in _finish_kernel
 NPIV = 16          # pivots tested per pass of the threshold search
+PAIR = 128         # at most this many tokens: thresholds from all pairwise comparisons in one pass
+PCH = 16           # columns of the pairwise tile at a time (bounds registers)
 MAX_ABS_LOGIT = tl.constexpr(1048576.0)  # beyond |max z| = 2**20 the bin arithmetic is not exact: ROW path
 
 MODE_DONE, MODE_ALL, MODE_CAND, MODE_ROW = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
@@ -266,37 +268,68 @@ def _search(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, 
 
 
 @triton.jit
+def _thresholds_pairwise(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n, m, se, k, p, k_on,
+                         p_on, FROM_ROW: tl.constexpr, HAS_ADAPTER: tl.constexpr, PAIR: tl.constexpr,
+                         PCH: tl.constexpr):
+    """(key_k, key_t) for n <= PAIR tokens in one go: every token's count and float64 mass of the
+    tokens strictly above it (a PAIR x PCH tile at a time), then the smallest qualifying keys."""
+    z, idx, ok = _source(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, 0, n,
+                         FROM_ROW, HAS_ADAPTER, PAIR)
+    key = _key(z)
+    w = tl.where(ok, tl.exp(z - m), 0.0).to(tl.float64)
+    cnt = tl.zeros((PAIR,), tl.int32)
+    mass = tl.zeros((PAIR,), tl.float64)
+    for j0 in tl.static_range(0, PAIR, PCH):
+        zj, idxj, okj = _source(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, j0, n,
+                                FROM_ROW, HAS_ADAPTER, PCH)
+        gt = okj[None, :] & (_key(zj)[None, :] > key[:, None])
+        cnt += tl.sum(gt.to(tl.int32), axis=1)
+        mass += tl.sum(tl.where(gt, tl.exp(zj - m).to(tl.float64)[None, :], 0.0), axis=1)
+    big = 2147483647
+    k_eff = tl.where(k_on, k, 9223372036854775807)       # off: every token qualifies
+    key_k = tl.min(tl.where(ok & (cnt.to(tl.int64) < k_eff), key, big), axis=0)
+    total_k = tl.where(k_on, tl.sum(tl.where(key >= key_k, w, 0.0), axis=0), se.to(tl.float64))
+    bound = tl.where(p_on, p.to(tl.float64) * total_k, float("inf"))
+    key_t = tl.min(tl.where(ok & (key >= key_k) & (mass < bound), key, big), axis=0)
+    return key_k, key_t
+
+
+@triton.jit
 def _threshold_and_draw(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n, m, lse, se,
                         k, p, mp, u, tok_ptr, lp_ptr, flp_ptr, valid_ptr,
                         FROM_ROW: tl.constexpr, HAS_ADAPTER: tl.constexpr, BLOCK: tl.constexpr,
-                        NPIV: tl.constexpr):
+                        NPIV: tl.constexpr, PAIR: tl.constexpr, PCH: tl.constexpr):
     k_on = (k > 0) & (k < V)
     p_on = p < 1.0
-    # lowest key present: the search never probes below it (candidates see only their range)
-    kmin = tl.full((), 2147483647, tl.int64)
-    for start in range(0, n, BLOCK):
-        z, idx, ok = _source(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, start, n,
-                             FROM_ROW, HAS_ADAPTER, BLOCK)
-        kmin = tl.minimum(kmin, tl.min(tl.where(ok, _key(z), 2147483647), axis=0))
-    key_max = _key(m)
-    # top-k: the smallest key with fewer than k tokens strictly above it (the k-th largest value)
-    key_k = kmin
-    if k_on:
-        key_k = _search(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n, m, kmin - 1,
-                        key_max, k, 0.0, False, FROM_ROW, HAS_ADAPTER, BLOCK, NPIV)
-    # top-p over the top-k survivors, value-based: the smallest key (>= key_k) whose mass strictly
-    # above is < p * (top-k mass)
-    key_t = key_k
-    if p_on:
+    if n <= PAIR:
+        key_k, key_t = _thresholds_pairwise(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n,
+                                            m, se, k, p, k_on, p_on, FROM_ROW, HAS_ADAPTER, PAIR, PCH)
+    else:
+        # lowest key present: the search never probes below it (candidates see only their range)
+        kmin = tl.full((), 2147483647, tl.int64)
+        for start in range(0, n, BLOCK):
+            z, idx, ok = _source(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, start, n,
+                                 FROM_ROW, HAS_ADAPTER, BLOCK)
+            kmin = tl.minimum(kmin, tl.min(tl.where(ok, _key(z), 2147483647), axis=0))
+        key_max = _key(m)
+        # top-k: the smallest key with fewer than k tokens strictly above it (the k-th largest value)
+        key_k = kmin
         if k_on:
-            one = tl.full((1,), 0, tl.int64) + (key_k - 1)
-            cnt, above = _gt_stats(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n, m,
-                                   one, FROM_ROW, HAS_ADAPTER, BLOCK)
-            total_k = tl.sum(above, axis=0)
-        else:
-            total_k = se.to(tl.float64)   # every token survives top-k; candidates may not cover them
-        key_t = _search(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n, m, key_k - 1,
-                        key_max, k, p.to(tl.float64) * total_k, True, FROM_ROW, HAS_ADAPTER, BLOCK, NPIV)
+            key_k = _search(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n, m, kmin - 1,
+                            key_max, k, 0.0, False, FROM_ROW, HAS_ADAPTER, BLOCK, NPIV)
+        # top-p over the top-k survivors, value-based: the smallest key (>= key_k) whose mass strictly
+        # above is < p * (top-k mass)
+        key_t = key_k
+        if p_on:
+            if k_on:
+                one = tl.full((1,), 0, tl.int64) + (key_k - 1)
+                cnt, above = _gt_stats(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n, m,
+                                       one, FROM_ROW, HAS_ADAPTER, BLOCK)
+                total_k = tl.sum(above, axis=0)
+            else:
+                total_k = se.to(tl.float64)   # every token survives top-k; candidates may not cover them
+            key_t = _search(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n, m, key_k - 1,
+                            key_max, k, p.to(tl.float64) * total_k, True, FROM_ROW, HAS_ADAPTER, BLOCK, NPIV)
     # kept = {key >= key_t} and min-p per token; total kept mass, then the draw in index order
     total = tl.full((), 0.0, tl.float64)
     for start in range(0, n, BLOCK):
@@ -344,7 +377,7 @@ def _finish_kernel(base_ptr, adapter_ptr, alpha_ptr, temp_ptr, topk_ptr, topp_pt
                    V, S, ch_m_ptr, ch_se_ptr, row_m_ptr, row_lse_ptr, row_se_ptr, row_mode_ptr, row_n_ptr,
                    cand_z_ptr, cand_i_ptr, tok_ptr, lp_ptr, flp_ptr, valid_ptr, CAP,
                    HAS_ADAPTER: tl.constexpr, CHUNK: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
-                   NPIV: tl.constexpr):
+                   NPIV: tl.constexpr, PAIR: tl.constexpr, PCH: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     mode = tl.load(row_mode_ptr + r)
     if mode != MODE_DONE:
@@ -393,11 +426,11 @@ def _finish_kernel(base_ptr, adapter_ptr, alpha_ptr, temp_ptr, topk_ptr, topp_pt
                 n = tl.load(row_n_ptr + r)
                 _threshold_and_draw(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n, m, lse,
                                     se, k, p, mp, u, tok_ptr, lp_ptr, flp_ptr, valid_ptr, False, HAS_ADAPTER, BLOCK,
-                                    NPIV)
+                                    NPIV, PAIR, PCH)
             else:
                 _threshold_and_draw(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, V, m, lse,
                                     se, k, p, mp, u, tok_ptr, lp_ptr, flp_ptr, valid_ptr, True, HAS_ADAPTER, BLOCK,
-                                    NPIV)
+                                    NPIV, PAIR, PCH)
 
 
 def sample(base, adapter, *, alpha, temperature, top_k, top_p, min_p, seed, offset):
@@ -436,5 +469,5 @@ def sample(base, adapter, *, alpha, temperature, top_k, top_p, min_p, seed, offs
     _finish_kernel[(B,)](base, adapter_arg, alpha, temperature, top_k, top_p, min_p, seed, offset, V, S,
                          ch_m, ch_se, row_m, row_lse, row_se, row_mode, row_n, cand_z, cand_i,
                          tokens, logprobs, filtered, valid, cap, HAS_ADAPTER=has_adapter, CHUNK=chunk, SP=SP,
-                         BLOCK=BLOCK, NPIV=NPIV, num_warps=8, **opts)
+                         BLOCK=BLOCK, NPIV=NPIV, PAIR=PAIR, PCH=PCH, num_warps=8, **opts)
     return tokens, logprobs, filtered, valid

@@ -106,11 +106,16 @@ def test_agreement_with_reference_all_paths():
     assert_matches_reference(base, adapter, mixed_params(B, V, gen))
 
 
-def test_row_path_when_candidates_overflow(monkeypatch):
-    """A kept set larger than the candidate capacity is searched on the raw row (the slow, exact path)."""
-    monkeypatch.setattr(st, "CAP", 4)
+@pytest.mark.parametrize("cap, pair", [(4, 128), (4, 2), (None, 2)], ids=["row-pairwise", "row-search", "cand-search"])
+def test_threshold_paths(monkeypatch, cap, pair):
+    """Kept sets beyond the candidate capacity search the raw row (slow, exact); more tokens than
+    PAIR take the pivot search instead of the one-pass pairwise thresholds."""
+    if cap is not None:
+        monkeypatch.setattr(st, "CAP", cap)
+    monkeypatch.setattr(st, "PAIR", pair)
+    monkeypatch.setattr(st, "PCH", min(pair, st.PCH))
     gen = torch.Generator().manual_seed(1)
-    B, V = 12, 200
+    B, V = 12, 120 if pair == 128 else 200
     base = torch.randn(B, V, generator=gen) * 2
     assert_matches_reference(base, None, mixed_params(B, V, gen))
 
@@ -249,3 +254,13 @@ def test_tailored_log_softmax_forward_backward():
     # no adapter
     out = lst.tailored_log_softmax(base.detach(), None, alpha, temperature)
     torch.testing.assert_close(out, torch.log_softmax(base.detach() / temperature[:, None], 1), atol=1e-5, rtol=1e-5)
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter checks logic, not lowering: build every kernel to a cubin for sm_90 (ptxas)."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "ipa_fast.kernels.compile_check", "--arch", "90", "--quiet"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert res.stdout.count(" ok") == 8, res.stdout
