@@ -5,11 +5,11 @@
 #      ipa_fast._C_cuda with nvcc directly and import the tree from source;
 #   3. run tests/test_gpu.py (triton + cuda vs the reference, chi-square, graphs, invalid rows);
 #   4. benchmark (benchmarks/bench_gpu.py) into $OUT/RESULTS.md and $OUT/bench_gpu.json.
-# Usage: OUT=/some/dir bash benchmarks/gpu_check.sh [--quick]      (OUT defaults to benchmarks/results)
+# Usage: OUT=/some/dir bash benchmarks/gpu_check.sh [--quick]      (OUT defaults to benchmarks/results/gpu)
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the device's, e.g. 9.0).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results}
+OUT=${OUT:-benchmarks/results/gpu}
 PY=${PYTHON:-python3}
 QUICK=${1:-}
 mkdir -p "$OUT"
