@@ -1,7 +1,7 @@
 """``ipa-fast bench sampler``: the fused sampler vs the Hugging Face chain and the memory floor.
 
-For each vocabulary V, batch B and filter setting it times (median wall time of repeated calls,
-inputs resident, the same process and thread count for every contender):
+For each vocabulary V, batch B and filter setting it times (median wall time over interleaved
+rounds, inputs resident, the same process and thread count for every contender):
 
 - ``hf``        what users write today: ``log_softmax(base) + alpha * log_softmax(adapter)``,
                 transformers' ``TopKLogitsWarper`` / ``TopPLogitsWarper``, ``softmax``,
@@ -32,7 +32,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--plot", metavar="PNG", default=None, help="write a speed-up vs batch size plot")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch / OpenMP threads for every contender (default: $OMP_NUM_THREADS, else torch's)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per contender (default 9, quick 5)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed rounds: one call of each slow contender, five of each fast one (default 7, quick 3)")
     parser.add_argument("--scale", type=float, default=3.0, help="std of the Gaussian logits (default 3)")
     parser.add_argument("--alpha", type=float, default=1.0, help="adapter weight (default 1)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
@@ -67,29 +68,25 @@ def kernel_params(batch: int, alpha: float, top_k: int = 0, top_p: float = 1.0, 
                 seed=torch.arange(batch, dtype=torch.int64), offset=full(0, torch.int64))
 
 
-def median_ms(fn, repeats: int, budget_s: float = 4.0) -> float:
-    fn()  # warm-up: page in, thread pools, caches
-    times = []
-    start = time.perf_counter()
-    for i in range(repeats):
+def interleaved_median_ms(slow: dict, fast: dict, rounds: int, fast_per_round: int = 5) -> dict:
+    """Median ms of every contender. Each round calls every slow contender once and every fast
+    one ``fast_per_round`` times, so all of them share the (shared) machine's load of the moment."""
+    every = {**slow, **fast}
+    for fn in every.values():  # warm-up: page in, thread pools, caches
+        fn()
+    times = {name: [] for name in every}
+
+    def timed(name, fn):
         t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-        if i >= 2 and time.perf_counter() - start > budget_s:  # slow contenders: at least 3 calls
-            break
-    return 1e3 * statistics.median(times)
+        times[name].append(time.perf_counter() - t)
 
-
-def interleaved_median_ms(fns: dict, repeats: int) -> dict:
-    """Median ms of each fast contender, called in turn so that they share the machine's load."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+    for _ in range(rounds):
+        for name, fn in slow.items():
+            timed(name, fn)
+        for _ in range(fast_per_round):
+            for name, fn in fast.items():
+                timed(name, fn)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
@@ -104,11 +101,11 @@ def run(args) -> dict:
         raise ValueError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
     grid = QUICK if args.quick else FULL
-    repeats = args.repeats or (5 if args.quick else 9)
+    repeats = args.repeats or (3 if args.quick else 7)
     dtype = getattr(torch, args.dtype)
     print(f"ipa-fast bench sampler: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"{threads} thread(s), {args.dtype}, logits ~ N(0, {args.scale}^2), alpha={args.alpha}, "
-          f"median of up to {repeats} calls")
+          f"medians over {repeats} interleaved rounds")
     header = (f"{'V':>7} {'B':>3} {'filter':<18} {'hf ms':>9} {'ref ms':>9} {'cpu ms':>8} {'kernel':>8} {'floor ms':>8} "
               f"{'cpu vs hf':>9} {'cpu/floor':>9}")
     print(header)
@@ -121,16 +118,18 @@ def run(args) -> dict:
             adapter = (torch.randn(B, V, generator=g) * args.scale).to(dtype)
             for ftext in grid["filters"]:
                 f = parse_filter(ftext)
-                hf = median_ms(lambda: hf_chain(base, adapter, args.alpha, **f), repeats)
-                ref = None if args.no_reference else median_ms(
-                    lambda: ipa_fast.sample(base, adapter, alpha=args.alpha, seed=0, backend="reference", **f), repeats)
                 prm = kernel_params(B, args.alpha, **f)
-                fast = interleaved_median_ms({
+                slow = {"hf": lambda: hf_chain(base, adapter, args.alpha, **f)}
+                if not args.no_reference:
+                    slow["reference"] = lambda: ipa_fast.sample(base, adapter, alpha=args.alpha, seed=0,
+                                                                backend="reference", **f)
+                fast = {
                     "cpu": lambda: ipa_fast.sample(base, adapter, alpha=args.alpha, seed=0, backend="cpu", **f),
                     "kernel": lambda: cpu_backend.sample(base, adapter, **prm),
                     "floor": lambda: cpu_backend.read_pass(base, adapter),
-                }, max(repeats, 21))
-                cpu, kernel, floor = fast["cpu"], fast["kernel"], fast["floor"]
+                }
+                t = interleaved_median_ms(slow, fast, repeats)
+                hf, ref, cpu, kernel, floor = t["hf"], t.get("reference"), t["cpu"], t["kernel"], t["floor"]
                 row = dict(vocab=V, batch=B, filter=ftext, hf_ms=hf, reference_ms=ref, cpu_ms=cpu, kernel_ms=kernel,
                            floor_ms=floor,
                            cpu_speedup_vs_hf=hf / cpu, reference_speedup_vs_hf=None if ref is None else hf / ref,
