@@ -202,12 +202,8 @@ class TailoredLM:
         self.base, self.adapter, self.tokenizer = base, adapter, tokenizer
         self.alpha = alpha
         self.is_api_base = isinstance(base, APIBase)
-        if self.is_api_base:
-            n_core = getattr(tokenizer, "vocab_size", len(tokenizer))
-            self.V = vocab_size or min(len(tokenizer), _out_vocab(adapter))
-            if _out_vocab(adapter) < max(self.V, n_core if vocab_size is None else 0):
-                raise ValueError(f"vocabulary mismatch: the adapter has {_out_vocab(adapter)} output "
-                                 f"logits but the tokenizer has {n_core} tokens")
+        if self.is_api_base:  # the server's vocabulary is the tokenizer's: check the adapter alone
+            self.V = shared_vocab_size(adapter, adapter, tokenizer, vocab_size)
             base.vocab_size = self.V
         else:
             self.V = shared_vocab_size(base, adapter, tokenizer, vocab_size)
