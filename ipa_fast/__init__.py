@@ -2,12 +2,21 @@
 
 A frozen base LM and a small RL-trained adapter LM combined as a product of experts,
 ``softmax((base + alpha * adapter) / T)``, filtered (top-k / top-p / min-p) and sampled.
+
+- :func:`sample` — the fused sampler (backends: reference, cpu, triton, cuda).
+- :func:`tailored_log_softmax`, :func:`tailored_token_stats` — companion ops (autograd).
+- :class:`TailoredLM` — tailored decoding with any Hugging Face causal LM pair, or an API base.
+- ``ipa_fast.training`` — Quark / PPO training of the adapter.
 """
+from .api_base import APIBase
+from .decoding import GenerationOutput, ScoreOutput, TailoredLM, save_adapter
 from .dispatch import backends
 from .ops import tailored_log_softmax
 from .rng import RNG_STREAM_VERSION
 from .sampling import SampleOutput, sample
+from .token_stats import tailored_token_stats
 
 __version__ = "0.1.0"
 
-__all__ = ["sample", "SampleOutput", "backends", "tailored_log_softmax", "RNG_STREAM_VERSION"]
+__all__ = ["sample", "SampleOutput", "backends", "tailored_log_softmax", "tailored_token_stats",
+           "TailoredLM", "GenerationOutput", "ScoreOutput", "save_adapter", "APIBase", "RNG_STREAM_VERSION"]

@@ -118,6 +118,20 @@ class CachedLM:
         return out.logits[:, -1]
 
 
+class _ZeroLM:
+    """Zero logits in place of a base: ``base_weight=0`` decodes with the adapter alone."""
+
+    def __init__(self, vocab_size: int, device):
+        self.V, self.device = vocab_size, device
+
+    def prefill(self, rows, max_new_tokens):
+        self.B = len(rows)
+        return torch.zeros((self.B, self.V), device=self.device)
+
+    def step(self, tokens):
+        return torch.zeros((self.B, self.V), device=self.device)
+
+
 class SparseBase:
     """A local base reduced to its top-k log-probs per step, densified with ``-inf`` outside
     them: the in-process twin of an API-only base (SPEC §2 sparse base)."""
@@ -348,8 +362,13 @@ class TailoredLM:
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=32, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                  seed=None, stop=None, adapter_prefix=None, min_new_tokens=0, bad_words_ids=None,
-                 repetition_penalty=1.0, eos_token_id=None, alpha=None, backend="auto") -> GenerationOutput:
+                 repetition_penalty=1.0, eos_token_id=None, alpha=None, base_weight=1.0,
+                 backend="auto") -> GenerationOutput:
         """Sample continuations of ``prompts`` from the tailored policy.
+
+        ``base_weight`` scales the base logits: ``z = base_weight * base + alpha * adapter``.
+        ``base_weight=0`` samples from the adapter alone (with its prefix; the base model is
+        not run), as the paper's adapter-only comparison does; ``alpha=0`` gives the base alone.
 
         ``max_new_tokens``: int or one per prompt (>= 1). ``seed``: int (row r gets seed + r), a
         list / ``[B]`` tensor (one per prompt), or None (torch's generator draws seeds).
@@ -387,7 +406,10 @@ class TailoredLM:
         V, dev = self.V, self.device
 
         # Prefill: the base sees the prompt, the adapter its prefix + the prompt.
-        base_lm, adapter_lm = self._base_lm(), CachedLM(self.adapter, self.pad_id)
+        if base_weight == 0 and self.is_api_base:
+            raise ValueError("base_weight=0 (adapter alone) is not available with an API base")
+        base_lm = _ZeroLM(V, dev) if base_weight == 0 else self._base_lm()
+        adapter_lm = CachedLM(self.adapter, self.pad_id)
         base_logits = base_lm.prefill(rows, steps)
         adapter_logits = adapter_lm.prefill([p + r for p, r in zip(prefixes, rows)], steps)
         prompt_len = torch.tensor([len(r) for r in rows], device=dev)
@@ -407,7 +429,7 @@ class TailoredLM:
         host_tokens = [[] for _ in range(B)] if (stops or banned_seqs) else None
 
         for t in range(steps):
-            z_base = base_logits[:, :V]
+            z_base = base_logits[:, :V] if base_weight == 1 else base_weight * base_logits[:, :V].float()
             z_adapter = adapter_logits[:, :V].to(dev)
             mask = self._hard_mask(t, rows, host_tokens, min_new_tokens, eos_t, banned_single, banned_seqs)
             if seen is not None:  # penalty on the mixed logits: mix here, sample without adapter

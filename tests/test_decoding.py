@@ -74,6 +74,22 @@ def test_alpha_zero_is_base_only_sampling(pair):
     assert out.token_ids[0] == ids[len(prompt):]
 
 
+def test_base_weight_zero_is_adapter_only_sampling(pair):
+    base, adapter, tok = pair
+    lm = TailoredLM(base, adapter, tok, alpha=1.0)
+    prompt = tok("the quick brown")["input_ids"]
+    out = no_eos(lm, [prompt], 8, top_p=0.9, seed=[3], base_weight=0.0)
+    ids = list(prompt)
+    with torch.no_grad():
+        for t in range(8):  # no cache, adapter alone, same seed / offset convention
+            logits = adapter(torch.tensor([ids])).logits[:, -1, :lm.V]
+            ids.append(int(sample(logits, None, top_p=0.9, seed=3, offset=len(prompt) + t).tokens))
+    assert out.token_ids[0] == ids[len(prompt):]
+    # with the base weighted out, log pi is the adapter's own log-softmax
+    torch.testing.assert_close(torch.tensor(out.logprobs[0]), torch.tensor(out.adapter_logprobs[0]),
+                               atol=1e-5, rtol=0)
+
+
 def test_greedy_is_argmax_of_mixed_logits(lm, pair):
     base, adapter, tok = pair
     out = no_eos(lm, ["the cat"], 5, temperature=0.0)
