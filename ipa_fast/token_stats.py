@@ -14,8 +14,8 @@ For each of the N rows (one per response token), with ``z = (base + alpha * adap
 Why a custom autograd.Function: the plain formula (``log_softmax`` + ``softmax`` + products,
 differentiated by autograd) keeps several float32 ``[N, V]`` tensors alive for backward;
 with N = 4096 response tokens and V = 50257 each one is 823 MB. This op walks the rows in
-chunks, keeps only per-row statistics (logsumexp of pi and pi_ref, H, KL) and recomputes each
-chunk's probabilities in backward, so besides its inputs the only ``[N, V]`` tensor it
+chunks, keeps only per-row statistics (H and KL) and recomputes each chunk's log-probabilities
+in backward, so besides its inputs the only ``[N, V]`` tensor it
 allocates is the gradient of ``adapter`` itself (in ``adapter``'s dtype).
 
 Gradients flow to ``adapter`` only (the base and the reference are frozen by design). With
@@ -35,86 +35,98 @@ import torch
 
 from .sampling import check_logits, per_row
 
-# Rows per chunk: about 2M float32 elements (8 MB) per temporary, so a chunk's few
-# temporaries stay small next to the [N, V] inputs whatever V is.
-_CHUNK_ELEMENTS = 1 << 21
+# Rows per chunk: about 256K float32 elements (1 MB) per temporary, so a chunk's few
+# temporaries stay in cache while the passes over them run (the plain formula streams
+# several [N, V] tensors through DRAM instead), and tiny next to the [N, V] inputs.
+_CHUNK_ELEMENTS = 1 << 18
 
 
-def _mixed(logits: torch.Tensor, adapter: torch.Tensor | None, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """float32 ``(logits + a * adapter) / t`` for one chunk; rows with a == 0 skip the adapter."""
-    z = logits.to(torch.float32, copy=True)
-    if adapter is not None:
-        contrib = adapter.to(torch.float32) * a
-        if bool((a == 0).any()):
-            contrib = torch.where(a == 0, torch.zeros((), device=z.device), contrib)
-        z.add_(contrib)
-    return z.div_(t)
+def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products ``[C]``."""
+    return torch.linalg.vecdot(x, y, dim=1)
 
 
-def _chunk_stats(base, adapter, ref, targets, a, t, need_ref: bool):
-    """Forward statistics of one chunk: logprob, H, KL, lse, lse_ref (all [C] float32)."""
-    z = _mixed(base, adapter, a, t)
-    lse = torch.logsumexp(z, dim=1)
-    logp = z.sub_(lse.unsqueeze(1))                      # z is reused as log pi
-    p = logp.exp()
-    live = p > 0
-    entropy = -torch.where(live, p * logp, 0.0).sum(1)
-    logprob = logp.gather(1, targets.unsqueeze(1)).squeeze(1)
-    if need_ref:
-        zr = _mixed(base, ref, a, t)
-        lse_r = torch.logsumexp(zr, dim=1)
-        diff = logp - zr.sub_(lse_r.unsqueeze(1))        # log pi - log pi_ref
-        kl = torch.where(live, p * diff, 0.0).sum(1)
-    else:
-        lse_r = torch.zeros_like(lse)
-        kl = torch.zeros_like(lse)
-    return logprob, entropy, kl, lse, lse_r
+def _has_neg_inf(x: torch.Tensor) -> bool:
+    return bool(torch.isneginf(x.min()))
+
+
+class _Mix:
+    """Per-call constants of ``z = (logits + a * other) / t``, hoisted out of the chunk loop."""
+
+    def __init__(self, a: torch.Tensor, t: torch.Tensor):
+        self.a, self.t = a, t
+        self.zero_alpha = bool((a == 0).any())
+        self.unit_t = bool((t == 1).all())
+
+    def __call__(self, s: int, e: int, logits: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+        """float32 ``[e - s, V]`` mixed logits of rows s:e (a fresh tensor)."""
+        z = logits[s:e].to(torch.float32, copy=True)
+        a = self.a[s:e]
+        if other is not None:
+            if self.zero_alpha:  # rows with alpha == 0 ignore the adapter (no 0 * -inf)
+                z.add_(torch.where(a == 0, torch.zeros((), device=z.device), other[s:e].float() * a))
+            else:
+                z.addcmul_(other[s:e], a)
+        return z if self.unit_t else z.div_(self.t[s:e])
 
 
 class _TailoredTokenStats(torch.autograd.Function):
+    """Forward keeps H and KL per row; backward recomputes each chunk's log pi and log pi_ref."""
+
     @staticmethod
     def forward(ctx, base, adapter, ref, targets, a, t, chunk):
         N = base.shape[0]
-        out = torch.empty(5, N, dtype=torch.float32, device=base.device)
+        mix = _Mix(a, t)
+        out = torch.empty(3, N, dtype=torch.float32, device=base.device)
+        logprob, entropy, kl = out
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
-            stats = _chunk_stats(base[s:e], adapter[s:e], None if ref is None else ref[s:e],
-                                 targets[s:e], a[s:e], t[s:e], need_ref=True)
-            for k, v in enumerate(stats):
-                out[k, s:e] = v
-        logprob, entropy, kl, lse, lse_r = out
-        ctx.save_for_backward(base, adapter, ref, targets, a, t, entropy, kl, lse, lse_r)
+            logp = torch.log_softmax(mix(s, e, base, adapter), dim=1)
+            p = logp.exp()
+            logprob[s:e] = logp.gather(1, targets[s:e].unsqueeze(1)).squeeze(1)
+            masked = _has_neg_inf(logp)  # masked tokens: their 0 * log 0 terms must count as 0
+            dead = (p == 0) if masked else None
+            entropy[s:e] = -_rowdot(p, logp.masked_fill(dead, 0.0) if masked else logp)
+            diff = torch.log_softmax(mix(s, e, base, ref), dim=1).neg_().add_(logp)  # log pi - log pi_ref
+            kl[s:e] = _rowdot(p, diff.masked_fill_(dead, 0.0) if masked else diff)
+        ctx.save_for_backward(base, adapter, ref, targets, a, t, entropy, kl)
         ctx.chunk = chunk
         ctx.set_materialize_grads(False)
         return logprob, entropy, kl
 
     @staticmethod
     def backward(ctx, g_lp, g_h, g_kl):
-        base, adapter, ref, targets, a, t, entropy, kl, lse, lse_r = ctx.saved_tensors
+        base, adapter, ref, targets, a, t, entropy, kl = ctx.saved_tensors
         grad = torch.zeros_like(adapter)
         if g_lp is None and g_h is None and g_kl is None:
             return None, grad, None, None, None, None, None
         N = base.shape[0]
+        mix = _Mix(a, t)
+        zeros = torch.zeros(N, dtype=torch.float32, device=base.device)
+        g_lp = zeros if g_lp is None else g_lp
+        g_h = zeros if g_h is None else g_h
+        use_kl = g_kl is not None
+        g_kl = zeros if g_kl is None else g_kl
+        # dL/dz = -p * inner + g_lp * onehot(target), with
+        # inner = g_lp + g_h (log pi + H) - g_kl (log pi - log pi_ref - KL)
+        #       = c0 + (g_h - g_kl) log pi + g_kl log pi_ref,   c0 = g_lp + g_h H + g_kl KL
+        c0 = (g_lp + g_h * entropy + g_kl * kl).unsqueeze(1)
+        c1 = (g_h - g_kl).unsqueeze(1)
+        scale = torch.where(a == 0, torch.zeros((), device=a.device), a / t)
         for s in range(0, N, ctx.chunk):
             e = min(N, s + ctx.chunk)
-            a_c, t_c = a[s:e], t[s:e]
-            logp = _mixed(base[s:e], adapter[s:e], a_c, t_c).sub_(lse[s:e].unsqueeze(1))
+            logp = torch.log_softmax(mix(s, e, base, adapter), dim=1)
             p = logp.exp()
-            # inner = g_lp + g_h * (log pi + H) - g_kl * (log pi - log pi_ref - KL);
-            # then dL/dz = -p * inner + g_lp * onehot(target).
-            inner = torch.zeros_like(logp)
-            if g_lp is not None:
-                inner.add_(g_lp[s:e].unsqueeze(1))
-            if g_h is not None:
-                inner.add_((logp + entropy[s:e].unsqueeze(1)).mul_(g_h[s:e].unsqueeze(1)))
-            if g_kl is not None:
-                logr = _mixed(base[s:e], None if ref is None else ref[s:e], a_c, t_c).sub_(lse_r[s:e].unsqueeze(1))
-                inner.sub_((logp - logr).sub_(kl[s:e].unsqueeze(1)).mul_(g_kl[s:e].unsqueeze(1)))
-            gz = torch.where(p > 0, p * inner, 0.0).neg_()
-            if g_lp is not None:
-                gz.scatter_add_(1, targets[s:e].unsqueeze(1), g_lp[s:e].unsqueeze(1))
-            scale = torch.where(a_c == 0, torch.zeros((), device=gz.device), a_c / t_c)
-            grad[s:e] = gz.mul_(scale)
+            masked = _has_neg_inf(logp)
+            inner = logp.mul_(c1[s:e])  # log pi is not needed after this
+            if use_kl:
+                inner.add_(torch.log_softmax(mix(s, e, base, ref), dim=1).mul_(g_kl[s:e].unsqueeze(1)))
+            inner.add_(c0[s:e])
+            if masked:
+                inner.masked_fill_(p == 0, 0.0)
+            gz = inner.mul_(p).neg_()
+            gz.scatter_add_(1, targets[s:e].unsqueeze(1), g_lp[s:e].unsqueeze(1))
+            grad[s:e] = gz.mul_(scale[s:e])
         return None, grad, None, None, None, None, None
 
 
