@@ -1,16 +1,27 @@
 """The GPU backends (triton, cuda) on a real GPU, against the reference on the CPU.
 
-Skipped, with the reason, where no CUDA device is present (`pytest -rs` prints it). On the GPU
-machine `benchmarks/gpu_check.sh` runs this file after building the CUDA extension.
+The GPU tests are skipped, with the reason, where no CUDA device is present (`pytest -rs` prints
+it); on the GPU machine `benchmarks/gpu_check.sh` runs this file after building the CUDA extension.
+Without a GPU the CUDA kernel's source still runs here: compiled as C++ against
+csrc/cuda/cpu_emulation.h (a block = CPU threads with real barriers and shuffles), at the end.
 """
+import hashlib
+import importlib.util
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
 import pytest
 import torch
 
 import ipa_fast
 from ipa_fast import reference
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="no CUDA device: the GPU tests run via benchmarks/gpu_check.sh")
+ROOT = Path(__file__).resolve().parents[1]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
+                               reason="no CUDA device: the GPU tests run via benchmarks/gpu_check.sh")
 
 GPU_BACKENDS = ["triton", "cuda"]
 
@@ -57,6 +68,7 @@ def compare(name, base, adapter, p, min_agree=0.999):
     return got
 
 
+@needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 @pytest.mark.parametrize("V", [50257, 128256])
 def test_agreement_with_reference(name, V):
@@ -68,6 +80,7 @@ def test_agreement_with_reference(name, V):
     compare(name, base, adapter, mixed_params(B, V, seed=V))
 
 
+@needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs(name, dtype):
@@ -79,6 +92,7 @@ def test_half_inputs(name, dtype):
     compare(name, base, adapter, mixed_params(B, V, seed=1))
 
 
+@needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_flat_rows_take_the_exact_row_path(name):
     """Kept sets far larger than the candidate buffers (top_p close to 1 on flat logits)."""
@@ -92,6 +106,7 @@ def test_flat_rows_take_the_exact_row_path(name):
     compare(name, base, None, p)
 
 
+@needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 @pytest.mark.parametrize("V", [1, 2, 3, 129, 4097, 65537])
 def test_odd_shapes(name, V):
@@ -102,6 +117,7 @@ def test_odd_shapes(name, V):
     compare(name, base, None, mixed_params(B, V, seed=V))
 
 
+@needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_draw_distribution_chi_square(name):
     """2e5 draws of one row (top_k=50, top_p=0.9) against the filtered pi: chi-square, alpha = 1e-3."""
@@ -121,6 +137,7 @@ def test_draw_distribution_chi_square(name):
     assert res.pvalue > 1e-3, res
 
 
+@needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_batch_invariance(name):
     backend(name)
@@ -136,6 +153,7 @@ def test_batch_invariance(name):
         assert torch.equal(a[rows].nan_to_num(), b.nan_to_num())
 
 
+@needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_invalid_rows(name):
     backend(name)
@@ -154,6 +172,7 @@ def test_invalid_rows(name):
         ipa_fast.sample(base[:1].cuda(), backend=name, seed=1)
 
 
+@needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_cuda_graph_capture(name):
     """sample(validate=False, seed=tensor, offset=tensor) captures; replays follow updated seeds."""
@@ -179,6 +198,7 @@ def test_cuda_graph_capture(name):
         assert torch.equal(out.logprobs, eager.logprobs)
 
 
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_tailored_log_softmax(dtype):
     backend("triton")
@@ -198,3 +218,89 @@ def test_triton_tailored_log_softmax(dtype):
     tol = dict(atol=1e-4, rtol=1e-3) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(gb.float(), wb.float(), **tol)
     torch.testing.assert_close(ga.float(), wa.float(), **tol)
+
+
+# --- the CUDA kernel's source on CPU threads (no GPU, no CUDA toolkit needed) -------------------
+
+def _emulated_module():
+    """ipa_fast's CUDA binding built from csrc/cuda/sampler.cu as C++ with -DIPA_FAST_CPU_EMULATION,
+    cached under build/ by a hash of the sources."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the CUDA-kernel emulation")
+    import pybind11
+    sources = [ROOT / "csrc/cuda/sampler.cu", ROOT / "csrc/bindings_cuda.cpp"]
+    headers = sorted((ROOT / "csrc").rglob("*.h")) + sorted((ROOT / "csrc").rglob("*.cuh"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources + headers)).hexdigest()[:16]
+    out_dir = ROOT / "build" / "cuda-emulation" / digest
+    so = out_dir / ("_C_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
+    if not so.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-DIPA_FAST_CPU_EMULATION", f"-I{ROOT / 'csrc'}",
+               f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", "-shared", "-fPIC",
+               "-x", "c++", str(sources[0]), "-x", "c++", str(sources[1]), "-o", str(so) + ".tmp", "-lpthread"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-4000:]
+        Path(str(so) + ".tmp").rename(so)
+    spec = importlib.util.spec_from_file_location("_C_cuda", so)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    return _emulated_module()
+
+
+def emulate(mod, base, p):
+    B, V = base.shape
+    base = base.contiguous()
+    p = {k: v.contiguous() for k, v in p.items()}
+    out = (torch.empty(B, dtype=torch.int64), torch.empty(B), torch.empty(B), torch.empty(B, dtype=torch.bool))
+    mod.sample(0, B, V, base.data_ptr(), 0, p["alpha"].data_ptr(), p["temperature"].data_ptr(), p["top_k"].data_ptr(),
+               p["top_p"].data_ptr(), p["min_p"].data_ptr(), p["seed"].data_ptr(), p["offset"].data_ptr(),
+               *(t.data_ptr() for t in out), 0)
+    return out
+
+
+def emulated_matches_reference(mod, base, p):
+    got = emulate(mod, base, p)
+    ref = reference.sample(base, None, **p)
+    assert torch.equal(got[3], ref[3])
+    assert torch.equal(got[0], ref[0]), (got[0].tolist(), ref[0].tolist())
+    torch.testing.assert_close(got[1], ref[1], atol=2e-5, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(got[2], ref[2], atol=2e-5, rtol=1e-5, equal_nan=True)
+    return got
+
+
+def test_cuda_kernel_emulated_all_paths(emulated):
+    B, V = 16, 2500
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(B, V, generator=g) * 3
+    base[::5, ::7] = float("-inf")
+    p = mixed_params(B, V, seed=8)
+    emulated_matches_reference(emulated, base, p)
+
+
+def test_cuda_kernel_emulated_edge_rows(emulated):
+    """Invalid rows, greedy ties, a kept set beyond the shared-memory candidates (raw-row search),
+    huge logits, and tiny vocabularies."""
+    V = 5000
+    base = torch.randn(8, V, generator=torch.Generator().manual_seed(9)) * 0.2
+    base[0, 3] = float("nan")
+    base[1] = float("-inf")
+    base[2, :] = 0.0
+    base[2, [17, 4000]] = 1.0                      # greedy tie: lowest index
+    base[4] = base[4] * 20 + 3.0e6                 # |max| > 2^20: exact raw-row path
+    p = mixed_params(8, V, seed=9)
+    p["temperature"][2] = 0.0
+    p["temperature"][3] = 1.0
+    p["top_k"][3], p["top_p"][3], p["min_p"][3] = 0, 0.99, 0.0    # ~4900 kept tokens > 4096 candidates
+    p["top_k"][4], p["top_p"][4] = 7, 0.9
+    p["top_k"][5] = -1                             # invalid parameter
+    got = emulated_matches_reference(emulated, base, p)
+    assert got[0][2].item() == 17 and not got[3][:2].any() and not got[3][5]
+    for V in (1, 2, 65):
+        small = torch.randn(3, V, generator=torch.Generator().manual_seed(V))
+        emulated_matches_reference(emulated, small, mixed_params(3, V, seed=V))

@@ -15,9 +15,13 @@
 //   6. draw           one Philox uniform per row (csrc/philox.h), the first kept index whose
 //                     inclusive kept mass (float64, tiles in index order) exceeds u * total.
 // Every loop is bounded by V, kCap or a constant; no allocation, no host sync: graph-capturable.
+#ifdef IPA_FAST_CPU_EMULATION
+#include "cuda/cpu_emulation.h"  // tests: the same kernel on CPU threads (see that header)
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cfloat>
 #include <cstdint>
@@ -30,7 +34,11 @@ namespace ipa_fast {
 namespace cuda {
 namespace {
 
+#ifdef IPA_FAST_CPU_EMULATION
+constexpr int kThreads = 64;   // CPU threads per emulated block: same code paths, less waiting
+#else
 constexpr int kThreads = 512;
+#endif
 constexpr int kItems = 4;                       // consecutive elements per thread in a tile
 constexpr int kTile = kThreads * kItems;        // index-ordered passes walk the row tile by tile
 constexpr int kBins = 64;                       // histogram bins (the last one is the overflow bin)
@@ -353,6 +361,13 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
 
 }  // namespace
 
+#ifdef IPA_FAST_CPU_EMULATION
+const char* launch_sample(const SampleArgs& args) {
+  if (args.dtype != kFloat32) return "emulated launch_sample: float32 only";
+  emu::launch(sample_kernel<float>, static_cast<unsigned>(args.batch), kThreads, args);
+  return nullptr;
+}
+#else
 const char* launch_sample(const SampleArgs& args) {
   if (args.batch <= 0 || args.vocab <= 0) return "launch_sample: empty batch or vocabulary";
   if (args.vocab > INT32_MAX) return "launch_sample: vocabulary larger than 2^31 - 1";
@@ -368,6 +383,7 @@ const char* launch_sample(const SampleArgs& args) {
   const cudaError_t err = cudaGetLastError();  // launch errors only: no synchronisation
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
+#endif
 
 }  // namespace cuda
 }  // namespace ipa_fast
