@@ -106,26 +106,27 @@ def write(args, card, rows):
     lines = [f"# GPU sampler benchmark ({card}, {now})", "",
              f"Command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`; torch {torch.__version__}; "
              f"top_k={TOP_K}, top_p={TOP_P}, alpha=1, T=1; median us (do_bench; +graph = CUDA-graph replay).", "",
-             "| dtype | V | B | " + " | ".join(methods) + " | best fused / floor | HF / best fused |",
-             "|---|---|---|" + "---|" * (len(methods) + 2)]
+             "| dtype | V | B | " + " | ".join(methods) + " | best fused | best fused / floor | HF / best fused |",
+             "|---|---|---|" + "---|" * (len(methods) + 3)]
     goals = []
     for d in DTYPES:
         for V in sorted({r["V"] for r in rows}):
             for B in sorted({r["B"] for r in rows}):
                 vals = [get(d, V, B, m) for m in methods]
-                fused = [get(d, V, B, m) for m in methods if m.startswith(("triton", "cuda"))]
-                fused = [f for f in fused if f == f]
-                best = min(fused) if fused else float("nan")
+                fused = [(get(d, V, B, m), m) for m in methods if m.startswith(("triton", "cuda"))]
+                fused = [f for f in fused if f[0] == f[0]]
+                best, best_name = min(fused) if fused else (float("nan"), "-")
                 floor, hf = get(d, V, B, "floor"), get(d, V, B, "hf")
                 lines.append(f"| {d} | {V} | {B} | " + " | ".join(f"{v:.1f}" for v in vals)
-                             + f" | {best / floor:.2f} | {hf / best:.1f} |")
+                             + f" | {best_name} | {best / floor:.2f} | {hf / best:.1f} |")
                 if B == 64 and V == 128256:
                     goals.append(f"{d} B=64 V=128256: HF / best fused = {hf / best:.1f}x (goal >= 10x)")
                 if B >= 64:
                     goals.append(f"{d} B={B} V={V}: best fused / floor = {best / floor:.2f} (goal <= 2)")
                 if B == 1:
                     goals.append(f"{d} B=1 V={V}: best fused = {best:.1f} us (goal <= 15 us)")
-    lines += ["", "Goals:", ""] + [f"- {g}" for g in goals] + [""]
+    lines += ["", "Goals:", ""] + [f"- {g}" for g in goals]
+    lines += ["", f"backend='auto' on CUDA picks: {dispatch.auto_choice('cuda')} (ORDER_CUDA in ipa_fast/dispatch.py)", ""]
     text = "\n".join(lines)
     with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
         f.write(text)

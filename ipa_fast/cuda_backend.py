@@ -26,10 +26,12 @@ def sample(base, adapter, *, alpha, temperature, top_k, top_p, min_p, seed, offs
     logprobs = torch.empty(B, dtype=torch.float32, device=dev)
     filtered = torch.empty(B, dtype=torch.float32, device=dev)
     valid = torch.empty(B, dtype=torch.bool, device=dev)
-    ptr = lambda t: t.contiguous().data_ptr()  # noqa: E731  (inputs arrive contiguous; cheap no-op)
+    # keep every input alive (and contiguous) until the launch is enqueued
+    base, adapter = base.contiguous(), None if adapter is None else adapter.contiguous()
+    params = [t.contiguous() for t in (alpha, temperature, top_k, top_p, min_p, seed, offset)]
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
-        _C_cuda.sample(_DTYPE[base.dtype], B, V, ptr(base), 0 if adapter is None else ptr(adapter),
-                       ptr(alpha), ptr(temperature), ptr(top_k), ptr(top_p), ptr(min_p), ptr(seed), ptr(offset),
-                       tokens.data_ptr(), logprobs.data_ptr(), filtered.data_ptr(), valid.data_ptr(), stream)
+        _C_cuda.sample(_DTYPE[base.dtype], B, V, base.data_ptr(), 0 if adapter is None else adapter.data_ptr(),
+                       *(t.data_ptr() for t in params), tokens.data_ptr(), logprobs.data_ptr(), filtered.data_ptr(),
+                       valid.data_ptr(), stream)
     return tokens, logprobs, filtered, valid
