@@ -503,22 +503,22 @@ float select_threshold(const float* cz, const float* cw, int64_t n, bool by_mass
     const uint32_t mask = static_cast<uint32_t>(nb - 1);
     std::vector<int32_t> cnt(nb, 0);
     std::vector<double> mass(nb, 0.0);
-    for (int64_t j = 0; j < ne; ++j) {
-      const int d = static_cast<int>((float_to_bits(ew[j]) >> shift) & mask);
+    for (int64_t e = 0; e < ne; ++e) {
+      const int d = static_cast<int>((float_to_bits(ew[e]) >> shift) & mask);
       cnt[d] += 1;
-      mass[d] += ew[j];
+      mass[d] += ew[e];
     }
     const int d = find_boundary(cnt.data(), mass.data(), nb, by_mass, k, P, &count_above, &mass_above);
     if (d < 0) {  // rounding (mass summed in another order): the whole bucket is kept
       float lo = kInf;
-      for (int64_t j = 0; j < ne; ++j) lo = std::min(lo, ez[j]);
+      for (int64_t e = 0; e < ne; ++e) lo = std::min(lo, ez[e]);
       return lo;
     }
     int64_t kept = 0;
-    for (int64_t j = 0; j < ne; ++j)
-      if (static_cast<int>((float_to_bits(ew[j]) >> shift) & mask) == d) {
-        ez[kept] = ez[j];
-        ew[kept++] = ew[j];
+    for (int64_t e = 0; e < ne; ++e)
+      if (static_cast<int>((float_to_bits(ew[e]) >> shift) & mask) == d) {
+        ez[kept] = ez[e];
+        ew[kept++] = ew[e];
       }
     ne = kept;
   }
