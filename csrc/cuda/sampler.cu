@@ -39,6 +39,8 @@ constexpr int kThreads = 64;   // CPU threads per emulated block: same code path
 #else
 constexpr int kThreads = 512;
 #endif
+constexpr int kUnroll = 8;                      // loads in flight per thread in the unordered passes
+constexpr int kStride = kThreads * kUnroll;
 constexpr int kItems = 4;                       // consecutive elements per thread in a tile
 constexpr int kTile = kThreads * kItems;        // index-ordered passes walk the row tile by tile
 constexpr int kBins = 64;                       // histogram bins (the last one is the overflow bin)
@@ -212,20 +214,29 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
   // 1. stats
   float tm = -INFINITY, ts = 0.0f;
   int targ = kNoIndex, tbad = 0, tfin = 0;
-  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-    const float z = row.z(i);
-    if (z != z || z == INFINITY) {
-      ++tbad;
-      continue;
+  for (int64_t start = 0; start < V; start += kStride) {
+    float zs[kUnroll];
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {  // all loads first: kUnroll x 2 requests in flight per thread
+      const int64_t i = start + j * kThreads + threadIdx.x;
+      zs[j] = i < V ? row.z(i) : -INFINITY;
     }
-    if (z == -INFINITY) continue;
-    ++tfin;
-    if (z > tm) {
-      ts = ts * expf(tm - z) + 1.0f;
-      tm = z;
-      targ = static_cast<int>(i);
-    } else {
-      ts += expf(z - tm);
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {  // in index order per thread: the first maximum is kept
+      const float z = zs[j];
+      if (z != z || z == INFINITY) {
+        ++tbad;
+        continue;
+      }
+      if (z == -INFINITY) continue;
+      ++tfin;
+      if (z > tm) {
+        ts = ts * expf(tm - z) + 1.0f;
+        tm = z;
+        targ = static_cast<int>(start + j * kThreads + threadIdx.x);
+      } else {
+        ts += expf(z - tm);
+      }
     }
   }
   const float m = block_reduce<kThreads>(tm, Max<float>(), s.f);
@@ -262,7 +273,17 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
     const float fm = floorf(m * kBinsPerNat);
     for (int b = threadIdx.x; b < kBins; b += kThreads) hist[b] = 0;
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) atomicAdd(&hist[bin_of(row.z(i), fm)], 1);
+    for (int64_t start = 0; start < V; start += kStride) {
+      float zs[kUnroll];
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) {
+        const int64_t i = start + j * kThreads + threadIdx.x;
+        zs[j] = i < V ? row.z(i) : -INFINITY;
+      }
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j)
+        if (start + j * kThreads + threadIdx.x < V) atomicAdd(&hist[bin_of(zs[j], fm)], 1);
+    }
     __syncthreads();
     if (threadIdx.x == 0) {
       int64_t cum = 0;
