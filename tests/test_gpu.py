@@ -94,6 +94,17 @@ def test_half_inputs(name, dtype):
 
 @needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
+def test_mixed_input_dtypes(name):
+    backend(name)
+    B, V = 64, 32000
+    g = torch.Generator().manual_seed(10)
+    base = (torch.randn(B, V, generator=g) * 3).to(torch.bfloat16).cuda()
+    adapter = torch.randn(B, V, generator=g).cuda()
+    compare(name, base, adapter, mixed_params(B, V, seed=10))
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_flat_rows_take_the_exact_row_path(name):
     """Kept sets far larger than the candidate buffers (top_p close to 1 on flat logits)."""
     backend(name)

@@ -137,6 +137,14 @@ def test_half_inputs_read_directly(dtype):
     assert_matches_reference(base, adapter, mixed_params(B, V, gen))
 
 
+def test_mixed_input_dtypes():
+    gen = torch.Generator().manual_seed(6)
+    B, V = 4, 200
+    base = (torch.randn(B, V, generator=gen) * 3).to(torch.bfloat16)
+    adapter = torch.randn(B, V, generator=gen)                     # float32 beside a bfloat16 base
+    assert_matches_reference(base, adapter, mixed_params(B, V, gen))
+
+
 def test_kept_sets_and_filtered_mass():
     """Every draw lies in the reference kept set, and filtered_logprobs carry the kept mass."""
     B, V = 8, 40
