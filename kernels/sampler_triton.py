@@ -19,14 +19,18 @@ result is batch-invariant):
    filter is on an ALL row, otherwise (or for absurd magnitudes) a ROW row.
 3. ``_gather_kernel``  grid (B, S): CAND rows copy their candidates (bins ``<= J``) into a
    per-row buffer in index order (per-chunk counts -> prefix offsets -> in-chunk cumsum).
-4. ``_finish_kernel``  grid (B,): the exact threshold by bisection on the float32 order-
-   preserving integer key (33 fixed steps: top-k first, then top-p over the top-k mass), min-p
-   per token, then the inverse-CDF draw in index order over fixed-size blocks (block sums then
-   an in-block scan) with one Philox uniform per row (``tl.randint4x`` = :mod:`ipa_fast.rng`).
+4. ``_finish_kernel``  grid (B,): the exact thresholds on the float32 order-preserving integer
+   key: top-k first (the smallest key with fewer than k tokens above), then top-p over the top-k
+   mass (the smallest key whose mass above is < p * that), min-p per token. Up to PAIR tokens
+   compare all pairs in one pass; more take a 16-pivot search (at most 10 passes, a fixed cap).
+   Then the inverse-CDF draw in index order over fixed-size blocks (block sums then an in-block
+   scan) with one Philox uniform per row (``tl.randint4x`` = :mod:`ipa_fast.rng`).
    CAND rows search their candidate buffer, ROW rows re-read the raw row (slow but exact),
    ALL rows draw from the chunk masses of step 1 and scan a single chunk.
 
-Masses are float32 ``exp`` summed in float64 where they decide a threshold or a draw.
+Masses are float32 ``exp`` summed in float64 where they decide a threshold or a draw. The
+workspace (allocated per call, so CUDA-graph capture gets it from the graph's pool) is about
+``B * (min(V, CAP) * 8 + S * 280)`` bytes: 128 KiB a row at V >= 16384.
 """
 from __future__ import annotations
 
