@@ -116,7 +116,7 @@ def phase_bench(algos: list[str], steps: int, batch_size: int, max_new_tokens: i
         recs = [r for r in log if r["type"] == "train"][1:] or [r for r in log if r["type"] == "train"]
         out[algo] = {k.split("/")[1]: sum(r[k] for r in recs) / len(recs)
                      for k in ("time/rollout", "time/reward", "time/update", "time/step")}
-        out[algo].update({"models": summary.get("reward_fn") and cfg.base or "default",
+        out[algo].update({"base": summary["base"], "adapter_init": summary["adapter_init"],
                           "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                           "wall_seconds": time.perf_counter() - t0})
     return out

@@ -86,15 +86,13 @@ def load_models(base: str | None, adapter: str | None):
     """``(base, adapter, tokenizer, base_name, adapter_name)`` for the given paths (or defaults)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if base is None:
-        fn = _embedded("base_path")
-        base = _existing(fn)
-    if adapter is None:
-        fn = _embedded("adapter_init_path")
-        adapter = _existing(fn)
+    shipped_base, shipped_adapter = _existing(_embedded("base_path")), _existing(_embedded("adapter_init_path"))
     if base is None and adapter is None:
-        b, a, tok = tiny_gpt2_pair()
-        return b, a, tok, "tiny-gpt2(seed=0)", "tiny-gpt2(seed=1)"
+        if shipped_base is None or shipped_adapter is None:  # the shipped pair is not built (yet)
+            b, a, tok = tiny_gpt2_pair()
+            return b, a, tok, "tiny-gpt2(seed=0)", "tiny-gpt2(seed=1)"
+        base, adapter = shipped_base, shipped_adapter
+    base, adapter = base or shipped_base, adapter or shipped_adapter
     if base is None or adapter is None:
         raise ValueError("pass both --base and --adapter (the shipped pair is not available to complete one)")
     try:

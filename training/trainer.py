@@ -550,6 +550,7 @@ class Trainer:
         phases = {k.split("/")[1]: float(np.mean([r[k] for r in train])) for k in
                   ("time/rollout", "time/reward", "time/update", "time/step")} if train else {}
         return {"steps": self.step, "algo": self.cfg.algo, "reward_fn": reward_name(self.reward),
+                "base": self.cfg.base, "adapter_init": self.cfg.adapter,
                 "initial_eval": self.initial_eval, "final_eval": self.last_eval,
                 "checkpoint": str(checkpoint_dir), "adapter": str(adapter_dir),
                 "metrics": str(self.out / "metrics.jsonl"), "reward_curve": str(self.out / "reward_curve.png"),
