@@ -60,10 +60,32 @@ def per_row(name: str, value, batch: int, device, dtype, integer: bool) -> torch
     return torch.full((batch,), value, dtype=dtype, device=device)
 
 
-def _check_range(name: str, t: torch.Tensor, ok: torch.Tensor, rule: str) -> None:
-    if not bool(ok.all()):
-        bad = t[~ok][0].item()
-        raise ValueError(f"{name} must be {rule}, got {bad}")
+_INTEGER = {"alpha": False, "temperature": False, "top_k": True, "top_p": False, "min_p": False}
+_RULES = {  # name -> (predicate on a scalar or a tensor, the rule in words)
+    "alpha": (lambda x: abs(x) < float("inf") if not isinstance(x, torch.Tensor) else torch.isfinite(x), "finite"),
+    "temperature": (lambda x: x >= 0, ">= 0"),
+    "top_k": (lambda x: x >= 0, ">= 0 (0 = off)"),
+    "top_p": (lambda x: (x > 0) & (x <= 1), "in (0, 1] (1 = off)"),
+    "min_p": (lambda x: (x >= 0) & (x <= 1), "in [0, 1] (0 = off)"),
+}
+
+
+def _check_ranges(raw: dict) -> None:
+    """Python scalars are checked in Python; tensors with one host sync for all of them."""
+    tensors = {}
+    for name, value in raw.items():
+        ok, rule = _RULES[name]
+        if isinstance(value, torch.Tensor):
+            tensors[name] = ok(value if _INTEGER[name] else value.float()).reshape(-1).all()
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool) and not ok(value):
+            raise ValueError(f"{name} must be {rule}, got {value}")
+    if tensors:
+        flags = torch.stack(list(tensors.values())).tolist()  # the one host sync
+        for (name, _), good in zip(tensors.items(), flags):
+            if not good:
+                value = raw[name].reshape(-1)
+                bad = value[~_RULES[name][0](value)][0].item()
+                raise ValueError(f"{name} must be {_RULES[name][1]}, got {bad}")
 
 
 def seeds_for(seed, generator, batch: int, device) -> torch.Tensor:
@@ -94,23 +116,13 @@ def sample(logits, adapter_logits=None, *, alpha=1.0, temperature=1.0, top_k=0, 
         check_logits("adapter_logits", adapter_logits, like=logits)
     B = logits.shape[0]
     dev = logits.device
-    params = dict(
-        alpha=per_row("alpha", alpha, B, dev, torch.float32, integer=False),
-        temperature=per_row("temperature", temperature, B, dev, torch.float32, integer=False),
-        top_k=per_row("top_k", top_k, B, dev, torch.int64, integer=True),
-        top_p=per_row("top_p", top_p, B, dev, torch.float32, integer=False),
-        min_p=per_row("min_p", min_p, B, dev, torch.float32, integer=False),
-        seed=seeds_for(seed, generator, B, dev),
-        offset=per_row("offset", offset, B, dev, torch.int64, integer=True),
-    )
+    raw = dict(alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     if validate:
-        _check_range("temperature", params["temperature"], params["temperature"] >= 0, ">= 0")
-        _check_range("top_k", params["top_k"], params["top_k"] >= 0, ">= 0 (0 = off)")
-        p = params["top_p"]
-        _check_range("top_p", p, (p > 0) & (p <= 1), "in (0, 1] (1 = off)")
-        m = params["min_p"]
-        _check_range("min_p", m, (m >= 0) & (m <= 1), "in [0, 1] (0 = off)")
-        _check_range("alpha", params["alpha"], torch.isfinite(params["alpha"]), "finite")
+        _check_ranges(raw)
+    params = {name: per_row(name, raw[name], B, dev, _INTEGER[name] and torch.int64 or torch.float32,
+                            integer=_INTEGER[name]) for name in raw}
+    params["seed"] = seeds_for(seed, generator, B, dev)
+    params["offset"] = per_row("offset", offset, B, dev, torch.int64, integer=True)
     impl = _dispatch.resolve(backend, logits)
     tokens, logprobs, filtered, valid = impl(
         logits.contiguous(), None if adapter_logits is None else adapter_logits.contiguous(), **params)
