@@ -1,4 +1,4 @@
-// CUDA backend of ipa_fast.sample: one thread block per row, everything on chip after the reads.
+// CUDA backend of ipa_fast.sample: one 1024-thread block per row, everything on chip after the reads.
 //
 // Semantics are ipa_fast/reference.py's (SPEC §2). Per row:
 //   1. stats pass     z = (base + alpha*adapter) / T (IEEE division, built with --fmad=false),
@@ -37,7 +37,7 @@ namespace {
 #ifdef IPA_FAST_CPU_EMULATION
 constexpr int kThreads = 64;   // CPU threads per emulated block: same code paths, less waiting
 #else
-constexpr int kThreads = 512;
+constexpr int kThreads = 1024;  // one row per block: at B <= #SMs more loads in flight per row
 #endif
 constexpr int kUnroll = 8;                      // loads in flight per thread in the unordered passes
 constexpr int kStride = kThreads * kUnroll;
