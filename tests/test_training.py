@@ -28,6 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["the cat", "a dog", "we play", "birds sing", "she writes", "he cooks", "people walk", "hello"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (no fork/join per op on a shared CPU), and the
+    resume test's subprocesses run with OMP_NUM_THREADS=1: the same float order in-process."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def models():
     """A tiny pair with a flatter output head than tiny_models' default, so sampling explores."""
     base, adapter, tok = make_tiny_pair(seed=0)
@@ -179,12 +189,6 @@ def _adapter_params(out):
     return load_file(str(Path(out) / "adapter" / "model.safetensors"))
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocesses run with OMP_NUM_THREADS=1: same float order
-    yield
-    torch.set_num_threads(n)
 
 
 def _straight_run(d, out, algo, steps):
@@ -196,7 +200,7 @@ def _straight_run(d, out, algo, steps):
     return run(build_parser().parse_args(["train", *argv]))
 
 
-def test_resume_after_sigkill_is_exact(tmp_path, model_dirs, one_thread, monkeypatch):
+def test_resume_after_sigkill_is_exact(tmp_path, model_dirs, monkeypatch):
     """Quark (its pool is the most state to lose): 4 steps straight == killed inside step 3
     by SIGKILL, then --resume to 4 — same metrics, same adapter, bit for bit."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
