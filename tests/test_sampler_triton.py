@@ -1,8 +1,11 @@
 """The Triton sampler and tailored_log_softmax under the Triton CPU interpreter, against the reference.
 
-TRITON_INTERPRET=1 is set before triton is imported (and the kernel modules are reloaded if they
-were imported earlier without it). The interpreter runs one Python program per grid cell, so the
-shapes are small; the same checks run at full size on a GPU in tests/test_gpu.py.
+TRITON_INTERPRET=1 must be set before triton is first imported (triton.language's own jit
+functions are decorated at import). If this module is collected first it sets it here; if another
+module imported triton earlier, the suite reruns itself in a subprocess with the variable set
+(test_interpreter_suite_in_subprocess) and the in-process copies skip. The interpreter runs one
+Python program per grid cell, so the shapes are small; tests/test_gpu.py runs the same checks at
+full size on a GPU.
 """
 import importlib
 import os
@@ -15,7 +18,9 @@ import torch
 if torch.cuda.is_available():   # the interpreter switch is process-wide: leave a GPU to tests/test_gpu.py
     pytest.skip("a CUDA device is present: tests/test_gpu.py runs these checks on it", allow_module_level=True)
 
-os.environ["TRITON_INTERPRET"] = "1"
+IN_PROCESS = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
+if IN_PROCESS:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 triton = pytest.importorskip("triton")
 
@@ -54,13 +59,32 @@ def _speed_up_interpreter():
     _interp._ipa_fast_patched = True
 
 
-_speed_up_interpreter()
-for _name in ("ipa_fast.kernels.sampler_triton", "ipa_fast.kernels.log_softmax_triton"):
-    if _name in sys.modules:
-        importlib.reload(sys.modules[_name])
-dispatch._load.cache_clear()
+if IN_PROCESS:
+    _speed_up_interpreter()
+    for _name in ("ipa_fast.kernels.sampler_triton", "ipa_fast.kernels.log_softmax_triton"):
+        if _name in sys.modules:   # imported (compiled flavour) before the variable was set
+            importlib.reload(sys.modules[_name])
+    dispatch._load.cache_clear()
 st = importlib.import_module("ipa_fast.kernels.sampler_triton")
 lst = importlib.import_module("ipa_fast.kernels.log_softmax_triton")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_in_this_process(request):
+    if not IN_PROCESS and request.node.name != "test_interpreter_suite_in_subprocess":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: "
+                    "test_interpreter_suite_in_subprocess runs this check")
+
+
+def test_interpreter_suite_in_subprocess():
+    if IN_PROCESS:
+        pytest.skip("the suite runs in this process")
+    import subprocess
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:warnings",
+                          __file__], env=env, capture_output=True, text=True, timeout=1800)
+    print(res.stdout[-3000:])
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
 
 
 def params(B, **kw):
