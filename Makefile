@@ -43,8 +43,10 @@ cuda-check:
 	    -c $$f -o build/cuda-check/$$(basename $$f).o || exit 1; \
 	done
 	@echo "cuda-check: compiled $(words $(CUDA_SOURCES)) CUDA source(s) for sm_80 and sm_90"
-	env -u TRITON_INTERPRET $(PY) -m ipa_fast.kernels.compile_check --arch 80 90
-	@echo "cuda-check: Triton kernels compiled to cubin for sm_80 and sm_90"
+	@if [ -x $(PY) ]; then \
+	  env -u TRITON_INTERPRET $(PY) -m ipa_fast.kernels.compile_check --arch 80 90 && \
+	  echo "cuda-check: Triton kernels compiled to cubin for sm_80 and sm_90"; \
+	else echo "cuda-check: no $(PY): run 'make install' to also compile the Triton kernels"; fi
 
 clean:
 	rm -rf build _skbuild *.egg-info ipa_fast/_C*.so
