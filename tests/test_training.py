@@ -219,6 +219,14 @@ def test_resume_after_sigkill_is_exact(tmp_path, model_dirs, monkeypatch):
     assert s["steps"] == k["steps"] == 4 and "reward" in k["initial_eval"]
     assert s["final_eval"]["reward"] == k["final_eval"]["reward"]
     assert Path(k["checkpoint"]).name == "step_000004"
+    # the saved adapter restores the tailored policy: alpha, the best control token, V
+    from ipa_fast.decoding import TailoredLM
+    lm = TailoredLM.from_pretrained(model_dirs / "base", killed / "adapter")
+    state = ckpt.load_latest(killed / "checkpoints")[0]
+    assert lm.adapter_prefix == state["control_ids"][:1] and lm.adapter_prefix[0] >= lm.V
+    assert lm.V == len(make_tiny_pair()[2]) and lm.alpha == 1.0
+    out = lm.generate(PROMPTS[:2], 4, seed=0, backend="reference")
+    assert all(0 <= i < lm.V for row in out.token_ids for i in row)
 
 
 def test_ppo_resume_is_exact(tmp_path):
