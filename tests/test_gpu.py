@@ -9,7 +9,6 @@ import hashlib
 import importlib.util
 import shutil
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
