@@ -84,7 +84,7 @@ def test_agreement_with_reference(name, V):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs(name, dtype):
     backend(name)
-    B, V = 256, 32000
+    B, V = 256, 50257          # the agreement test's V: the same Triton specialisations
     g = torch.Generator().manual_seed(1)
     base = (torch.randn(B, V, generator=g) * 3).to(dtype).cuda()
     adapter = torch.randn(B, V, generator=g).to(dtype).cuda()
@@ -95,7 +95,7 @@ def test_half_inputs(name, dtype):
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_mixed_input_dtypes(name):
     backend(name)
-    B, V = 64, 32000
+    B, V = 64, 50257
     g = torch.Generator().manual_seed(10)
     base = (torch.randn(B, V, generator=g) * 3).to(torch.bfloat16).cuda()
     adapter = torch.randn(B, V, generator=g).cuda()
@@ -118,7 +118,7 @@ def test_flat_rows_take_the_exact_row_path(name):
 
 @needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
-@pytest.mark.parametrize("V", [1, 2, 3, 129, 4097, 65537])
+@pytest.mark.parametrize("V", [1, 3, 129, 4097, 65537])
 def test_odd_shapes(name, V):
     backend(name)
     B = 5
