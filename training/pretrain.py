@@ -280,6 +280,7 @@ def write_model_card(out_dir: Path, info: dict) -> None:
     hours = (info.get("train_seconds") or 0) / 3600
     size = (out_dir / "model.safetensors").stat().st_size / 2**20
     cmds = "\n".join(f"    {cmd}" for cmd in info.get("commands", [])) or "    (not recorded)"
+    max_tok = json.loads(ppl_file.read_text()).get("max_tokens", 0) if ppl_file.exists() else 0
     text = f"""# {out_dir.name}: a tiny GPT-2 pretrained on the ipa_fast corpus
 
 Part of the embedded default of ipa_fast (offline, CPU-sized). Not a capable language model:
@@ -310,7 +311,7 @@ demo runs offline; any GPT-2-family checkpoint (same tokenizer) can replace it.
 Reproduce (the time budget makes the step count depend on the machine's speed):
 
 {cmds}
-    python scripts/eval_ppl.py models/{out_dir.name} --split test --json models/{out_dir.name}/eval_ppl.json
+    python scripts/eval_ppl.py models/{out_dir.name} --split test --max-tokens {max_tok} --json models/{out_dir.name}/eval_ppl.json
     python training/pretrain.py --out <same --out> --export models/{out_dir.name} --export-only
 """
     (out_dir / "MODEL_CARD.md").write_text(text)
