@@ -35,7 +35,7 @@ import torch
 
 from .sampling import check_logits, per_row
 
-# Rows per chunk: about 256K float32 elements (1 MB) per temporary, so a chunk's few
+# Rows per chunk: about 256K float32 elements (1 MB) per temporary and thread, so a chunk's few
 # temporaries stay in cache while the passes over them run (the plain formula streams
 # several [N, V] tensors through DRAM instead), and tiny next to the [N, V] inputs.
 _CHUNK_ELEMENTS = 1 << 18
@@ -160,11 +160,13 @@ def tailored_token_stats(base: torch.Tensor, adapter: torch.Tensor, targets: tor
     ``base``, ``adapter``, ``ref_adapter``: ``[N, V]`` float32 / float16 / bfloat16 logits.
     ``targets``: ``[N]`` token ids. ``alpha``, ``temperature``: scalars or ``[N]`` tensors
     (``temperature > 0``). Differentiable w.r.t. ``adapter`` only. ``chunk_rows`` overrides
-    the number of rows processed at a time (default: about 2M elements per chunk).
+    the number of rows processed at a time (default: about 256K elements per torch thread).
     """
     targets, a, t = _prepare(base, adapter, targets, alpha, temperature, ref_adapter)
     if chunk_rows is None:
-        chunk_rows = max(1, _CHUNK_ELEMENTS // base.shape[1])
+        # More threads split each op of a chunk: give each thread a cache-sized share.
+        elements = _CHUNK_ELEMENTS * min(16, max(1, torch.get_num_threads()))
+        chunk_rows = max(1, elements // base.shape[1])
     if int(chunk_rows) < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     ref = None if ref_adapter is None else ref_adapter.detach()
