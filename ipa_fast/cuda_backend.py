@@ -1,7 +1,10 @@
 """CUDA backend of :func:`ipa_fast.sample` (``ipa_fast._C_cuda``, built from ``csrc/cuda``).
 
-The kernel is enqueued on the caller's current stream with pointers passed as integers; the
-outputs are the only allocations, so the call is CUDA-graph capturable and never syncs.
+Five small kernels (per-chunk statistics, per-chunk histograms, a per-row plan, per-chunk
+candidate gather, per-row thresholds and draw; see csrc/cuda/sampler.cu) are enqueued on the
+caller's current stream with pointers passed as integers. The outputs and one scratch workspace
+(about 128 KiB a row) are allocated here with torch, so under CUDA-graph capture they come from
+the graph's pool; nothing syncs.
 Build it with ``IPA_FAST_CUDA=1 pip install --no-build-isolation -e .`` (architectures from
 ``TORCH_CUDA_ARCH_LIST``, default "8.0;9.0"); see SPEC §7.
 """
@@ -29,9 +32,12 @@ def sample(base, adapter, *, alpha, temperature, top_k, top_p, min_p, seed, offs
     # keep every input alive (and contiguous) until the launch is enqueued
     base, adapter = base.contiguous(), None if adapter is None else adapter.contiguous()
     params = [t.contiguous() for t in (alpha, temperature, top_k, top_p, min_p, seed, offset)]
+    n_f32, n_i32 = _C_cuda.workspace_size(B, V)
+    ws_f32 = torch.empty(n_f32, dtype=torch.float32, device=dev)   # graph capture: from the graph's pool
+    ws_i32 = torch.empty(n_i32, dtype=torch.int32, device=dev)
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
         _C_cuda.sample(_DTYPE[base.dtype], B, V, base.data_ptr(), 0 if adapter is None else adapter.data_ptr(),
                        *(t.data_ptr() for t in params), tokens.data_ptr(), logprobs.data_ptr(), filtered.data_ptr(),
-                       valid.data_ptr(), stream)
+                       valid.data_ptr(), stream, ws_f32.data_ptr(), ws_i32.data_ptr())
     return tokens, logprobs, filtered, valid

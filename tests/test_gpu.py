@@ -268,9 +268,11 @@ def emulate(mod, base, p):
     base = base.contiguous()
     p = {k: v.contiguous() for k, v in p.items()}
     out = (torch.empty(B, dtype=torch.int64), torch.empty(B), torch.empty(B), torch.empty(B, dtype=torch.bool))
+    n_f32, n_i32 = mod.workspace_size(B, V)
+    ws_f32, ws_i32 = torch.empty(n_f32), torch.empty(n_i32, dtype=torch.int32)
     mod.sample(0, B, V, base.data_ptr(), 0, p["alpha"].data_ptr(), p["temperature"].data_ptr(), p["top_k"].data_ptr(),
                p["top_p"].data_ptr(), p["min_p"].data_ptr(), p["seed"].data_ptr(), p["offset"].data_ptr(),
-               *(t.data_ptr() for t in out), 0)
+               *(t.data_ptr() for t in out), 0, ws_f32.data_ptr(), ws_i32.data_ptr())
     return out
 
 
@@ -294,8 +296,7 @@ def test_cuda_kernel_emulated_all_paths(emulated):
 
 
 def test_cuda_kernel_emulated_edge_rows(emulated):
-    """Invalid rows, greedy ties, a kept set beyond the shared-memory candidates (raw-row search),
-    huge logits, and tiny vocabularies."""
+    """Invalid rows, greedy ties, a large kept set, huge logits (raw-row search), tiny vocabularies."""
     V = 5000
     base = torch.randn(8, V, generator=torch.Generator().manual_seed(9)) * 0.2
     base[0, 3] = float("nan")
@@ -306,7 +307,7 @@ def test_cuda_kernel_emulated_edge_rows(emulated):
     p = mixed_params(8, V, seed=9)
     p["temperature"][2] = 0.0
     p["temperature"][3] = 1.0
-    p["top_k"][3], p["top_p"][3], p["min_p"][3] = 0, 0.99, 0.0    # ~4900 kept tokens > 4096 candidates
+    p["top_k"][3], p["top_p"][3], p["min_p"][3] = 0, 0.99, 0.0    # ~4900 kept tokens
     p["top_k"][4], p["top_p"][4] = 7, 0.9
     p["top_k"][5] = -1                             # invalid parameter
     got = emulated_matches_reference(emulated, base, p)
@@ -314,3 +315,12 @@ def test_cuda_kernel_emulated_edge_rows(emulated):
     for V in (1, 2, 65):
         small = torch.randn(3, V, generator=torch.Generator().manual_seed(V))
         emulated_matches_reference(emulated, small, mixed_params(3, V, seed=V))
+
+
+def test_cuda_kernel_emulated_candidate_overflow(emulated):
+    """More than kCap = 16384 candidates: the exact search over the raw row."""
+    V = 17000
+    base = torch.randn(1, V, generator=torch.Generator().manual_seed(11)) * 0.1
+    p = mixed_params(1, V, seed=11)
+    p["top_k"][0], p["top_p"][0], p["min_p"][0], p["temperature"][0] = 0, 0.999, 0.0, 1.0
+    emulated_matches_reference(emulated, base, p)

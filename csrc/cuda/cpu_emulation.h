@@ -104,25 +104,27 @@ inline float __bfloat162float(__nv_bfloat16 h) {
 namespace ipa_fast {
 namespace emu {
 
-// Runs kernel(args) for blocks 0..grid-1, each with `threads` CPU threads.
-template <typename Kernel, typename Args>
-void launch(Kernel kernel, unsigned grid, int threads, const Args& args) {
+// Runs kernel(args...) for every block of a grid_x x grid_y grid, each with `threads` CPU threads.
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, unsigned grid_x, unsigned grid_y, int threads, const Args&... args) {
   auto& b = block();
-  for (unsigned g = 0; g < grid; ++g) {
-    block_idx.x = g;
-    b.all = std::make_unique<std::barrier<>>(threads);
-    b.warps.clear();
-    for (int w = 0; w < threads / 32; ++w) b.warps.push_back(std::make_unique<std::barrier<>>(32));
-    b.exchange.assign(static_cast<size_t>(threads) * 8, 0);
-    std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (int t = 0; t < threads; ++t)
-      pool.emplace_back([&, t] {
-        thread_idx.x = static_cast<unsigned>(t);
-        kernel(args);
-      });
-    for (auto& th : pool) th.join();
-  }
+  for (unsigned gy = 0; gy < grid_y; ++gy)
+    for (unsigned gx = 0; gx < grid_x; ++gx) {
+      block_idx.x = gx;
+      block_idx.y = gy;
+      b.all = std::make_unique<std::barrier<>>(threads);
+      b.warps.clear();
+      for (int w = 0; w < threads / 32; ++w) b.warps.push_back(std::make_unique<std::barrier<>>(32));
+      b.exchange.assign(static_cast<size_t>(threads) * 8, 0);
+      std::vector<std::thread> pool;
+      pool.reserve(threads);
+      for (int t = 0; t < threads; ++t)
+        pool.emplace_back([&, t] {
+          thread_idx.x = static_cast<unsigned>(t);
+          kernel(args...);
+        });
+      for (auto& th : pool) th.join();
+    }
 }
 
 }  // namespace emu

@@ -18,7 +18,11 @@ struct SampleArgs {
   uintptr_t logprobs, filtered_logprobs;       // [B] float32 out
   uintptr_t valid;                             // [B] bool (1 byte) out
   uintptr_t stream;                            // cudaStream_t
+  uintptr_t workspace_f32, workspace_i32;      // scratch of workspace_size() elements each
 };
+
+// Elements of float32 and int32 scratch the sampler needs for [batch, vocab] (about 128 KiB a row).
+void workspace_size(int64_t batch, int64_t vocab, int64_t* n_f32, int64_t* n_i32);
 
 // Enqueues the sampler on args.stream; never synchronises. Returns nullptr, or a static error text.
 const char* launch_sample(const SampleArgs& args);
