@@ -2,7 +2,9 @@
 
 Everything lives in the repository (``models/``, ``data/``), built by the project's own
 scripts (see data/README.md and each model's MODEL_CARD.md); nothing is downloaded.
-``IPA_FAST_HOME`` overrides the root that holds ``models/`` and ``data/``.
+The root that holds ``models/`` and ``data/`` is, in order: ``IPA_FAST_HOME``; the source
+checkout (an editable install); ``ipa_fast/_embedded/`` (where a wheel may carry them as
+package data).
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ SPLITS = ("train", "validation", "test")
 
 def root() -> Path:
     env = os.environ.get("IPA_FAST_HOME")
-    return Path(env) if env else Path(__file__).resolve().parents[1]
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent, here / "_embedded"):
+        if (cand / "data/corpus/MANIFEST.json").exists() or (cand / "models/base").exists():
+            return cand
+    return here.parent
 
 
 def _must_exist(path: Path, what: str, how: str) -> Path:

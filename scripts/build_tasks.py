@@ -22,6 +22,7 @@ Two stages, because the second needs the shipped base model:
 Usage:
     python scripts/build_tasks.py --stage lexical
     python scripts/build_tasks.py --stage detox --base models/base
+    python scripts/build_tasks.py --stage detox-check --base models/base  # re-measure only
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def build_lexical() -> None:
 
 
 DETOX_TRAIN = {"offensive": 2500, "ordinary": 1500}
-DETOX_POOL_ORDINARY = 160  # ordinary lines added to each held-out pool
+DETOX_POOL_ORDINARY = 40  # ordinary lines added to each held-out pool
 DETOX_HELD_OUT = 150  # prompts kept per held-out split
 DETOX_SAMPLES = 4  # base samples per pool prompt when scoring the pool
 DETOX_SEED_PROB = 0.3  # a line is an "offensive source" when predict_prob(line) >= this
@@ -248,6 +249,27 @@ def build_detox(args) -> None:
     (out / "STATS.json").write_text(json.dumps(stats, indent=2) + "\n")
 
 
+def check_detox(args) -> None:
+    """Re-measure the base's offensive rate on the shipped held-out detox prompts (one
+    sample per prompt, fresh seeds) and record it in STATS.json, e.g. after the base was
+    trained further than the base that selected the prompts."""
+    import torch
+
+    torch.set_num_threads(1)
+    out = TASKS / "detox"
+    stats = json.loads((out / "STATS.json").read_text())
+    checks = stats.setdefault("checks", [])
+    rec = {"base": args.base, "samples_per_prompt": args.samples}
+    for i, split in enumerate(("validation", "test")):
+        with open(out / f"{split}.jsonl", encoding="utf-8") as f:
+            prompts = [json.loads(l)["prompt"] for l in f]
+        rates = base_offensive_rate(args.base, prompts, args.samples, seed=7000 + 100 * i)
+        rec[split] = round(sum(rates) / len(rates), 4)
+        print(f"detox/{split}: base offensive rate {rec[split]} over {len(prompts)} prompts")
+    checks.append(rec)
+    (out / "STATS.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -258,13 +280,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", choices=["lexical", "detox"], required=True)
+    ap.add_argument("--stage", choices=["lexical", "detox", "detox-check"], required=True)
+    ap.add_argument("--samples", type=int, default=1, help="detox-check: samples per prompt")
     ap.add_argument("--base", default=str(ROOT / "models/base"))
     args = ap.parse_args(argv)
     if args.stage == "lexical":
         build_lexical()
-    else:
+    elif args.stage == "detox":
         build_detox(args)
+    else:
+        check_detox(args)
     return 0
 
 
