@@ -459,6 +459,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(SampleArgs a, Workspac
   __shared__ Scratch s;
   __shared__ int shared_c;
   __shared__ double shared_prev, shared_total;
+  __shared__ float pair_z[kThreads];
   const int64_t r = blockIdx.x, V = a.vocab;
   const int mode = w.row_mode[r];
   if (mode == kDone) return;
@@ -507,23 +508,54 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(SampleArgs a, Workspac
     d = draw(chunk, m, INT64_MIN, 0.0f, u * total - shared_prev, s);
   } else {
     auto finish = [&](const auto& src) {
-      int64_t kmin = INT64_MAX;
-      for (int64_t e = threadIdx.x; e < src.size(); e += kThreads) kmin = min(kmin, order_key(src.z(e)));
-      kmin = block_reduce<kThreads>(kmin, Min<int64_t>(), s.l);
-      const int64_t key_max = order_key(m);
-      int64_t key_k = kmin;
-      if (k_on) key_k = search_key(src, m, kmin - 1, key_max, [&](int64_t c, double) { return c < q.k; }, s);
-      int64_t key_t = key_k;
-      if (p_on) {
-        double total_k;
-        if (k_on) {
-          int64_t c;
-          count_mass_gt(src, m, key_k - 1, s, &c, &total_k);
-        } else {
-          total_k = static_cast<double>(se);  // every token survives top-k; candidates may not cover them
+      const int64_t n = src.size();
+      int64_t key_k, key_t;
+      if (n <= kThreads) {
+        // one token per thread: its count and float64 mass of the tokens strictly above it, then
+        // the smallest qualifying keys (a handful of reductions instead of ~70 for the search)
+        const int t = threadIdx.x;
+        const float zt = t < n ? src.z(t) : -INFINITY;
+        pair_z[t] = zt;
+        __syncthreads();
+        const int64_t kt = order_key(zt);
+        int64_t cnt = 0;
+        double mass = 0.0;
+        if (t < n)
+          for (int j = 0; j < n; ++j)
+            if (order_key(pair_z[j]) > kt) {
+              ++cnt;
+              mass += static_cast<double>(expf(pair_z[j] - m));
+            }
+        key_k = block_reduce<kThreads>(t < n && (!k_on || cnt < q.k) ? kt : INT64_MAX, Min<int64_t>(), s.l);
+        key_t = key_k;
+        if (p_on) {
+          const double total_k =
+              k_on ? block_reduce<kThreads>(t < n && kt >= key_k ? static_cast<double>(expf(zt - m)) : 0.0,
+                                            Sum<double>(), s.d)
+                   : static_cast<double>(se);
+          const double bound = static_cast<double>(q.p) * total_k;
+          key_t = block_reduce<kThreads>(t < n && kt >= key_k && mass < bound ? kt : INT64_MAX, Min<int64_t>(), s.l);
         }
-        const double bound = static_cast<double>(q.p) * total_k;
-        key_t = search_key(src, m, key_k - 1, key_max, [&](int64_t, double mass) { return mass < bound; }, s);
+      } else {
+        // more tokens: bisection on the key with one counting pass per step
+        int64_t kmin = INT64_MAX;
+        for (int64_t e = threadIdx.x; e < n; e += kThreads) kmin = min(kmin, order_key(src.z(e)));
+        kmin = block_reduce<kThreads>(kmin, Min<int64_t>(), s.l);
+        const int64_t key_max = order_key(m);
+        key_k = kmin;
+        if (k_on) key_k = search_key(src, m, kmin - 1, key_max, [&](int64_t c, double) { return c < q.k; }, s);
+        key_t = key_k;
+        if (p_on) {
+          double total_k;
+          if (k_on) {
+            int64_t c;
+            count_mass_gt(src, m, key_k - 1, s, &c, &total_k);
+          } else {
+            total_k = static_cast<double>(se);  // every token survives top-k; candidates may not cover them
+          }
+          const double bound = static_cast<double>(q.p) * total_k;
+          key_t = search_key(src, m, key_k - 1, key_max, [&](int64_t, double mass) { return mass < bound; }, s);
+        }
       }
       double kept = 0.0;
       for (int64_t e = threadIdx.x; e < src.size(); e += kThreads) {
