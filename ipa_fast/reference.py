@@ -85,8 +85,8 @@ def sample(base, adapter, alpha, temperature, top_k, top_p, min_p, seed, offset)
     u = uniform(seed, offset).to(z.device).unsqueeze(1)
     cdf = torch.cumsum(w, dim=1)
     hit = keep & (cdf > u * total)
-    # the first hit; if rounding leaves none, the last kept token
-    last_kept = V - 1 - keep.flip(1).int().argmax(dim=1)
+    # the first hit; if rounding leaves none, the last kept token of positive weight
+    last_kept = V - 1 - (w > 0).flip(1).int().argmax(dim=1)
     tokens = torch.where(hit.any(dim=1), hit.int().argmax(dim=1), last_kept)
     tokens = torch.where(greedy, z.argmax(dim=1), tokens)   # argmax returns the lowest index on ties
 
