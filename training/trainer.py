@@ -652,10 +652,9 @@ def train(config: TrainConfig, *, reward: Callable | None = None, train_prompts=
     if base is None or adapter is None:
         if (base is None) != (adapter is None):
             raise ValueError("pass both base and adapter models, or neither")
-        base, adapter, tok, base_name, _ = loading.load_models(config.base, config.adapter)
+        base, adapter, tok, base_name, adapter_name = loading.load_models(config.base, config.adapter)
         tokenizer = tokenizer or tok
-        if config.base is None:
-            config = dataclasses.replace(config, base=base_name)
+        config = dataclasses.replace(config, base=base_name, adapter=adapter_name)
     if tokenizer is None:
         raise ValueError("pass tokenizer= with model objects")
     out = Path(config.out)
