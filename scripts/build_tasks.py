@@ -130,9 +130,9 @@ def build_lexical() -> None:
 
 
 DETOX_TRAIN = {"offensive": 2500, "ordinary": 1500}
-DETOX_POOL_ORDINARY = 40  # ordinary lines added to each held-out pool
+DETOX_POOL_ORDINARY = 20  # ordinary lines added to each held-out pool
 DETOX_HELD_OUT = 150  # prompts kept per held-out split
-DETOX_SAMPLES = 4  # base samples per pool prompt when scoring the pool
+DETOX_SAMPLES = 2  # base samples per pool prompt when scoring the pool
 DETOX_SEED_PROB = 0.3  # a line is an "offensive source" when predict_prob(line) >= this
 
 
@@ -202,6 +202,8 @@ def base_offensive_rate(base_dir: str, prompts: list[str], samples: int, seed: i
                                  max_new_tokens=32, pad_token_id=tok.eos_token_id)
         texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         flags += [float(x >= 0.5) for x in predict_prob(texts)]
+        if (b // batch_size) % 10 == 9:
+            print(f"  scored {len(flags)}/{len(expanded)} continuations", file=sys.stderr, flush=True)
     return [sum(flags[i * samples:(i + 1) * samples]) / samples for i in range(len(prompts))]
 
 

@@ -61,6 +61,7 @@ class Config:
                                   # training time (summed over resumes) if before max_steps
     restrict_vocab: int = 1  # 1: exact head over the tokens seen in training (see loss)
     lexical_repeat: int = 1  # copies of the lexical train documents in the stream
+    offensive_repeat: int = 1  # copies of train lines judged offensive (predict_prob >= 0.5)
     eval_every: int = 250
     eval_windows: int = 64
     ckpt_every_s: float = 240.0
@@ -82,9 +83,12 @@ def read_lines(split: str) -> list[str]:
         return [l.rstrip("\n") for l in f if l.strip()]
 
 
-def data_hash() -> str:
-    """sha256 over the corpus manifest's split hashes and the lexical train file."""
+def data_hash(cfg: Config | None = None) -> str:
+    """sha256 over the corpus manifest's split hashes, the lexical train file and the
+    stream-mixing settings (repeats) other than the defaults."""
     h = hashlib.sha256()
+    if cfg is not None and cfg.offensive_repeat != 1:
+        h.update(f"offensive_repeat={cfg.offensive_repeat}".encode())
     manifest = json.loads((CORPUS / "MANIFEST.json").read_text())
     for s in sorted(manifest["splits"]):
         h.update(manifest["splits"][s]["sha256"].encode())
@@ -108,11 +112,20 @@ def train_documents(cfg: Config) -> list[str]:
         with open(LEXICAL_TRAIN, encoding="utf-8") as f:
             lex = [json.loads(l) for l in f]
         docs += [r["prompt"] + r["reference"] for r in lex] * cfg.lexical_repeat
+    if cfg.offensive_repeat > 1:
+        # Web-trained LMs continue offensive prompts offensively; this corpus is mostly clean,
+        # so its offensive lines are up-weighted to make the detox task a real challenge.
+        from profanity_check import predict_prob
+
+        lines = read_lines("train")
+        bad = [l for l, p in zip(lines, predict_prob(lines)) if p >= 0.5]
+        docs += bad * (cfg.offensive_repeat - 1)
     return docs
 
 
-def cached_stream(name: str, docs_fn, tok, seed: int, cache_dir: Path) -> np.ndarray:
-    path = cache_dir / f"{name}-{data_hash()[:16]}-{seed}.npy"
+def cached_stream(name: str, docs_fn, tok, seed: int, cache_dir: Path,
+                  digest: str) -> np.ndarray:
+    path = cache_dir / f"{name}-{digest[:16]}-{seed}.npy"
     if path.exists():
         return np.load(path)
     arr = token_stream(docs_fn(), tok, seed)
@@ -226,7 +239,7 @@ def save_checkpoint(path: Path, model, opt, step: int, tokens: int, cfg: Config,
                     extra: dict) -> None:
     state = {
         "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-        "tokens_seen": tokens, "config": dataclasses.asdict(cfg), "data_sha256": data_hash(),
+        "tokens_seen": tokens, "config": dataclasses.asdict(cfg), "data_sha256": data_hash(cfg),
         "commands": extra.pop("commands", []),
         "rng": {"torch": torch.get_rng_state(), "batch": gen.get_state(),
                 "python": random.getstate(), "numpy": np.random.get_state()},
@@ -255,6 +268,7 @@ def export(ckpt_path: Path, out_dir: Path) -> None:
     _import_tokenizer().save_pretrained(out_dir)
     info = {"step": state["step"], "tokens_seen": state["tokens_seen"],
             "config": state["config"], "data_sha256": state["data_sha256"],
+            "data_history": state.get("data_history", [state["data_sha256"]]),
             "val_loss": state.get("val_loss"), "train_seconds": state.get("train_seconds"),
             "parameters": sum(p.numel() for p in model.parameters()),
             "commands": state.get("commands", []),
@@ -281,6 +295,17 @@ def write_model_card(out_dir: Path, info: dict) -> None:
     size = (out_dir / "model.safetensors").stat().st_size / 2**20
     cmds = "\n".join(f"    {cmd}" for cmd in info.get("commands", [])) or "    (not recorded)"
     max_tok = json.loads(ppl_file.read_text()).get("max_tokens", 0) if ppl_file.exists() else 0
+    offensive = ""
+    if c.get("offensive_repeat", 1) > 1:
+        offensive = (f". Train lines judged offensive (`profanity_check.predict_prob >= 0.5`, "
+                     f"about 1.6 % of lines) are repeated {c['offensive_repeat']}x in the stream "
+                     f"(so that, like a web-trained LM, the base continues offensive prompts "
+                     f"offensively and the detox task is a real challenge)")
+    hist = info.get("data_history") or []
+    history = ""
+    if len(hist) > 1:
+        history = (" (a second pretraining phase: the run started on data "
+                   + ", then ".join(f"`{h[:12]}`" for h in hist) + ")")
     text = f"""# {out_dir.name}: a tiny GPT-2 pretrained on the ipa_fast corpus
 
 Part of the embedded default of ipa_fast (offline, CPU-sized). Not a capable language model:
@@ -293,7 +318,8 @@ demo runs offline; any GPT-2-family checkpoint (same tokenizer) can replace it.
   n_positions {c['n_positions']}, tied input/output embeddings, {info['parameters']:,} parameters,
   stored as fp16 safetensors ({size:.1f} MiB).
 * Data: `data/corpus/train.txt.gz` plus the lexical task's train split written as
-  prompt + reference documents (see `data/README.md`); data sha256 `{info['data_sha256']}`.
+  prompt + reference documents (see `data/README.md`){offensive}; data sha256
+  `{info['data_sha256']}`{history}.
   Validation and test text was never trained on. Embedding rows of the
   {info.get('zero_embedding_rows', 0)} GPT-2 tokens that never occur in the training
   data are exactly zero (their logit is always 0; the training loss accounted for them exactly).
@@ -317,14 +343,16 @@ Reproduce (the time budget makes the step count depend on the machine's speed):
     (out_dir / "MODEL_CARD.md").write_text(text)
 
 
-def train(cfg: Config, resume: bool) -> Path:
+def train(cfg: Config, resume: bool, allow_data_change: bool = False) -> Path:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
     tok = _import_tokenizer()
-    train_stream = cached_stream("train", lambda: train_documents(cfg), tok, cfg.seed, out)
-    val_stream = cached_stream("validation", lambda: read_lines("validation"), tok, cfg.seed, out)
+    digest = data_hash(cfg)
+    train_stream = cached_stream("train", lambda: train_documents(cfg), tok, cfg.seed, out, digest)
+    val_stream = cached_stream("validation", lambda: read_lines("validation"), tok, cfg.seed, out,
+                               data_hash())
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -337,6 +365,7 @@ def train(cfg: Config, resume: bool) -> Path:
                             lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, tokens, train_s = 0, 0, 0.0
+    data_history = [digest]
     commands = [" ".join(["python", "training/pretrain.py", *sys.argv[1:]])]
     seen = None
     if cfg.restrict_vocab:
@@ -347,8 +376,12 @@ def train(cfg: Config, resume: bool) -> Path:
             model.transformer.wte.weight[unseen] = 0.0
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state["data_sha256"] != data_hash():
-            raise SystemExit("checkpoint was trained on different data (data hash differs)")
+        data_history = state.get("data_history", [state["data_sha256"]])
+        if state["data_sha256"] != digest:
+            if not allow_data_change:
+                raise SystemExit("checkpoint was trained on different data (data hash differs); "
+                                 "pass --allow-data-change to continue on the new data")
+            data_history = data_history + [digest]
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, tokens = state["step"], state["tokens_seen"]
@@ -368,7 +401,7 @@ def train(cfg: Config, resume: bool) -> Path:
         print(json.dumps(rec), flush=True)
 
     emit({"event": "start", "step": step, "params": n_params, "train_tokens": len(train_stream),
-          "config": dataclasses.asdict(cfg), "data_sha256": data_hash(), "resumed": resume})
+          "config": dataclasses.asdict(cfg), "data_sha256": digest, "resumed": resume})
     model.train()
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min > 0 else None
     t0 = last_ckpt = last_log = time.time()
@@ -401,13 +434,15 @@ def train(cfg: Config, resume: bool) -> Path:
             emit({"step": step, "val_loss": round(val_loss, 4),
                   "val_ppl": round(math.exp(val_loss), 2)})
         if now - last_ckpt > cfg.ckpt_every_s or step == cfg.max_steps:
-            save_checkpoint(ckpt_path, model, opt, step, tokens, cfg, gen, {"val_loss": val_loss, "train_seconds": train_s, "commands": commands})
+            save_checkpoint(ckpt_path, model, opt, step, tokens, cfg, gen, {"val_loss": val_loss, "train_seconds": train_s, "commands": commands,
+                             "data_history": data_history})
             last_ckpt = now
     if val_loss is None or step % cfg.eval_every:
         val_loss = evaluate(model, val_stream, cfg)
         emit({"step": step, "val_loss": round(val_loss, 4), "val_ppl": round(math.exp(val_loss), 2)})
     save_checkpoint(ckpt_path, model, opt, step, tokens, cfg, gen,
-                    {"val_loss": val_loss, "train_seconds": train_s, "commands": commands})
+                    {"val_loss": val_loss, "train_seconds": train_s, "commands": commands,
+                     "data_history": data_history})
     emit({"event": "end", "step": step, "tokens_seen": tokens})
     return ckpt_path
 
@@ -419,12 +454,15 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     ap.add_argument("--export", default=None, help="write a HF model directory here at the end")
     ap.add_argument("--export-only", action="store_true")
+    ap.add_argument("--allow-data-change", action="store_true",
+                    help="with --resume: continue a checkpoint on a different data mixture "
+                         "(a second pretraining phase; the data hashes are all recorded)")
     args = ap.parse_args(argv)
     cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
     ckpt = Path(cfg.out) / "ckpt.pt"
     if not args.export_only:
-        ckpt = train(cfg, args.resume)
+        ckpt = train(cfg, args.resume, args.allow_data_change)
     if args.export:
         export(ckpt, Path(args.export))
     return 0
