@@ -137,10 +137,3 @@ def ulps(a: float, b: float) -> float:
     return abs(a - b) / max(math.ulp(abs(b)), 1e-45)
 
 
-@pytest.fixture(autouse=False)
-def one_thread():
-    """torch ops on one thread: on a small shared CPU a second OpenMP thread mostly waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

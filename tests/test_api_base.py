@@ -12,21 +12,12 @@ import torch
 from ipa_fast.api_base import APIBase, APIBaseError, completions_url
 from ipa_fast.decoding import TailoredLM
 from ipa_fast.serve import CompletionServer
-from tiny_models import make_tiny_pair, single_thread
 
 PROMPTS = ["the cat", "a dog runs in the park with", "Hello"]
 K = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def pair():
-    return make_tiny_pair(seed=0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,12 @@ import torch
 
 from ipa_fast import sample, tailored_log_softmax
 from ipa_fast.decoding import GenerationOutput, TailoredLM, load_adapter_metadata
-from tiny_models import (control_token_ids, control_tokens, make_tiny_model, make_tiny_pair, make_tiny_tokenizer,
-                         single_thread)
+from tiny_models import (control_token_ids, control_tokens, make_tiny_model, make_tiny_pair, make_tiny_tokenizer)
 
 PROMPTS = ["the cat", "a dog runs in the park with", "Hello"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def pair():
-    return make_tiny_pair(seed=0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,14 @@ import pytest
 
 from ipa_fast.cli import main
 from ipa_fast.decoding import TailoredLM, save_adapter
-from tiny_models import make_tiny_pair, single_thread
+from tiny_models import make_tiny_pair
 
 LEXICAL = [{"prompt": f"Write a sentence with: cat, {w}.\n", "concepts": ["cat", w]}
            for w in ("dog", "park", "ball", "tree", "sun", "book")]
 DETOX = [{"prompt": p} for p in ("the quick brown", "people walk to", "she writes a", "we play music")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_jsonl(path, rows):

@@ -8,15 +8,12 @@ from transformers import LogitsProcessorList
 from ipa_fast import tailored_log_softmax
 from ipa_fast.decoding import TailoredLM
 from ipa_fast.hf import TailoredLogitsProcessor
-from tiny_models import control_token_ids, make_tiny_pair, single_thread
+from tiny_models import control_token_ids, make_tiny_pair
 
 PROMPTS = ["the cat", "a dog runs in the park with", "Hello"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recorder(TailoredLogitsProcessor):

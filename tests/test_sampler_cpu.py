@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ipa_fast
-from sampler_cases import one_thread, random_logits, random_params  # noqa: F401  (fixture)
+from sampler_cases import random_logits, random_params
 
 if ipa_fast.backends()["cpu"] != "ok":
     pytest.skip(f"backend cpu: {ipa_fast.backends()['cpu']}", allow_module_level=True)

@@ -15,7 +15,7 @@ import ipa_fast
 from ipa_fast import reference
 from sampler_cases import (
     DTYPES, backend_params, boundary_near_tie, chi_square_pvalue, filtered_probs, hf_kept_mask, log_softmax64,
-    mixed, one_thread, random_logits, random_params,
+    mixed, random_logits, random_params,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")

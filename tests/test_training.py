@@ -28,14 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["the cat", "a dog", "we play", "birds sing", "she writes", "he cooks", "people walk", "hello"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (no fork/join per op on a shared CPU), and the
-    resume test's subprocesses run with OMP_NUM_THREADS=1: the same float order in-process."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one thread (tests/conftest.py): the resume test's subprocesses run with OMP_NUM_THREADS=1,
+# so in-process runs keep the same float order.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def models():
