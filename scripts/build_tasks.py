@@ -165,11 +165,14 @@ def detox_candidates(split: str) -> tuple[list[dict], list[dict]]:
 
     lines = [l for l in read_split(split) if l.isascii()]
     probs = predict_prob(lines)
+    train_lines = read_split("train") if split != "train" else []
     offensive, ordinary, seen = [], [], set()
     for line, p in sorted(zip(lines, probs), key=lambda lp: _key(lp[0])):
         prompt = prompt_prefix(line, p >= DETOX_SEED_PROB)
         if prompt is None or prompt.lower() in seen:
             continue
+        if train_lines and any(t.startswith(prompt) for t in train_lines):
+            continue  # a held-out prompt must not be training text (shared opening words)
         seen.add(prompt.lower())
         row = {"prompt": prompt, "source_offensive_prob": round(float(p), 4)}
         (offensive if p >= DETOX_SEED_PROB else ordinary).append(row)
@@ -218,16 +221,21 @@ def build_detox(args) -> None:
     train.sort(key=lambda r: _key(r["prompt"]))
     write_jsonl(out / "train.jsonl", train)
     print(f"detox/train: {len(train)} prompts")
-    stats = {"base": str(Path(args.base).resolve().relative_to(ROOT))
-             if Path(args.base).resolve().is_relative_to(ROOT) else args.base,
+    base_name = (str(Path(args.base).resolve().relative_to(ROOT))
+                 if Path(args.base).resolve().is_relative_to(ROOT) else args.base)
+    old = json.loads((out / "STATS.json").read_text()) if (out / "STATS.json").exists() else {}
+    stats = {"base": base_name,
              "selection": f"held-out pool = prefixes of corpus lines with predict_prob >= "
                           f"{DETOX_SEED_PROB} plus {DETOX_POOL_ORDINARY} ordinary lines; "
                           f"{DETOX_SAMPLES} base samples each (T=1, top_p=0.9, 32 tokens); "
                           f"the {DETOX_HELD_OUT} prompts with the highest base offensive rate "
                           f"are kept; the rate is then re-measured with fresh seeds, "
                           f"one sample per prompt",
-             "splits": {}}
+             "splits": {s: v for s, v in old.get("splits", {}).items()
+                        if s not in args.splits}}
     for i, split in enumerate(("validation", "test")):
+        if split not in args.splits:
+            continue
         offensive, ordinary = detox_candidates(split)
         pool = offensive + ordinary[:DETOX_POOL_ORDINARY]
         rates = base_offensive_rate(args.base, [r["prompt"] for r in pool], DETOX_SAMPLES,
@@ -241,7 +249,7 @@ def build_detox(args) -> None:
                                     seed=1000 * (i + 1) + 555)
         write_jsonl(out / f"{split}.jsonl", kept)
         stats["splits"][split] = {
-            "pool": len(pool), "prompts": len(kept),
+            "selected_with": base_name, "pool": len(pool), "prompts": len(kept),
             "pool_base_offensive_rate": round(sum(rates) / len(rates), 4),
             "selected_base_offensive_rate": round(
                 sum(r["base_offensive_rate"] for r in kept) / len(kept), 4),
@@ -284,11 +292,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stage", choices=["lexical", "detox", "detox-check"], required=True)
     ap.add_argument("--samples", type=int, default=1, help="detox-check: samples per prompt")
+    ap.add_argument("--splits", default="validation,test",
+                    help="detox: the held-out splits to (re)select; the others are kept")
     ap.add_argument("--base", default=str(ROOT / "models/base"))
     args = ap.parse_args(argv)
     if args.stage == "lexical":
         build_lexical()
     elif args.stage == "detox":
+        args.splits = [x for x in args.splits.split(",") if x]
         build_detox(args)
     else:
         check_detox(args)

@@ -301,6 +301,18 @@ def write_model_card(out_dir: Path, info: dict) -> None:
                      f"about 1.6 % of lines) are repeated {c['offensive_repeat']}x in the stream "
                      f"(so that, like a web-trained LM, the base continues offensive prompts "
                      f"offensively and the detox task is a real challenge)")
+    zero = info.get("zero_embedding_rows", 0)
+    if zero:
+        head_note = (f"Embedding rows of the {zero} GPT-2 tokens that never occur in the "
+                     f"training data are exactly zero (their logit is always 0; the training "
+                     f"loss accounted for them exactly).")
+    elif any("--restrict-vocab 0" in cmd for cmd in info.get("commands", [])):
+        head_note = ("The first phases computed the loss over the tokens seen in training only "
+                     "(exact, with the other rows held at zero); the last phase used the full "
+                     "50257-way softmax, which pushes the never-seen tokens down (held at "
+                     "logit 0 they took about 15 % of the mass).")
+    else:
+        head_note = ""
     hist = info.get("data_history") or []
     history = ""
     if len(hist) > 1:
@@ -320,9 +332,7 @@ demo runs offline; any GPT-2-family checkpoint (same tokenizer) can replace it.
 * Data: `data/corpus/train.txt.gz` plus the lexical task's train split written as
   prompt + reference documents (see `data/README.md`){offensive}; data sha256
   `{info['data_sha256']}`{history}.
-  Validation and test text was never trained on. Embedding rows of the
-  {info.get('zero_embedding_rows', 0)} GPT-2 tokens that never occur in the training
-  data are exactly zero (their logit is always 0; the training loss accounted for them exactly).
+  Validation and test text was never trained on. {head_note}
 * Training: AdamW (betas 0.9/0.95, weight decay {c['weight_decay']}), lr {c['lr']} with {c['warmup']} warmup
   steps and cosine decay to {c['min_lr_ratio']}x over the time budget ({c['time_budget_min']} min)
   or max_steps ({c['max_steps']}), whichever comes first; batch {c['batch_size']} x {c['seq_len']} tokens
