@@ -12,16 +12,9 @@ SUITES = {
 
 
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
-    for name, (module, help_text) in SUITES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON to PATH")
-        try:
-            importlib.import_module(module).add_arguments(p)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-        p.set_defaults(_suite_module=module)
+    from .cli import add_lazy_commands
+
+    add_lazy_commands(parser.add_subparsers(dest="suite", required=True, metavar="SUITE"), SUITES, "_suite_module")
 
 
 def run(args) -> dict:

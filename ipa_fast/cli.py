@@ -24,11 +24,11 @@ class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ipa-fast", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+def add_lazy_commands(subparsers, table: dict, module_key: str) -> None:
+    """One sub-parser per ``{name: (module, help)}`` entry; each module adds its own arguments.
+    A module that is not there leaves a ``_missing`` reason instead of breaking ``--help``."""
+    for name, (module, help_text) in table.items():
+        p = subparsers.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON to PATH")
         try:
             importlib.import_module(module).add_arguments(p)
@@ -36,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name != module:
                 raise
             p.set_defaults(_missing=f"'{name}' is not available in this build ({module} is missing)")
-        p.set_defaults(_module=module)
+        p.set_defaults(**{module_key: module})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ipa-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_lazy_commands(sub, COMMANDS, "_module")
     return parser
 
 
