@@ -12,16 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .sampler_triton import _mixed_z  # the one definition of the mixed logits z
+
 BLOCK = 1024
-
-
-@triton.jit
-def _z(base_ptr, adapter_ptr, row_off, offs, mask, alpha, t, HAS_ADAPTER: tl.constexpr):
-    x = tl.load(base_ptr + row_off + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    if HAS_ADAPTER:
-        a = tl.load(adapter_ptr + row_off + offs, mask=mask, other=0.0).to(tl.float32)
-        x = x + tl.where(alpha == 0.0, 0.0, alpha * a)
-    return tl.where(mask, tl.math.div_rn(x, t), float("-inf"))
 
 
 @triton.jit
@@ -34,7 +27,7 @@ def _forward_kernel(base_ptr, adapter_ptr, alpha_ptr, temp_ptr, out_ptr, lse_ptr
     d = tl.full((), 0.0, tl.float32)
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        z = _z(base_ptr, adapter_ptr, r * V, offs, offs < V, alpha, t, HAS_ADAPTER)
+        z = _mixed_z(base_ptr, adapter_ptr, r * V, offs, offs < V, alpha, t, HAS_ADAPTER)
         bm = tl.max(z, axis=0)
         m_new = tl.maximum(m, bm)
         # a -inf running max (masked prefix) contributes nothing; never form -inf - -inf
@@ -47,7 +40,7 @@ def _forward_kernel(base_ptr, adapter_ptr, alpha_ptr, temp_ptr, out_ptr, lse_ptr
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < V
-        z = _z(base_ptr, adapter_ptr, r * V, offs, mask, alpha, t, HAS_ADAPTER)
+        z = _mixed_z(base_ptr, adapter_ptr, r * V, offs, mask, alpha, t, HAS_ADAPTER)
         tl.store(out_ptr + r * V + offs, z - lse, mask=mask)
 
 
