@@ -132,7 +132,8 @@ def build_lexical() -> None:
 DETOX_TRAIN = {"offensive": 2500, "ordinary": 1500}
 DETOX_POOL_ORDINARY = 20  # ordinary lines added to each held-out pool
 DETOX_HELD_OUT = 150  # prompts kept per held-out split
-DETOX_SAMPLES = 2  # base samples per pool prompt when scoring the pool
+DETOX_SAMPLES = 4  # base samples per pool prompt when scoring the pool
+DETOX_CUT_POOL = 500  # "about to swear" cuts added to each held-out pool (see swear_cuts)
 DETOX_SEED_PROB = 0.3  # a line is an "offensive source" when predict_prob(line) >= this
 
 
@@ -210,46 +211,130 @@ def base_offensive_rate(base_dir: str, prompts: list[str], samples: int, seed: i
     return [sum(flags[i * samples:(i + 1) * samples]) / samples for i in range(len(prompts))]
 
 
+def profane_token_ids(tok) -> list[int]:
+    """GPT-2 tokens that are a word of better-profanity's list (3+ letters, any case or
+    leading space) and that ``profanity_check`` itself judges offensive (``>= 0.5``)."""
+    from importlib import resources
+
+    from profanity_check import predict_prob
+
+    words_file = resources.files("better_profanity") / "profanity_wordlist.txt"
+    words = {w.strip().lower() for w in words_file.read_text().splitlines() if w.strip() and " " not in w.strip()}
+    texts = [tok.decode([i]) for i in range(tok.vocab_size)]
+    cand = [i for i, t in enumerate(texts) if len(t.strip()) >= 3 and t.strip().lower() in words]
+    probs = predict_prob([texts[i].strip() for i in cand])
+    return [i for i, p in zip(cand, probs) if p >= 0.5]
+
+
+def swear_cuts(model, tok, lines: list[str], profane: list[int], batch_size: int = 32) -> list[dict]:
+    """Per line, the word cut (3 to 16 words, at least one word left) after which the base puts
+    the most probability on a profane next token: prompts that stop where the base is about
+    to swear. Returns ``{"prompt", "swear_prob"}`` rows (lines with no valid cut are skipped)."""
+    import torch
+
+    prof = torch.tensor(profane)
+    rows = []
+    for b in range(0, len(lines), batch_size):
+        chunk = [" ".join(l.split()) for l in lines[b:b + batch_size]]
+        enc = [tok(l)["input_ids"][:48] for l in chunk]
+        T = max(map(len, enc))
+        ids = torch.full((len(enc), T), tok.eos_token_id)
+        mask = torch.zeros(len(enc), T, dtype=torch.long)
+        for i, e in enumerate(enc):
+            ids[i, :len(e)] = torch.tensor(e)
+            mask[i, :len(e)] = 1
+        with torch.no_grad():
+            logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+            p_swear = logp[..., prof].exp().sum(-1)
+        for i, line in enumerate(chunk):
+            words, best = line.split(), None
+            for k in range(3, min(16, len(words) - 1) + 1):
+                prefix = " ".join(words[:k])
+                pid = tok(prefix)["input_ids"]
+                if len(pid) > len(enc[i]) or pid != enc[i][:len(pid)]:
+                    continue  # the cut does not fall on a token boundary of the line
+                q = float(p_swear[i, len(pid) - 1])
+                if best is None or q > best["swear_prob"]:
+                    best = {"prompt": prefix, "swear_prob": round(q, 5)}
+            if best is not None:
+                rows.append(best)
+    return rows
+
+
+def held_out_pool(split: str, base_dir: str) -> list[dict]:
+    """A held-out split's candidate prompts: prefixes of its offensive-source lines (the
+    offensive part kept in the prompt), plus the DETOX_CUT_POOL "about to swear" cuts of all
+    its lines with the highest swear probability under the base, plus a few ordinary lines;
+    none opens a training line."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    offensive, ordinary = detox_candidates(split)
+    sys.path.insert(0, str(ROOT / "ipa_fast"))
+    from tokenizer import load_gpt2_tokenizer
+
+    tok = load_gpt2_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    lines = [l for l in read_split(split) if l.isascii() and len(l.split()) >= 5]
+    cuts = swear_cuts(model, tok, lines, profane_token_ids(tok))
+    cuts.sort(key=lambda r: (-r["swear_prob"], _key(r["prompt"])))
+    train_lines = read_split("train")
+    seen = {r["prompt"].lower() for r in offensive + ordinary}
+    pool = offensive + ordinary[:DETOX_POOL_ORDINARY]
+    added = 0
+    for r in cuts:
+        if added == DETOX_CUT_POOL:
+            break
+        if r["prompt"].lower() in seen or any(t.startswith(r["prompt"]) for t in train_lines):
+            continue
+        seen.add(r["prompt"].lower())
+        pool.append({"prompt": r["prompt"], "source_offensive_prob": None, "swear_prob": r["swear_prob"]})
+        added += 1
+    return pool
+
+
 def build_detox(args) -> None:
     import torch
 
     torch.set_num_threads(1)
     out = TASKS / "detox"
     out.mkdir(parents=True, exist_ok=True)
-    offensive, ordinary = detox_candidates("train")
-    train = offensive[: DETOX_TRAIN["offensive"]] + ordinary[: DETOX_TRAIN["ordinary"]]
-    train.sort(key=lambda r: _key(r["prompt"]))
-    write_jsonl(out / "train.jsonl", train)
-    print(f"detox/train: {len(train)} prompts")
+    if "train" in args.splits:
+        offensive, ordinary = detox_candidates("train")
+        train = offensive[: DETOX_TRAIN["offensive"]] + ordinary[: DETOX_TRAIN["ordinary"]]
+        train.sort(key=lambda r: _key(r["prompt"]))
+        write_jsonl(out / "train.jsonl", train)
+        print(f"detox/train: {len(train)} prompts")
     base_name = (str(Path(args.base).resolve().relative_to(ROOT))
                  if Path(args.base).resolve().is_relative_to(ROOT) else args.base)
     old = json.loads((out / "STATS.json").read_text()) if (out / "STATS.json").exists() else {}
     stats = {"base": base_name,
-             "selection": f"held-out pool = prefixes of corpus lines with predict_prob >= "
-                          f"{DETOX_SEED_PROB} plus {DETOX_POOL_ORDINARY} ordinary lines; "
-                          f"{DETOX_SAMPLES} base samples each (T=1, top_p=0.9, 32 tokens); "
-                          f"the {DETOX_HELD_OUT} prompts with the highest base offensive rate "
-                          f"are kept; the rate is then re-measured with fresh seeds, "
+             "selection": f"held-out pool = prefixes of the split's corpus lines with predict_prob >= "
+                          f"{DETOX_SEED_PROB}, plus {DETOX_POOL_ORDINARY} ordinary lines, plus (from "
+                          f"selection v2) the {DETOX_CUT_POOL} cuts of the split's lines after which the "
+                          f"base puts the most probability on a profane next token (better-profanity "
+                          f"words that profanity_check flags); {DETOX_SAMPLES} base samples each (T=1, "
+                          f"top_p=0.9, 32 tokens); the {DETOX_HELD_OUT} prompts with the highest base "
+                          f"offensive rate are kept; the rate is then re-measured with fresh seeds, "
                           f"one sample per prompt",
-             "splits": {s: v for s, v in old.get("splits", {}).items()
-                        if s not in args.splits}}
+             "splits": {s: v for s, v in old.get("splits", {}).items() if s not in args.splits},
+             **({"checks": old["checks"]} if "checks" in old else {})}
     for i, split in enumerate(("validation", "test")):
         if split not in args.splits:
             continue
-        offensive, ordinary = detox_candidates(split)
-        pool = offensive + ordinary[:DETOX_POOL_ORDINARY]
+        pool = held_out_pool(split, args.base)
         rates = base_offensive_rate(args.base, [r["prompt"] for r in pool], DETOX_SAMPLES,
                                     seed=1000 * (i + 1))
         for r, rate in zip(pool, rates):
             r["base_offensive_rate"] = rate
-        pool.sort(key=lambda r: (-r["base_offensive_rate"], -r["source_offensive_prob"],
-                                 _key(r["prompt"])))
+        pool.sort(key=lambda r: (-r["base_offensive_rate"], -(r.get("swear_prob") or 0.0),
+                                 -(r["source_offensive_prob"] or 0.0), _key(r["prompt"])))
         kept = sorted(pool[:DETOX_HELD_OUT], key=lambda r: _key(r["prompt"]))
         check = base_offensive_rate(args.base, [r["prompt"] for r in kept], 1,
                                     seed=1000 * (i + 1) + 555)
         write_jsonl(out / f"{split}.jsonl", kept)
         stats["splits"][split] = {
-            "selected_with": base_name, "pool": len(pool), "prompts": len(kept),
+            "selected_with": base_name, "selection": "v2", "pool": len(pool), "prompts": len(kept),
             "pool_base_offensive_rate": round(sum(rates) / len(rates), 4),
             "selected_base_offensive_rate": round(
                 sum(r["base_offensive_rate"] for r in kept) / len(kept), 4),
@@ -292,8 +377,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stage", choices=["lexical", "detox", "detox-check"], required=True)
     ap.add_argument("--samples", type=int, default=1, help="detox-check: samples per prompt")
-    ap.add_argument("--splits", default="validation,test",
-                    help="detox: the held-out splits to (re)select; the others are kept")
+    ap.add_argument("--splits", default="train,validation,test",
+                    help="detox: the splits to (re)build; the others are kept")
     ap.add_argument("--base", default=str(ROOT / "models/base"))
     args = ap.parse_args(argv)
     if args.stage == "lexical":

@@ -299,6 +299,56 @@ def test_reward_failure_saves_checkpoint_then_stops(tmp_path, bad):
     assert ckpt.load_latest(Path(cfg.out) / "checkpoints")[0]["step"] == 1
 
 
+# ---------------------------------------------------------------------------------------
+# supervised warm start
+
+SFT_ROWS = [{"prompt": p, "reference": r} for p, r in zip(PROMPTS, [
+    " sat on the mat", " barked at night", " all day long", " in the morning", " a long letter",
+    " a fine dinner", " to the market", " there and back"])]
+
+
+def _tailored_nll(tr, rows) -> float:
+    """Mean NLL of the rows' warm-start targets under TailoredLM.score (the decoding path)."""
+    targets = tr.sft_targets(rows)
+    with torch.no_grad():
+        sc = tr.lm.score([r["prompt"] for r in rows], targets, adapter_prefix=tr.inference_prefix)
+    return -float(torch.cat(sc.logprobs).sum()) / sum(len(t) for t in targets)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "quark"])
+def test_sft_warm_start_fits_targets_then_becomes_the_kl_reference(tmp_path, algo):
+    base, adapter, tok = models()
+    cfg = config(tmp_path, algo=algo, steps=13, sft_steps=12, sft_lr=3e-2, lr=1e-4, batch_size=8,
+                 minibatch_size=8, checkpoint_every=100)
+    tr = Trainer(cfg, base, adapter, tok, even_tokens, SFT_ROWS, SFT_ROWS[:4])
+    base_before = copy.deepcopy(base.state_dict())
+    nll0 = _tailored_nll(tr, SFT_ROWS)
+    first = tr.train_step()
+    # the logged loss of the first step is the tailored NLL as the decoding path scores it
+    # (batch_size == number of rows, so the step saw every row once)
+    assert first["type"] == "sft"
+    assert first["sft/nll"] == pytest.approx(nll0, rel=1e-4)
+    for _ in range(11):
+        assert tr.train_step()["type"] == "sft"
+    nll1 = _tailored_nll(tr, SFT_ROWS)
+    assert nll1 < 0.5 * nll0, (nll0, nll1)
+    # after the last warm-start step the KL reference is the warm-started adapter
+    ref = tr.ref_adapter.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in tr.adapter.state_dict().items())
+    rec = tr.train_step()
+    assert rec["type"] == "train" and rec["lr"] == pytest.approx(1e-4)
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in base_before.items())
+
+
+def test_sft_needs_the_target_field(tmp_path):
+    base, adapter, tok = models()
+    rows = [{"prompt": p} for p in PROMPTS]
+    tr = Trainer(config(tmp_path, steps=2, sft_steps=1, sft_field="answer"), base, adapter, tok,
+                 even_tokens, rows, rows[:4])
+    with pytest.raises(ValueError, match="'answer'"):
+        tr.train_step()
+
+
 @pytest.mark.parametrize("kw, msg", [
     (dict(algo="dpo"), "algo"),
     (dict(minibatch_size=4, grad_accum=3), "multiple of grad_accum"),
@@ -307,6 +357,8 @@ def test_reward_failure_saves_checkpoint_then_stops(tmp_path, bad):
     (dict(steps=-1), "steps"),
     (dict(lr=0.0), "lr"),
     (dict(temperature=0.0), "temperature"),
+    (dict(steps=2, sft_steps=3), "sft_steps"),
+    (dict(sft_lr=0.0), "sft_lr"),
 ])
 def test_bad_config(tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):

@@ -2,6 +2,7 @@
 
     ipa-fast train --task lexical --algo quark --steps 200 --out runs/lex
     ipa-fast train --reward my_rewards:polite --prompts prompts.jsonl --algo ppo --steps 100 --out runs/polite
+    ipa-fast train --task lexical --algo quark --sft-steps 300 --sft-lr 1e-3 --steps 400 --out runs/lex
     ipa-fast train ... --resume          # continue a killed run in --out up to --steps
 
 Every :class:`~ipa_fast.training.TrainConfig` field is a flag (``--batch-size``, ``--kl-coef``,
@@ -36,6 +37,10 @@ HELP = {
     "reference": "KL reference policy: initial (base x frozen initial adapter) or base (base alone)",
     "kl_target": "target KL for the adaptive KL controller (default: fixed --kl-coef)",
     "early_stop_kl": "PPO: stop the epochs when approx KL(old||new) > 1.5 x this",
+    "sft_steps": "supervised warm start: the first N steps minimise the tailored NLL of each prompt "
+                 "row's --sft-field text (then RL from there; the KL reference is the warm-started adapter)",
+    "sft_field": "the prompt-file field holding the warm-start target text",
+    "sft_lr": "learning rate of the warm-start steps (default: --lr)",
     "backend": "sampler backend for rollouts (auto, reference, cpu, triton, cuda)",
 }
 CHOICES = {"algo": ["quark", "ppo"], "task": ["lexical", "detox"], "reference": ["initial", "base"],

@@ -84,6 +84,13 @@ class TrainConfig:
     kl_coef: float = 0.05               # PPO: per-token KL penalty; Quark: KL term of the loss
     kl_target: float | None = None      # adaptive KL controller target (None = fixed kl_coef)
     kl_horizon: float = 10000.0
+    # supervised warm start (0 = none): the first sft_steps steps minimise the tailored NLL of
+    # each prompt's `sft_field` text (+ EOS) through the product of experts, the adapter seeing
+    # its inference prefix (Quark: the best reward token); the KL reference is then the
+    # warm-started adapter, as RLHF's reference is its SFT model
+    sft_steps: int = 0
+    sft_field: str = "reference"
+    sft_lr: float | None = None         # default: lr
     # Quark
     n_quantiles: int = 5
     entropy_coef: float = 0.0
@@ -127,6 +134,9 @@ class TrainConfig:
         need(self.algo != "ppo" or self.minibatch_size <= self.batch_size,
              f"PPO minibatch_size ({self.minibatch_size}) must be <= batch_size ({self.batch_size})")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(isinstance(self.sft_steps, int) and 0 <= self.sft_steps <= self.steps,
+             f"sft_steps must be an int in [0, steps={self.steps}], got {self.sft_steps!r}")
+        need(self.sft_lr is None or self.sft_lr > 0, f"sft_lr must be > 0, got {self.sft_lr}")
         need(self.temperature > 0, f"temperature must be > 0 for training, got {self.temperature}")
         need(0 < self.top_p <= 1 and 0 < self.eval_top_p <= 1, "top_p and eval_top_p must be in (0, 1]")
         need(self.kl_coef >= 0 and self.entropy_coef >= 0, "kl_coef and entropy_coef must be >= 0")
@@ -189,6 +199,8 @@ class Trainer:
 
     def _lr_factor(self, step: int) -> float:
         c = self.cfg
+        if step < c.sft_steps:  # LambdaLR's step k is the (k+1)-th optimiser step
+            return (c.sft_lr or c.lr) / c.lr
         warm = min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else 1.0
         decay = max(0.0, 1.0 - step / max(1, c.steps)) if c.lr_schedule == "linear" else 1.0
         return warm * decay
@@ -205,11 +217,11 @@ class Trainer:
                     logits_to_keep=keep, output_hidden_states=hidden)
         return out.logits[:, -keep:], (out.hidden_states[-1][:, -keep:] if hidden else None)
 
-    def token_stats(self, prompt_ids, prefixes, responses, values: bool = False) -> dict:
+    def token_stats(self, prompt_ids, prefixes, responses, values: bool = False, kl: bool = True) -> dict:
         """Per-token statistics of ``responses`` under pi, right-padded to ``[B, R]``.
 
-        Returns ``logprob``, ``entropy``, ``kl`` (to the reference), ``mask`` and, with
-        ``values``, the value head's ``values``. Differentiable w.r.t. the adapter (and value
+        Returns ``logprob``, ``entropy``, ``kl`` (to the reference; zeros with ``kl=False``),
+        ``mask`` and, with ``values``, the value head's ``values``. Differentiable w.r.t. the adapter (and value
         head) when grad is enabled.
         """
         B = len(responses)
@@ -225,7 +237,7 @@ class Trainer:
         with torch.no_grad():
             zb, _ = self._logits(self.base, full, R + 1)
             zr = None
-            if self.ref_adapter is not None:
+            if self.ref_adapter is not None and kl:
                 zr, _ = self._logits(self.ref_adapter, adapter_rows, R + 1)
                 zr = zr[rows, cols, :self.V]
         zb = zb[rows, cols, :self.V]
@@ -284,6 +296,38 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    # -- supervised warm start ----------------------------------------------------------
+
+    def sft_targets(self, rows: list[dict]) -> list[list[int]]:
+        """The warm-start target of each row: its ``sft_field`` text, tokenised, plus EOS."""
+        field_name = self.cfg.sft_field
+        missing = [i for i, r in enumerate(rows) if not isinstance(r.get(field_name), str) or not r[field_name]]
+        if missing:
+            raise ValueError(f"sft_steps needs a non-empty {field_name!r} text in every training prompt row; "
+                             f"row {missing[0]} has none: {rows[missing[0]]!r}")
+        eos = self.tokenizer.eos_token_id
+        return [self.tokenizer(r[field_name], add_special_tokens=False)["input_ids"][: self.cfg.max_new_tokens - 1]
+                + [eos] for r in rows]
+
+    def sft_step(self, step: int, rows: list[dict]) -> dict:
+        """One optimiser step on the tailored NLL of the rows' targets (``grad_accum`` micro-batches)."""
+        self.adapter.eval()
+        prompt_ids = self.lm.encode([r["prompt"] for r in rows])
+        targets = self.sft_targets(rows)
+        idx = list(range(len(rows)))
+        n_tokens = sum(len(t) for t in targets)
+        nll_sum = 0.0
+        for micro in self._micro_batches(idx):
+            st = self.token_stats([prompt_ids[i] for i in micro], [self.inference_prefix] * len(micro),
+                                  [targets[i] for i in micro], kl=False)
+            nll = -(st["logprob"] * st["mask"]).sum()
+            (nll / n_tokens).backward()
+            nll_sum += float(nll.detach())
+        stats = {"sft/nll": nll_sum / n_tokens, "sft/grad_norm": self._optimizer_step()}
+        if step == self.cfg.sft_steps and self.ref_adapter is not None:
+            self.ref_adapter.load_state_dict(self.adapter.state_dict())
+        return stats
 
     # -- Quark ---------------------------------------------------------------------------
 
@@ -388,6 +432,12 @@ class Trainer:
         c = self.cfg
         t0 = time.perf_counter()
         rows = [self.train_rows[i] for i in self._prompt_batch(step)]
+        if step <= c.sft_steps:
+            stats = self.sft_step(step, rows)
+            self.scheduler.step()
+            self.step = step
+            return {"type": "sft", "step": step, "lr": self.scheduler.get_last_lr()[0], **stats,
+                    "time/step": time.perf_counter() - t0}
         gen = self.rollout(rows, step_seed(c.seed, step, 0))
         t1 = time.perf_counter()
         try:
@@ -516,8 +566,11 @@ class Trainer:
             rec = self.train_step()
             self._log(rec)
             bar.update(1)
-            bar.set_postfix(reward=f"{rec['reward']:.3f}", kl_coef=f"{rec['kl_coef']:.3g}",
-                            rollout=f"{rec['time/rollout']:.2f}s", update=f"{rec['time/update']:.2f}s")
+            if rec["type"] == "sft":
+                bar.set_postfix(sft_nll=f"{rec['sft/nll']:.3f}", step=f"{rec['time/step']:.2f}s")
+            else:
+                bar.set_postfix(reward=f"{rec['reward']:.3f}", kl_coef=f"{rec['kl_coef']:.3g}",
+                                rollout=f"{rec['time/rollout']:.2f}s", update=f"{rec['time/update']:.2f}s")
             if c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
                 self._log(self.evaluate())
                 self._report_eval()
