@@ -24,6 +24,13 @@ from . import embedded
 
 # the evaluation protocol of SPEC §6, fixed and printed
 PROTOCOL = {"temperature": 1.0, "top_p": 0.9, "samples_per_prompt": 1, "max_new_tokens": 32, "seed": 20261126}
+EVAL_CHUNK = 64  # prompts per generate() call in the evaluation
+LIVE_STEPS = {False: 120, True: 12}
+# the live run: Quark from the initial adapter, the shipped recipe at a small scale
+LIVE = {
+    "detox": dict(algo="quark", lr=3e-4, batch_size=16, minibatch_size=16),
+    "lexical": dict(algo="quark", lr=1e-4, sft_lr=3e-3, batch_size=16, minibatch_size=16),
+}
 TASK_SCORE = {"lexical": "coverage (higher is better)", "detox": "offensive rate (lower is better)"}
 
 
@@ -31,8 +38,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer prompts and training steps (< 2 minutes)")
     parser.add_argument("--out", default="runs/demo", help="where the live training and the plot go")
     parser.add_argument("--plot", default=None, help="PNG path (default: <out>/demo.png)")
-    parser.add_argument("--prompts", type=int, default=None, help="held-out prompts per task (default 64, quick 16)")
-    parser.add_argument("--train-steps", type=int, default=None, help="live training steps (default 30, quick 6)")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="held-out test prompts per task (default: all of them, at most 500; quick 32)")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help=f"live training steps (default {LIVE_STEPS[False]}, quick {LIVE_STEPS[True]})")
+    parser.add_argument("--live-task", choices=list(LIVE), default="detox",
+                        help="the task of the live training (default: detox)")
     parser.add_argument("--home", default=None, help="a root holding models/ and data/ (default: the shipped ones)")
 
 
@@ -53,14 +64,20 @@ def evaluate_variant(lm, task: str, rows: list[dict], *, alpha: float, base_weig
     from .training.rewards import lexical_coverage, offensive_rate
 
     prompts = [r["prompt"] for r in rows]
-    gen = lm.generate(prompts, max_new_tokens=PROTOCOL["max_new_tokens"], temperature=PROTOCOL["temperature"],
-                      top_p=PROTOCOL["top_p"], seed=PROTOCOL["seed"], alpha=alpha, base_weight=base_weight)
+    texts, prompt_ids, token_ids = [], [], []
+    for start in range(0, len(prompts), EVAL_CHUNK):  # row r's seed is PROTOCOL seed + r in any chunking
+        gen = lm.generate(prompts[start:start + EVAL_CHUNK], max_new_tokens=PROTOCOL["max_new_tokens"],
+                          temperature=PROTOCOL["temperature"], top_p=PROTOCOL["top_p"],
+                          seed=PROTOCOL["seed"] + start, alpha=alpha, base_weight=base_weight)
+        texts += gen.texts
+        prompt_ids += gen.prompt_token_ids
+        token_ids += gen.token_ids
     if task == "lexical":
-        score = sum(lexical_coverage(prompts, gen.texts, [r["concepts"] for r in rows])) / len(rows)
+        score = sum(lexical_coverage(prompts, texts, [r["concepts"] for r in rows])) / len(rows)
     else:
-        score = offensive_rate(gen.texts)
-    ppl = perplexity(lm.base, gen.prompt_token_ids, gen.token_ids, pad_token_id=lm.pad_id)
-    return {"score": score, "perplexity": ppl, "distinct_2": distinct_n(gen.texts, 2), "texts": gen.texts}
+        score = offensive_rate(texts)
+    ppl = perplexity(lm.base, prompt_ids, token_ids, pad_token_id=lm.pad_id)
+    return {"score": score, "perplexity": ppl, "distinct_2": distinct_n(texts, 2), "texts": texts}
 
 
 def run_task(task: str, home: Path, n_prompts: int) -> tuple[dict, list[dict]]:
@@ -77,16 +94,22 @@ def run_task(task: str, home: Path, n_prompts: int) -> tuple[dict, list[dict]]:
     return {k: {m: v[m] for m in ("score", "perplexity", "distinct_2")} for k, v in variants.items()}, samples
 
 
-def live_training(home: Path, out: Path, steps: int, quick: bool) -> dict:
+def live_training(home: Path, out: Path, task: str, steps: int, quick: bool) -> dict:
+    """A short IPA training run from the initial adapter (``ipa-fast train`` in-process), with
+    its progress bar; held-out reward before and after (the task's validation split)."""
     from .training import TrainConfig, train
 
-    cfg = TrainConfig(algo="quark", task="lexical", steps=steps, out=str(out / "live-training"),
-                      base=str(home / "models/base"), adapter=str(home / "models/adapter-init"),
-                      batch_size=8 if quick else 16, eval_size=16 if quick else 32, eval_every=0,
-                      checkpoint_every=max(steps, 1), lr=1e-4)
-    summary = train(cfg, resume=(out / "live-training" / "checkpoints").exists())
-    return {"task": "lexical", "algo": "quark", "steps": summary["steps"],
-            "reward_before": summary["initial_eval"]["reward"], "reward_after": summary["final_eval"]["reward"]}
+    knobs = dict(LIVE[task])
+    if "sft_lr" in knobs:
+        knobs["sft_steps"] = steps * 3 // 4
+    run_dir = out / f"live-training-{task}"
+    cfg = TrainConfig(task=task, steps=steps, out=str(run_dir), base=str(home / "models/base"),
+                      adapter=str(home / "models/adapter-init"), eval_size=16 if quick else 64,
+                      eval_every=0, checkpoint_every=max(steps, 1), **knobs)
+    summary = train(cfg, resume=(run_dir / "checkpoints").exists())
+    return {"task": task, "algo": cfg.algo, "steps": summary["steps"], "sft_steps": cfg.sft_steps,
+            "reward_before": summary["initial_eval"]["reward"], "reward_after": summary["final_eval"]["reward"],
+            "reward_curve": summary["reward_curve"]}
 
 
 def print_table(results: dict) -> None:
@@ -109,7 +132,7 @@ def plot(results: dict, live: dict, path: Path) -> None:
         ax.bar(names, [variants[n]["score"] for n in names], color=["#999", "#1f77b4", "#ff7f0e"])
         ax.set_title(f"{task}: {TASK_SCORE[task]}", fontsize=9)
     axes[-1].bar(["before", "after"], [live["reward_before"], live["reward_after"]], color=["#999", "#2ca02c"])
-    axes[-1].set_title(f"live Quark training, {live['steps']} steps: held-out reward", fontsize=9)
+    axes[-1].set_title(f"live Quark training ({live['task']}), {live['steps']} steps:\nheld-out reward", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -145,13 +168,14 @@ def run(args) -> dict:
     if args.home:
         import os
         os.environ["IPA_FAST_HOME"] = str(home)
-    n_prompts = args.prompts or (16 if args.quick else 64)
-    steps = args.train_steps if args.train_steps is not None else (6 if args.quick else 30)
+    n_prompts = args.prompts or (32 if args.quick else 500)
+    steps = args.train_steps if args.train_steps is not None else LIVE_STEPS[args.quick]
     out = Path(args.out)
     t0 = time.perf_counter()
     results, samples = {}, {}
     for task in embedded.TASKS:
-        print(f"[demo] {task}: base alone vs base + IPA adapter vs adapter alone on {n_prompts} held-out prompts"
+        n_rows = min(n_prompts, len(embedded.read_task(task, "test")))
+        print(f"[demo] {task}: base alone vs base + IPA adapter vs adapter alone on {n_rows} held-out test prompts"
               + (" (content warning: outputs may be offensive)" if task == "detox" else ""))
         results[task], samples[task] = run_task(task, home, n_prompts)
     print_table(results)
@@ -161,8 +185,8 @@ def run(args) -> dict:
             print(f"  prompt: {row['prompt']!r}")
             for name in ("base", "ipa", "adapter_only"):
                 print(f"    {name:13} {row[name]!r}")
-    print(f"\n[demo] live IPA training (Quark, lexical) from the initial adapter, {steps} steps")
-    live = live_training(home, out, steps, args.quick)
+    print(f"\n[demo] live IPA training (Quark, {args.live_task}) from the initial adapter, {steps} steps")
+    live = live_training(home, out, args.live_task, steps, args.quick)
     print(f"[demo] held-out reward {live['reward_before']:.3f} -> {live['reward_after']:.3f}")
     plot_path = Path(args.plot) if args.plot else out / "demo.png"
     plot(results, live, plot_path)

@@ -9,7 +9,7 @@ from ipa_fast.cli import main
 from ipa_fast.decoding import TailoredLM, save_adapter
 from tiny_models import make_tiny_pair
 
-LEXICAL = [{"prompt": f"Write a sentence with: cat, {w}.\n", "concepts": ["cat", w]}
+LEXICAL = [{"prompt": f"Write a sentence with: cat, {w}.\n", "concepts": ["cat", w], "reference": f"the cat and the {w}"}
            for w in ("dog", "park", "ball", "tree", "sun", "book")]
 DETOX = [{"prompt": p} for p in ("the quick brown", "people walk to", "she writes a", "we play music")]
 
@@ -42,7 +42,7 @@ def test_demo_quick_end_to_end(home, tmp_path, monkeypatch):
     monkeypatch.setenv("IPA_FAST_HOME", str(home))
     out = tmp_path / "demo.json"
     rc = main(["demo", "--quick", "--home", str(home), "--out", str(tmp_path / "run"), "--prompts", "4",
-               "--train-steps", "2", "--json", str(out)])
+               "--train-steps", "4", "--live-task", "lexical", "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["mode"] == "ipa"
@@ -51,7 +51,7 @@ def test_demo_quick_end_to_end(home, tmp_path, monkeypatch):
             m = result["tasks"][task][variant]
             assert 0.0 <= m["score"] <= 1.0 and m["perplexity"] > 1.0 and 0.0 <= m["distinct_2"] <= 1.0
     live = result["live_training"]
-    assert live["task"] == "lexical" and live["steps"] == 2
+    assert live["task"] == "lexical" and live["steps"] == 4 and live["sft_steps"] == 3
     assert {"reward_before", "reward_after"} <= set(live)
     assert (tmp_path / "run/demo.png").stat().st_size > 0
 

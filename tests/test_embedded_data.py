@@ -124,3 +124,34 @@ def test_shipped_model(name, limit_mb):
     with safe_open(str(d / "model.safetensors"), "pt") as f:
         for k in f.keys():
             assert str(f.get_slice(k).get_dtype()) in ("F16",), k
+
+
+def test_shipped_weights_match_manifest():
+    manifest = ROOT / "models/MANIFEST.json"
+    if not manifest.exists():
+        pytest.skip("no models/MANIFEST.json (scripts/export_adapter.py writes it)")
+    files = json.loads(manifest.read_text())["files"]
+    on_disk = {p.relative_to(ROOT).as_posix() for p in (ROOT / "models").rglob("model.safetensors")}
+    assert on_disk == set(files), "models/MANIFEST.json is stale: rerun scripts/export_adapter.py"
+    for rel, info in files.items():
+        data = (ROOT / rel).read_bytes()
+        assert len(data) == info["bytes"] and hashlib.sha256(data).hexdigest() == info["sha256"], rel
+
+
+@pytest.mark.parametrize("task", ["lexical", "detox"])
+def test_shipped_adapter_loads_and_decodes(task):
+    d = ROOT / "models/adapters" / task
+    if not (d / "model.safetensors").exists():
+        pytest.skip(f"models/adapters/{task} not shipped (scripts/export_adapter.py)")
+    assert (d / "model.safetensors").stat().st_size <= 10 * 2**20
+    card = (d / "MODEL_CARD.md").read_text()
+    assert "ipa-fast train" in card
+    from ipa_fast.decoding import TailoredLM
+    from ipa_fast.tokenizer import tokenizer_hash
+
+    lm = TailoredLM.from_pretrained(str(ROOT / "models/base"), str(d))
+    meta = json.loads((d / "ipa_adapter.json").read_text())
+    assert meta["tokenizer_hash"] == tokenizer_hash(lm.tokenizer) and meta["vocab_size"] == lm.V == 50257
+    rows = embedded.read_task(task, "test")[:2]
+    out = lm.generate([r["prompt"] for r in rows], max_new_tokens=4, seed=0)
+    assert all(1 <= len(t) <= 4 and max(t) < 50257 for t in out.token_ids)

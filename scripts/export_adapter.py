@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Ship a trained adapter: ``ipa-fast train``'s run directory -> ``models/adapters/<task>``.
+
+    python scripts/export_adapter.py runs/adapter-detox --task detox
+
+Writes the adapter in fp16 safetensors (with its tokenizer files and ``ipa_adapter.json``),
+a ``MODEL_CARD.md`` holding the exact ``ipa-fast train`` command (rebuilt from the run's
+``config.json``), the held-out evaluations of ``metrics.jsonl``, the reward curve, and then
+refreshes ``models/MANIFEST.json`` (sha256 and size of every shipped weight file).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+LIMIT_MIB = 10
+
+
+def train_command(config: dict) -> str:
+    """The ``ipa-fast train`` command line that reproduces a run (flags that differ from the defaults)."""
+    from ipa_fast.training import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    parts = ["ipa-fast train"]
+    for name, value in config.items():
+        if name in defaults and value != defaults[name] and name != "progress":
+            parts.append(f"--{name.replace('_', '-')} {value}")
+    return " ".join(parts)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_manifest() -> dict:
+    """models/MANIFEST.json: sha256 and size of every shipped ``model.safetensors``."""
+    files = {}
+    for f in sorted(MODELS.rglob("model.safetensors")):
+        rel = f.relative_to(ROOT).as_posix()
+        files[rel] = {"sha256": sha256(f), "bytes": f.stat().st_size}
+    manifest = {"description": "Shipped weights of the embedded default (tests/test_embedded_data.py checks them).",
+                "files": files}
+    (MODELS / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def export(run: Path, task: str, dest: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = run / "adapter"
+    config = json.loads((run / "config.json").read_text())
+    log = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    evals = [r for r in log if r["type"] == "eval"]
+    if not evals:
+        raise SystemExit(f"{run}/metrics.jsonl holds no evaluation: is the run finished?")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model.half().save_pretrained(tmp, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "ipa_adapter.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, tmp / name)
+    meta = json.loads((tmp / "ipa_adapter.json").read_text())
+    meta["base"] = "models/base"
+    (tmp / "ipa_adapter.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if (run / "reward_curve.png").exists():
+        shutil.copy(run / "reward_curve.png", tmp / "reward_curve.png")
+    size = (tmp / "model.safetensors").stat().st_size
+    if size > LIMIT_MIB * 2**20:
+        raise SystemExit(f"{tmp}/model.safetensors is {size / 2**20:.1f} MiB > {LIMIT_MIB} MiB")
+    n_params = sum(p.numel() for p in model.parameters())
+    sft = config.get("sft_steps", 0)
+    rl_steps = config["steps"] - sft
+    train_lines = [r for r in log if r["type"] == "train"]
+    secs = sum(r["time/step"] for r in log if r["type"] in ("train", "sft"))
+    rows = "\n".join(
+        f"| {r['step']} | {r['reward']:.4f} | "
+        + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k not in ("type", "step", "reward", "time/eval")) + " |"
+        for r in evals)
+    card = f"""# adapters/{task}: an IPA policy adapter for the {task} task
+
+Trained with `ipa-fast train` ({config['algo']}) on top of the frozen `models/base`, from
+`models/adapter-init`; part of ipa_fast's embedded default (`ipa-fast demo` evaluates it on
+the held-out test split). Load it with
+
+    from ipa_fast import TailoredLM
+    lm = TailoredLM.from_pretrained("models/base", "models/adapters/{task}")
+
+* Architecture: `transformers.GPT2LMHeadModel` ({n_params:,} parameters; input embedding rows
+  >= 50257 are Quark's reward-quantile control tokens, never emitted), fp16 safetensors
+  ({size / 2**20:.1f} MiB), sha256 `{sha256(tmp / 'model.safetensors')}`.
+* Tailored policy: softmax(base + {meta['alpha']} x adapter); the adapter reads
+  `{meta['adapter_prefix_tokens']}` before the prompt (`ipa_adapter.json`).
+* Training: {sft} supervised warm-start steps (tailored NLL of the train split's references)
+  then {rl_steps} {config['algo']} steps; reward `{config.get('reward') or config['task']}`
+  on `data/tasks/{task}/train.jsonl`, evaluated on the first {config['eval_size']} rows of
+  `data/tasks/{task}/validation.jsonl` (T=1, top_p={config['eval_top_p']}, {config['eval_max_new_tokens']} new tokens,
+  fixed seeds); {len(train_lines) + sft} steps took {secs / 3600:.2f} hours on one thread of a
+  shared 2-core CPU.
+
+Command (run from the repository root; `OMP_NUM_THREADS=1`):
+
+    {train_command(config)}
+    python scripts/export_adapter.py {run.relative_to(ROOT) if run.is_relative_to(ROOT) else run} --task {task}
+
+Held-out (validation) evaluations during training (`reward_curve.png`):
+
+| step | reward | other metrics |
+|---|---|---|
+{rows}
+
+Test-split numbers (base alone vs base + this adapter vs the adapter alone) are the demo's:
+`ipa-fast demo --json runs/demo/demo.json`, reported in the repository README.
+
+Licence: derived from the embedded corpus (see `data/README.md`); content warning as for
+the base: outputs can be offensive.
+"""
+    (tmp / "MODEL_CARD.md").write_text(card)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.replace(dest)
+    write_manifest()
+    return dest
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", type=Path, help="an `ipa-fast train --out` directory holding adapter/")
+    ap.add_argument("--task", required=True, choices=["lexical", "detox"])
+    ap.add_argument("--dest", type=Path, default=None, help="default: models/adapters/<task>")
+    args = ap.parse_args(argv)
+    dest = export(args.run.resolve(), args.task, args.dest or MODELS / "adapters" / args.task)
+    print(f"wrote {dest} and models/MANIFEST.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
