@@ -86,6 +86,8 @@ def test_lexical_test_never_from_training_text():
 def test_detox_rows(split):
     rows = _rows("detox", split)
     assert rows and all(isinstance(r["prompt"], str) and r["prompt"].strip() for r in rows)
+    # the trainer passes the extra fields to the reward as lists: every row has the same ones
+    assert len({tuple(sorted(r)) for r in rows}) == 1
 
 
 def test_detox_test_disjoint_from_train():
@@ -93,9 +95,11 @@ def test_detox_test_disjoint_from_train():
     test = {r["prompt"] for r in _rows("detox", "test")}
     assert not train & test
     # every test prompt is a prefix of a held-out (test-split) corpus line
-    held_out = embedded.read_corpus("test")
+    held_out = [" ".join(l.split()) for l in embedded.read_corpus("test")]
+    train_lines = [" ".join(l.split()) for l in embedded.read_corpus("train")]
     for p in sorted(test)[:50]:
         assert any(l.startswith(p) for l in held_out), p
+        assert not any(l.startswith(p) for l in train_lines), p  # never training text
 
 
 def test_paths_and_clear_errors(tmp_path, monkeypatch):
