@@ -340,6 +340,27 @@ def test_sft_warm_start_fits_targets_then_becomes_the_kl_reference(tmp_path, alg
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in base_before.items())
 
 
+def test_min_new_tokens_masks_eos_in_rollouts_only(tmp_path):
+    base, adapter, tok = models()
+    eos = tok.eos_token_id
+
+    def eos_first(module, args, out):  # make EOS by far the most likely next token of pi
+        out.logits[..., eos] += 100.0
+        return out
+
+    adapter.register_forward_hook(eos_first)
+    rows = [{"prompt": p} for p in PROMPTS]
+    tr = Trainer(config(tmp_path, min_new_tokens=4, max_new_tokens=6, eval_max_new_tokens=6), base, adapter, tok,
+                 even_tokens, rows, rows[:4])
+    free = tr.rollout(rows, 0, min_new_tokens=0)
+    assert all(len(t) == 1 and t[0] == eos for t in free.token_ids)  # the policy stops at once
+    masked = tr.rollout(rows, 0)
+    assert all(len(t) >= 4 for t in masked.token_ids)
+    assert all(eos not in t[:4] for t in masked.token_ids)
+    tr.evaluate()  # evaluation keeps the protocol: no mask, so it stops at once
+    assert all(s["completion"] == "" for s in tr.last_samples)
+
+
 def test_sft_needs_the_target_field(tmp_path):
     base, adapter, tok = models()
     rows = [{"prompt": p} for p in PROMPTS]
@@ -358,6 +379,7 @@ def test_sft_needs_the_target_field(tmp_path):
     (dict(lr=0.0), "lr"),
     (dict(temperature=0.0), "temperature"),
     (dict(steps=2, sft_steps=3), "sft_steps"),
+    (dict(min_new_tokens=40), "min_new_tokens"),
     (dict(sft_lr=0.0), "sft_lr"),
 ])
 def test_bad_config(tmp_path, kw, msg):

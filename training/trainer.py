@@ -69,6 +69,9 @@ class TrainConfig:
     top_k: int = 0                      # rollouts sample pi unfiltered by default: filtering makes
     top_p: float = 1.0                  # the sampling distribution differ from the scored one
     max_new_tokens: int = 32
+    min_new_tokens: int = 0             # rollouts only: EOS is masked before this many tokens (the
+                                        # official IPA code uses 16), so a policy cannot earn its
+                                        # reward by stopping early; evaluation keeps the protocol
     backend: str = "auto"               # ipa_fast.sample backend for rollouts
     reference: str = "initial"          # KL reference: "initial" (base x frozen initial adapter) | "base"
     # optimisation
@@ -134,6 +137,8 @@ class TrainConfig:
         need(self.algo != "ppo" or self.minibatch_size <= self.batch_size,
              f"PPO minibatch_size ({self.minibatch_size}) must be <= batch_size ({self.batch_size})")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(isinstance(self.min_new_tokens, int) and 0 <= self.min_new_tokens <= self.max_new_tokens,
+             f"min_new_tokens must be an int in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens!r}")
         need(isinstance(self.sft_steps, int) and 0 <= self.sft_steps <= self.steps,
              f"sft_steps must be an int in [0, steps={self.steps}], got {self.sft_steps!r}")
         need(self.sft_lr is None or self.sft_lr > 0, f"sft_lr must be > 0, got {self.sft_lr}")
@@ -269,13 +274,15 @@ class Trainer:
         k = self.cfg.batch_size
         return g.choice(n, size=k, replace=k > n).tolist()
 
-    def rollout(self, rows: list[dict], seed: int, *, max_new_tokens=None, top_k=None, top_p=None, temperature=None):
+    def rollout(self, rows: list[dict], seed: int, *, max_new_tokens=None, top_k=None, top_p=None, temperature=None,
+                min_new_tokens=None):
         c = self.cfg
         self.adapter.eval()
         return self.lm.generate([r["prompt"] for r in rows], max_new_tokens or c.max_new_tokens,
                                 temperature=c.temperature if temperature is None else temperature,
                                 top_k=c.top_k if top_k is None else top_k, top_p=c.top_p if top_p is None else top_p,
                                 seed=[step_seed(seed, i) for i in range(len(rows))],
+                                min_new_tokens=c.min_new_tokens if min_new_tokens is None else min_new_tokens,
                                 adapter_prefix=self.inference_prefix, backend=c.backend)
 
     def score(self, rows: list[dict], gen) -> list[float]:
@@ -463,7 +470,7 @@ class Trainer:
         t0 = time.perf_counter()
         with torch.no_grad():
             gen = self.rollout(rows, c.eval_seed, max_new_tokens=c.eval_max_new_tokens, top_k=0,
-                               top_p=c.eval_top_p, temperature=1.0)
+                               top_p=c.eval_top_p, temperature=1.0, min_new_tokens=0)
         try:
             scores = self.score(rows, gen)
         except RewardError as exc:
