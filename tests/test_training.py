@@ -332,11 +332,12 @@ def test_sft_warm_start_fits_targets_then_becomes_the_kl_reference(tmp_path, alg
         assert tr.train_step()["type"] == "sft"
     nll1 = _tailored_nll(tr, SFT_ROWS)
     assert nll1 < 0.5 * nll0, (nll0, nll1)
-    # after the last warm-start step the KL reference is the warm-started adapter
-    ref = tr.ref_adapter.state_dict()
-    assert all(torch.equal(v, ref[k]) for k, v in tr.adapter.state_dict().items())
+    # the first RL step takes the warm-started adapter as its KL reference
+    warm = copy.deepcopy(tr.adapter.state_dict())
     rec = tr.train_step()
     assert rec["type"] == "train" and rec["lr"] == pytest.approx(1e-4)
+    ref = tr.ref_adapter.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in warm.items())
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in base_before.items())
 
 

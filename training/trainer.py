@@ -331,10 +331,7 @@ class Trainer:
             nll = -(st["logprob"] * st["mask"]).sum()
             (nll / n_tokens).backward()
             nll_sum += float(nll.detach())
-        stats = {"sft/nll": nll_sum / n_tokens, "sft/grad_norm": self._optimizer_step()}
-        if step == self.cfg.sft_steps and self.ref_adapter is not None:
-            self.ref_adapter.load_state_dict(self.adapter.state_dict())
-        return stats
+        return {"sft/nll": nll_sum / n_tokens, "sft/grad_norm": self._optimizer_step()}
 
     # -- Quark ---------------------------------------------------------------------------
 
@@ -445,6 +442,11 @@ class Trainer:
             self.step = step
             return {"type": "sft", "step": step, "lr": self.scheduler.get_last_lr()[0], **stats,
                     "time/step": time.perf_counter() - t0}
+        if c.sft_steps and step == c.sft_steps + 1 and self.ref_adapter is not None:
+            # the first RL step: the warm-started adapter becomes the KL reference (here rather
+            # than at the end of the last warm-start step, so a run resumed with a smaller
+            # --sft-steps still gets it)
+            self.ref_adapter.load_state_dict(self.adapter.state_dict())
         gen = self.rollout(rows, step_seed(c.seed, step, 0))
         t1 = time.perf_counter()
         try:
