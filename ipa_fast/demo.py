@@ -6,7 +6,7 @@ adapter per task under ``models/adapters/<task>``) it shows IPA working, per SPE
 1. for each task (lexical constraints, offensive language), on held-out test prompts: the base
    alone, base + trained IPA adapter, and the adapter alone — task score, perplexity under the
    base, distinct-2 — with side-by-side samples;
-2. a short live IPA training (Quark) from the initial adapter, with a progress bar, and the
+2. a short live IPA training (PPO on detox by default) from the initial adapter, with a progress bar, and the
    held-out reward before and after;
 3. a JSON summary (``--json``) and a PNG plot.
 
@@ -25,10 +25,11 @@ from . import embedded
 # the evaluation protocol of SPEC §6, fixed and printed
 PROTOCOL = {"temperature": 1.0, "top_p": 0.9, "samples_per_prompt": 1, "max_new_tokens": 32, "seed": 20261126}
 EVAL_CHUNK = 64  # prompts per generate() call in the evaluation
-LIVE_STEPS = {False: 120, True: 12}
-# the live run: Quark from the initial adapter, the shipped recipe at a small scale
+LIVE_STEPS = {False: 40, True: 4}
+# the live run from the initial adapter: the shipped adapters' recipes (their MODEL_CARD.md) at a small scale
 LIVE = {
-    "detox": dict(algo="quark", lr=3e-4, batch_size=16, minibatch_size=16),
+    "detox": dict(algo="ppo", lr=2e-4, batch_size=16, minibatch_size=8, ppo_epochs=2, kl_coef=0.1,
+                  min_new_tokens=16),
     "lexical": dict(algo="quark", lr=1e-4, sft_lr=3e-3, batch_size=16, minibatch_size=16),
 }
 TASK_SCORE = {"lexical": "coverage (higher is better)", "detox": "offensive rate (lower is better)"}
@@ -39,7 +40,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/demo", help="where the live training and the plot go")
     parser.add_argument("--plot", default=None, help="PNG path (default: <out>/demo.png)")
     parser.add_argument("--prompts", type=int, default=None,
-                        help="held-out test prompts per task (default: all of them, at most 500; quick 32)")
+                        help="held-out test prompts per task (default: the first 200; quick 32)")
     parser.add_argument("--train-steps", type=int, default=None,
                         help=f"live training steps (default {LIVE_STEPS[False]}, quick {LIVE_STEPS[True]})")
     parser.add_argument("--live-task", choices=list(LIVE), default="detox",
@@ -132,7 +133,7 @@ def plot(results: dict, live: dict, path: Path) -> None:
         ax.bar(names, [variants[n]["score"] for n in names], color=["#999", "#1f77b4", "#ff7f0e"])
         ax.set_title(f"{task}: {TASK_SCORE[task]}", fontsize=9)
     axes[-1].bar(["before", "after"], [live["reward_before"], live["reward_after"]], color=["#999", "#2ca02c"])
-    axes[-1].set_title(f"live Quark training ({live['task']}), {live['steps']} steps:\nheld-out reward", fontsize=9)
+    axes[-1].set_title(f"live {live['algo']} training ({live['task']}), {live['steps']} steps:\nheld-out reward", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -168,7 +169,7 @@ def run(args) -> dict:
     if args.home:
         import os
         os.environ["IPA_FAST_HOME"] = str(home)
-    n_prompts = args.prompts or (32 if args.quick else 500)
+    n_prompts = args.prompts or (32 if args.quick else 200)
     steps = args.train_steps if args.train_steps is not None else LIVE_STEPS[args.quick]
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -185,7 +186,8 @@ def run(args) -> dict:
             print(f"  prompt: {row['prompt']!r}")
             for name in ("base", "ipa", "adapter_only"):
                 print(f"    {name:13} {row[name]!r}")
-    print(f"\n[demo] live IPA training (Quark, {args.live_task}) from the initial adapter, {steps} steps")
+    print(f"\n[demo] live IPA training ({LIVE[args.live_task]['algo']}, {args.live_task}) from the initial adapter, "
+          f"{steps} steps")
     live = live_training(home, out, args.live_task, steps, args.quick)
     print(f"[demo] held-out reward {live['reward_before']:.3f} -> {live['reward_after']:.3f}")
     plot_path = Path(args.plot) if args.plot else out / "demo.png"

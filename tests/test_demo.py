@@ -38,11 +38,12 @@ def home(tmp_path_factory):
     return home
 
 
-def test_demo_quick_end_to_end(home, tmp_path, monkeypatch):
+@pytest.mark.parametrize("live_task, algo, sft", [("detox", "ppo", 0), ("lexical", "quark", 3)])
+def test_demo_quick_end_to_end(home, tmp_path, monkeypatch, live_task, algo, sft):
     monkeypatch.setenv("IPA_FAST_HOME", str(home))
     out = tmp_path / "demo.json"
     rc = main(["demo", "--quick", "--home", str(home), "--out", str(tmp_path / "run"), "--prompts", "4",
-               "--train-steps", "4", "--live-task", "lexical", "--json", str(out)])
+               "--train-steps", "4", "--live-task", live_task, "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["mode"] == "ipa"
@@ -51,7 +52,7 @@ def test_demo_quick_end_to_end(home, tmp_path, monkeypatch):
             m = result["tasks"][task][variant]
             assert 0.0 <= m["score"] <= 1.0 and m["perplexity"] > 1.0 and 0.0 <= m["distinct_2"] <= 1.0
     live = result["live_training"]
-    assert live["task"] == "lexical" and live["steps"] == 4 and live["sft_steps"] == 3
+    assert live["task"] == live_task and live["algo"] == algo and live["steps"] == 4 and live["sft_steps"] == sft
     assert {"reward_before", "reward_after"} <= set(live)
     assert (tmp_path / "run/demo.png").stat().st_size > 0
 
