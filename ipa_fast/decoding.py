@@ -249,14 +249,15 @@ class TailoredLM:
         from .tokenizer import tokenizer_hash
 
         meta = load_adapter_metadata(adapter_name_or_path)
-        adapter = AutoModelForCausalLM.from_pretrained(adapter_name_or_path, dtype=adapter_dtype or "auto",
+        adapter = AutoModelForCausalLM.from_pretrained(adapter_name_or_path,
+                                                       dtype=adapter_dtype or _default_dtype(adapter_device),
                                                        **model_kwargs).eval()
         if adapter_device is not None:
             adapter.to(adapter_device)
         if isinstance(base_name_or_path, APIBase):
             base = base_name_or_path
         else:
-            base = AutoModelForCausalLM.from_pretrained(base_name_or_path, dtype=base_dtype or "auto",
+            base = AutoModelForCausalLM.from_pretrained(base_name_or_path, dtype=base_dtype or _default_dtype(base_device),
                                                         **model_kwargs).eval()
             if base_device is not None:
                 base.to(base_device)
@@ -535,6 +536,14 @@ class TailoredLM:
 # ----------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------
+
+def _default_dtype(device) -> "torch.dtype | str":
+    """The checkpoint's own dtype ("auto"), except float32 on the CPU: CPU matmuls in fp16/bf16
+    are several times slower than in fp32 (the shipped models are stored in fp16)."""
+    if device is None or torch.device(device).type == "cpu":
+        return torch.float32
+    return "auto"
+
 
 def _full_logits(model, rows, pad_id):
     dev = next(model.parameters()).device

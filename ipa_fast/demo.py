@@ -40,7 +40,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/demo", help="where the live training and the plot go")
     parser.add_argument("--plot", default=None, help="PNG path (default: <out>/demo.png)")
     parser.add_argument("--prompts", type=int, default=None,
-                        help="held-out test prompts per task (default: the first 200; quick 32)")
+                        help="held-out test prompts per task (default: all, at most 500; quick 32)")
     parser.add_argument("--train-steps", type=int, default=None,
                         help=f"live training steps (default {LIVE_STEPS[False]}, quick {LIVE_STEPS[True]})")
     parser.add_argument("--live-task", choices=list(LIVE), default="detox",
@@ -169,7 +169,7 @@ def run(args) -> dict:
     if args.home:
         import os
         os.environ["IPA_FAST_HOME"] = str(home)
-    n_prompts = args.prompts or (32 if args.quick else 200)
+    n_prompts = args.prompts or (32 if args.quick else 500)
     steps = args.train_steps if args.train_steps is not None else LIVE_STEPS[args.quick]
     out = Path(args.out)
     t0 = time.perf_counter()

@@ -51,7 +51,7 @@ def write_manifest() -> dict:
     return manifest
 
 
-def export(run: Path, task: str, dest: Path) -> Path:
+def export(run: Path, task: str, dest: Path, note: str | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -59,6 +59,7 @@ def export(run: Path, task: str, dest: Path) -> Path:
     config = json.loads((run / "config.json").read_text())
     log = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     evals = [r for r in log if r["type"] == "eval"]
+    config["steps"] = max(r["step"] for r in log)  # what was run (a resume may have passed another --steps)
     if not evals:
         raise SystemExit(f"{run}/metrics.jsonl holds no evaluation: is the run finished?")
     tmp = dest.with_name(dest.name + ".tmp")
@@ -117,7 +118,7 @@ Held-out (validation) evaluations during training (`reward_curve.png`):
 |---|---|---|
 {rows}
 
-Test-split numbers (base alone vs base + this adapter vs the adapter alone) are the demo's:
+{("**Status.** " + note + chr(10) + chr(10)) if note else ""}Test-split numbers (base alone vs base + this adapter vs the adapter alone) are the demo's:
 `ipa-fast demo --json runs/demo/demo.json`, reported in the repository README.
 
 Licence: derived from the embedded corpus (see `data/README.md`); content warning as for
@@ -135,8 +136,9 @@ def main(argv=None) -> int:
     ap.add_argument("run", type=Path, help="an `ipa-fast train --out` directory holding adapter/")
     ap.add_argument("--task", required=True, choices=["lexical", "detox"])
     ap.add_argument("--dest", type=Path, default=None, help="default: models/adapters/<task>")
+    ap.add_argument("--note", default=None, help="a status paragraph for the model card (what the adapter does and does not do)")
     args = ap.parse_args(argv)
-    dest = export(args.run.resolve(), args.task, args.dest or MODELS / "adapters" / args.task)
+    dest = export(args.run.resolve(), args.task, args.dest or MODELS / "adapters" / args.task, args.note)
     print(f"wrote {dest} and models/MANIFEST.json")
     return 0
 
