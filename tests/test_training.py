@@ -360,6 +360,14 @@ def test_min_new_tokens_masks_eos_in_rollouts_only(tmp_path):
     assert all(eos not in t[:4] for t in masked.token_ids)
     tr.evaluate()  # evaluation keeps the protocol: no mask, so it stops at once
     assert all(s["completion"] == "" for s in tr.last_samples)
+    # the scored policy carries the same mask: where rollouts cannot draw EOS, pi has no EOS
+    # mass, so a drawn token is likely under it; unmasked (TailoredLM.score) it is not
+    resp = [t[:4] for t in masked.token_ids]
+    st = tr.token_stats(masked.prompt_token_ids, [[]] * len(resp), resp)
+    with torch.no_grad():
+        sc = tr.lm.score(PROMPTS, resp)
+    for i in range(len(resp)):
+        assert (st["logprob"][i, :4] > -30).all() and (sc.logprobs[i] < -60).all()
 
 
 def test_sft_needs_the_target_field(tmp_path):

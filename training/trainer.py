@@ -246,6 +246,14 @@ class Trainer:
                 zr, _ = self._logits(self.ref_adapter, adapter_rows, R + 1)
                 zr = zr[rows, cols, :self.V]
         zb = zb[rows, cols, :self.V]
+        if self.cfg.min_new_tokens:
+            # the rollouts' EOS mask, applied to the scored policy too (as the official code
+            # does): otherwise pi could hide probability on EOS where rollouts never draw it
+            k = torch.cat([torch.arange(n) for n in lens])
+            eos = _as_ids(self.tokenizer.eos_token_id)
+            early = (k < self.cfg.min_new_tokens).nonzero().view(-1).to(zb.device)
+            zb = zb.clone()
+            zb[early.view(-1, 1), torch.tensor(eos, device=zb.device).view(1, -1)] = -1e4
         za, hidden = self._logits(self.adapter, adapter_rows, R + 1, hidden=values)
         za = za[rows, cols, :self.V].to(zb.device)
         if zr is not None:
@@ -617,6 +625,10 @@ class Trainer:
                 "checkpoint": str(checkpoint_dir), "adapter": str(adapter_dir),
                 "metrics": str(self.out / "metrics.jsonl"), "reward_curve": str(self.out / "reward_curve.png"),
                 "seconds_per_step": phases, "samples": self.last_samples}
+
+
+def _as_ids(x) -> list[int]:
+    return [int(i) for i in x] if isinstance(x, (list, tuple)) else [int(x)]
 
 
 def _short(text: str, n: int = 60) -> str:
