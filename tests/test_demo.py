@@ -73,3 +73,20 @@ def test_demo_without_models_says_what_is_missing(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(demo, "run_sampler_fallback", lambda args, missing: seen.setdefault("missing", missing) and {})
     assert main(["demo", "--home", str(tmp_path)]) == 0
     assert any(p.endswith("models/base") for p in seen["missing"])
+
+
+def test_demo_quick_on_the_shipped_models(tmp_path):
+    """`ipa-fast demo --quick` on the embedded default itself (what `make demo` runs, smaller)."""
+    from ipa_fast import demo, embedded
+
+    home = embedded.root()
+    if demo.missing_models(home):
+        pytest.skip("the shipped models are not all present")
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--quick", "--out", str(tmp_path / "run"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["mode"] == "ipa" and result["live_training"]["steps"] == demo.LIVE_STEPS[True]
+    for task in ("lexical", "detox"):
+        for variant in ("base", "ipa", "adapter_only"):
+            m = result["tasks"][task][variant]
+            assert 0.0 <= m["score"] <= 1.0 and m["perplexity"] > 1.0 and 0.0 <= m["distinct_2"] <= 1.0
