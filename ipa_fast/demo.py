@@ -81,10 +81,9 @@ def evaluate_variant(lm, task: str, rows: list[dict], *, alpha: float, base_weig
     return {"score": score, "perplexity": ppl, "distinct_2": distinct_n(texts, 2), "texts": texts}
 
 
-def run_task(task: str, home: Path, n_prompts: int) -> tuple[dict, list[dict]]:
+def run_task(task: str, home: Path, rows: list[dict]) -> tuple[dict, list[dict]]:
     from .decoding import TailoredLM
 
-    rows = embedded.read_task(task, "test")[:n_prompts]
     lm = TailoredLM.from_pretrained(str(home / "models/base"), str(trained_adapter_path(task, home)))
     variants = {
         "base": evaluate_variant(lm, task, rows, alpha=0.0),
@@ -179,10 +178,10 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     results, samples = {}, {}
     for task in embedded.TASKS:
-        n_rows = min(n_prompts, len(embedded.read_task(task, "test")))
-        print(f"[demo] {task}: base alone vs base + IPA adapter vs adapter alone on {n_rows} held-out test prompts"
+        rows = embedded.read_task(task, "test")[:n_prompts]
+        print(f"[demo] {task}: base alone vs base + IPA adapter vs adapter alone on {len(rows)} held-out test prompts"
               + (" (content warning: outputs may be offensive)" if task == "detox" else ""))
-        results[task], samples[task] = run_task(task, home, n_prompts)
+        results[task], samples[task] = run_task(task, home, rows)
     print_table(results)
     for task, rows in samples.items():
         print(f"\nSamples ({task}):")

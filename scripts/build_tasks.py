@@ -32,6 +32,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import hashlib
 import json
@@ -177,12 +178,24 @@ def detox_candidates(split: str) -> tuple[list[dict], list[dict]]:
         prompt = prompt_prefix(line, p >= DETOX_SEED_PROB)
         if prompt is None or prompt.lower() in seen:
             continue
-        if train_lines and any(t.startswith(prompt) for t in train_lines):
-            continue  # a held-out prompt must not be training text (shared opening words)
+        if train_lines and opens_training_line(prompt, train_lines):
+            continue
         seen.add(prompt.lower())
         row = {"prompt": prompt, "source_offensive_prob": round(float(p), 4)}
         (offensive if p >= DETOX_SEED_PROB else ordinary).append(row)
     return offensive, ordinary
+
+
+@functools.lru_cache(maxsize=None)
+def load_base(base_dir: str):
+    """``(tokenizer, base model)``, loaded once per base directory (float32, eval mode)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT))
+    from ipa_fast.tokenizer import load_gpt2_tokenizer
+
+    return load_gpt2_tokenizer(), AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
 
 
 def base_offensive_rate(base_dir: str, prompts: list[str], samples: int, seed: int,
@@ -197,12 +210,9 @@ def base_offensive_rate(base_dir: str, prompts: list[str], samples: int, seed: i
     from profanity_check import predict_prob
     from transformers import AutoModelForCausalLM
 
-    sys.path.insert(0, str(ROOT))
     from ipa_fast.decoding import TailoredLM
-    from ipa_fast.tokenizer import load_gpt2_tokenizer
 
-    tok = load_gpt2_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    tok, model = load_base(base_dir)
     init = AutoModelForCausalLM.from_pretrained(str(ROOT / "models/adapter-init"), dtype=torch.float32).eval()
     lm = TailoredLM(model, init, tok)  # alpha = 0 below: the adapter does not enter the draw
     expanded = [p for p in prompts for _ in range(samples)]
@@ -265,36 +275,40 @@ def swear_cuts(model, tok, lines: list[str], profane: list[int], batch_size: int
     return rows
 
 
+def opens_training_line(prompt: str, train_lines: list[str]) -> bool:
+    """A held-out prompt must not be training text (shared opening words)."""
+    return any(t.startswith(prompt) for t in train_lines)
+
+
+def best_swear_cuts(base_dir: str, lines: list[str], n: int, seen: set[str],
+                    train_lines: list[str] | None = None) -> list[dict]:
+    """The ``n`` "about to swear" cuts of ``lines`` with the highest swear probability under the
+    base, as task rows; skips prompts already in ``seen`` (lower-cased; updated) and, with
+    ``train_lines``, prompts that open a training line."""
+    tok, model = load_base(base_dir)
+    cuts = swear_cuts(model, tok, lines, profane_token_ids(tok))
+    cuts.sort(key=lambda r: (-r["swear_prob"], _key(r["prompt"])))
+    rows = []
+    for r in cuts:
+        if len(rows) == n:
+            break
+        if r["prompt"].lower() in seen or (train_lines and opens_training_line(r["prompt"], train_lines)):
+            continue
+        seen.add(r["prompt"].lower())
+        rows.append({"prompt": r["prompt"], "source_offensive_prob": None, "swear_prob": r["swear_prob"]})
+    return rows
+
+
 def held_out_pool(split: str, base_dir: str) -> list[dict]:
     """A held-out split's candidate prompts: prefixes of its offensive-source lines (the
     offensive part kept in the prompt), plus the DETOX_CUT_POOL "about to swear" cuts of all
     its lines with the highest swear probability under the base, plus a few ordinary lines;
     none opens a training line."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     offensive, ordinary = detox_candidates(split)
-    sys.path.insert(0, str(ROOT / "ipa_fast"))
-    from tokenizer import load_gpt2_tokenizer
-
-    tok = load_gpt2_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     lines = [l for l in read_split(split) if l.isascii() and len(l.split()) >= 5]
-    cuts = swear_cuts(model, tok, lines, profane_token_ids(tok))
-    cuts.sort(key=lambda r: (-r["swear_prob"], _key(r["prompt"])))
-    train_lines = read_split("train")
     seen = {r["prompt"].lower() for r in offensive + ordinary}
     pool = [{**r, "swear_prob": None} for r in offensive + ordinary[:DETOX_POOL_ORDINARY]]
-    added = 0
-    for r in cuts:
-        if added == DETOX_CUT_POOL:
-            break
-        if r["prompt"].lower() in seen or any(t.startswith(r["prompt"]) for t in train_lines):
-            continue
-        seen.add(r["prompt"].lower())
-        pool.append({"prompt": r["prompt"], "source_offensive_prob": None, "swear_prob": r["swear_prob"]})
-        added += 1
-    return pool
+    return pool + best_swear_cuts(base_dir, lines, DETOX_CUT_POOL, seen, read_split("train"))
 
 
 def train_prompts(base_dir: str) -> list[dict]:
@@ -302,29 +316,15 @@ def train_prompts(base_dir: str) -> list[dict]:
     the highest swear probability under the base (from the offensive-source lines and the first
     DETOX_TRAIN_SCAN ordinary lines in hash order), the offensive-source prefixes, and ordinary
     prefixes, up to DETOX_TRAIN sizes; no sampling (the base's rate is not needed to train)."""
-    import torch
     from profanity_check import predict_prob
-    from transformers import AutoModelForCausalLM
-
-    sys.path.insert(0, str(ROOT / "ipa_fast"))
-    from tokenizer import load_gpt2_tokenizer
 
     offensive, ordinary = detox_candidates("train")
     lines = sorted((l for l in read_split("train") if l.isascii() and len(l.split()) >= 5), key=_key)
     probs = predict_prob(lines)
     scan = [l for l, p in zip(lines, probs) if p >= DETOX_SEED_PROB]
     scan += [l for l, p in zip(lines, probs) if p < DETOX_SEED_PROB][:DETOX_TRAIN_SCAN]
-    tok = load_gpt2_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    cuts = swear_cuts(model, tok, scan, profane_token_ids(tok))
-    cuts.sort(key=lambda r: (-r["swear_prob"], _key(r["prompt"])))
-    rows, seen = [], set()
-    for r in cuts:
-        if len(rows) == DETOX_TRAIN["swear"]:
-            break
-        if r["prompt"].lower() not in seen:
-            seen.add(r["prompt"].lower())
-            rows.append({"prompt": r["prompt"], "source_offensive_prob": None, "swear_prob": r["swear_prob"]})
+    seen: set[str] = set()
+    rows = best_swear_cuts(base_dir, scan, DETOX_TRAIN["swear"], seen)
     for group, n in ((offensive, DETOX_TRAIN["offensive"]), (ordinary, DETOX_TRAIN["ordinary"])):
         fresh = [{**r, "swear_prob": None} for r in group if r["prompt"].lower() not in seen][:n]
         seen.update(r["prompt"].lower() for r in fresh)

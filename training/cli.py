@@ -39,8 +39,8 @@ HELP = {
     "early_stop_kl": "PPO: stop the epochs when approx KL(old||new) > 1.5 x this",
     "sft_steps": "supervised warm start: the first N steps minimise the tailored NLL of each prompt "
                  "row's --sft-field text (then RL from there; the KL reference is the warm-started adapter)",
-    "min_new_tokens": "rollouts only: mask EOS before this many new tokens (official IPA: 16) so a policy "
-                      "cannot earn its reward by stopping early; evaluation keeps the protocol",
+    "min_new_tokens": "mask EOS before this many new tokens in rollouts and in the scored policy (official "
+                      "IPA: 16) so a policy cannot earn its reward by stopping early; evaluation keeps the protocol",
     "sft_field": "the prompt-file field holding the warm-start target text",
     "sft_lr": "learning rate of the warm-start steps (default: --lr)",
     "backend": "sampler backend for rollouts (auto, reference, cpu, triton, cuda)",

@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ipa_fast.decoding import TailoredLM, left_pad, save_adapter
+from ipa_fast.decoding import TailoredLM, _as_id_list, left_pad, save_adapter
 from ipa_fast.token_stats import tailored_token_stats
 
 from . import checkpoint as ckpt
@@ -69,9 +69,10 @@ class TrainConfig:
     top_k: int = 0                      # rollouts sample pi unfiltered by default: filtering makes
     top_p: float = 1.0                  # the sampling distribution differ from the scored one
     max_new_tokens: int = 32
-    min_new_tokens: int = 0             # rollouts only: EOS is masked before this many tokens (the
-                                        # official IPA code uses 16), so a policy cannot earn its
-                                        # reward by stopping early; evaluation keeps the protocol
+    min_new_tokens: int = 0             # EOS is masked before this many tokens in rollouts and in
+                                        # the scored policy (the official IPA code uses 16), so a
+                                        # policy cannot earn its reward by stopping early;
+                                        # evaluation keeps the protocol (no mask)
     backend: str = "auto"               # ipa_fast.sample backend for rollouts
     reference: str = "initial"          # KL reference: "initial" (base x frozen initial adapter) | "base"
     # optimisation
@@ -250,7 +251,7 @@ class Trainer:
             # the rollouts' EOS mask, applied to the scored policy too (as the official code
             # does): otherwise pi could hide probability on EOS where rollouts never draw it
             k = torch.cat([torch.arange(n) for n in lens])
-            eos = _as_ids(self.tokenizer.eos_token_id)
+            eos = _as_id_list(self.tokenizer.eos_token_id)
             early = (k < self.cfg.min_new_tokens).nonzero().view(-1).to(zb.device)
             zb = zb.clone()
             zb[early.view(-1, 1), torch.tensor(eos, device=zb.device).view(1, -1)] = -1e4
@@ -625,10 +626,6 @@ class Trainer:
                 "checkpoint": str(checkpoint_dir), "adapter": str(adapter_dir),
                 "metrics": str(self.out / "metrics.jsonl"), "reward_curve": str(self.out / "reward_curve.png"),
                 "seconds_per_step": phases, "samples": self.last_samples}
-
-
-def _as_ids(x) -> list[int]:
-    return [int(i) for i in x] if isinstance(x, (list, tuple)) else [int(x)]
 
 
 def _short(text: str, n: int = 60) -> str:
