@@ -370,6 +370,50 @@ def test_min_new_tokens_masks_eos_in_rollouts_only(tmp_path):
         assert (st["logprob"][i, :4] > -30).all() and (sc.logprobs[i] < -60).all()
 
 
+def test_repeated_bigram_fraction():
+    from ipa_fast.training.trainer import repeated_bigram_fraction as f
+
+    assert f([]) == 0.0 and f([5]) == 0.0 and f([1, 2, 3, 4]) == 0.0
+    assert f([1, 2, 1, 2, 1, 2]) == pytest.approx(3 / 5)  # (1,2),(2,1) new; 3 repeats of 5
+    assert f([7] * 11) == pytest.approx(9 / 10)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "quark"])
+def test_repeat_coef_shapes_the_training_scores_only(tmp_path, algo, monkeypatch):
+    coef = 0.5
+    base, adapter, tok = models()
+
+    def loop_on_some_rows(module, args, out):  # rows 0-3 of a rollout loop on token 4
+        out.logits[: out.logits.shape[0] // 2, :, 4] += 100.0
+        return out
+
+    adapter.register_forward_hook(loop_on_some_rows)
+    rows = [{"prompt": p} for p in PROMPTS]
+    tr = Trainer(config(tmp_path, algo=algo, repeat_coef=coef, steps=1), base, adapter, tok, even_tokens,
+                 rows, rows[:4])
+    seen = {}
+    update_name = "ppo_update" if algo == "ppo" else "quark_update"
+    real = getattr(tr, update_name)
+
+    def spy(step, prompt_ids, responses, scores):
+        seen["responses"], seen["scores"] = responses, list(scores)
+        return real(step, prompt_ids, responses, scores)
+
+    monkeypatch.setattr(tr, update_name, spy)
+    rec = tr.train_step()
+    plain = even_tokens(None, None, seen["responses"])
+    expect = []
+    for ids, r in zip(seen["responses"], plain):  # recount the repeats independently
+        bigrams = [(int(a), int(b)) for a, b in zip(ids, ids[1:])]
+        repeats = sum(bigrams[i] in bigrams[:i] for i in range(len(bigrams)))
+        expect.append(r - coef * repeats / max(1, len(ids) - 1))
+    assert seen["scores"] == pytest.approx(expect)
+    assert any(e < r for e, r in zip(expect, plain))  # some sample did repeat itself
+    assert rec["reward"] == pytest.approx(np.mean(plain))  # the log keeps the plain reward
+    assert rec["score_shaped"] == pytest.approx(np.mean(expect))
+    assert "distinct_2" in tr.evaluate()
+
+
 def test_sft_needs_the_target_field(tmp_path):
     base, adapter, tok = models()
     rows = [{"prompt": p} for p in PROMPTS]
@@ -390,6 +434,7 @@ def test_sft_needs_the_target_field(tmp_path):
     (dict(steps=2, sft_steps=3), "sft_steps"),
     (dict(min_new_tokens=40), "min_new_tokens"),
     (dict(sft_lr=0.0), "sft_lr"),
+    (dict(repeat_coef=-1.0), "repeat_coef"),
 ])
 def test_bad_config(tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):

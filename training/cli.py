@@ -43,6 +43,8 @@ HELP = {
                       "IPA: 16) so a policy cannot earn its reward by stopping early; evaluation keeps the protocol",
     "sft_field": "the prompt-file field holding the warm-start target text",
     "sft_lr": "learning rate of the warm-start steps (default: --lr)",
+    "repeat_coef": "training-score penalty per unit of repeated-bigram fraction of a sample (prices "
+                   "degenerate loops; evaluation reports the plain reward)",
     "backend": "sampler backend for rollouts (auto, reference, cpu, triton, cuda)",
 }
 CHOICES = {"algo": ["quark", "ppo"], "task": ["lexical", "detox"], "reference": ["initial", "base"],

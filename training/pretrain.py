@@ -89,6 +89,8 @@ def data_hash(cfg: Config | None = None) -> str:
     h = hashlib.sha256()
     if cfg is not None and cfg.offensive_repeat != 1:
         h.update(f"offensive_repeat={cfg.offensive_repeat}".encode())
+    if cfg is not None and cfg.lexical_repeat != 1:
+        h.update(f"lexical_repeat={cfg.lexical_repeat}".encode())
     manifest = json.loads((CORPUS / "MANIFEST.json").read_text())
     for s in sorted(manifest["splits"]):
         h.update(manifest["splits"][s]["sha256"].encode())

@@ -108,6 +108,12 @@ class TrainConfig:
     lam: float = 0.95
     whiten_scores: bool = True
     score_clip: float | None = None
+    # reward shaping against degenerate loops (training only; evaluation reports the plain
+    # reward): a sample's training score is reward - repeat_coef x the fraction of its token
+    # bigrams that repeat an earlier bigram of the same sample. Reverse KL is mode-seeking: a
+    # policy that loops on the reference's most likely phrase pays little KL, and a weak base
+    # makes that loop cheap; this term prices it.
+    repeat_coef: float = 0.0
     early_stop_kl: float | None = 1.0   # stop the PPO epochs when approx KL(old||new) > 1.5 x this
     # bookkeeping
     eval_every: int = 10                # 0 = only before and after training
@@ -146,6 +152,7 @@ class TrainConfig:
         need(self.temperature > 0, f"temperature must be > 0 for training, got {self.temperature}")
         need(0 < self.top_p <= 1 and 0 < self.eval_top_p <= 1, "top_p and eval_top_p must be in (0, 1]")
         need(self.kl_coef >= 0 and self.entropy_coef >= 0, "kl_coef and entropy_coef must be >= 0")
+        need(self.repeat_coef >= 0, f"repeat_coef must be >= 0, got {self.repeat_coef}")
         need(self.kl_target is None or self.kl_target > 0, f"kl_target must be > 0, got {self.kl_target}")
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
 
@@ -463,16 +470,22 @@ class Trainer:
         except RewardError as exc:
             path = self.save_checkpoint()
             raise RewardError(f"{exc} (at step {step}; checkpoint of step {self.step} saved to {path})") from exc
+        shaped = scores
+        if c.repeat_coef:
+            shaped = [s - c.repeat_coef * repeated_bigram_fraction(ids) for s, ids in zip(scores, gen.token_ids)]
+            stats_shaping = {"score_shaped": float(np.mean(shaped))}
+        else:
+            stats_shaping = {}
         t2 = time.perf_counter()
         update = self.quark_update if c.algo == "quark" else self.ppo_update
-        stats = update(step, gen.prompt_token_ids, gen.token_ids, scores)
+        stats = update(step, gen.prompt_token_ids, gen.token_ids, shaped)
         self.scheduler.step()
         self.step = step
         t3 = time.perf_counter()
         lens = [len(t) for t in gen.token_ids]
         return {"type": "train", "step": step, "reward": float(np.mean(scores)),
                 "reward_std": float(np.std(scores)), "response_len": float(np.mean(lens)),
-                "kl_coef": self.kl_ctl.value, "lr": self.scheduler.get_last_lr()[0], **stats,
+                "kl_coef": self.kl_ctl.value, "lr": self.scheduler.get_last_lr()[0], **stats_shaping, **stats,
                 "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0}
 
     def evaluate(self) -> dict:
@@ -633,16 +646,30 @@ def _short(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def repeated_bigram_fraction(ids) -> float:
+    """Fraction of a token sequence's bigrams that already occurred earlier in it (0 for a
+    sequence without repeats or shorter than 3 tokens; -> 1 for a loop)."""
+    ids = [int(t) for t in ids]
+    seen, repeats = set(), 0
+    for bigram in zip(ids, ids[1:]):
+        repeats += bigram in seen
+        seen.add(bigram)
+    return repeats / max(1, len(ids) - 1)
+
+
 def extra_eval_metrics(task: str | None, rows: list[dict], texts: list[str]) -> dict:
-    """SPEC §6 task metrics beside the reward: ordered coverage, offensive rate."""
+    """SPEC §6 metrics beside the reward: distinct-2 (any task); ordered coverage, offensive rate."""
+    from ipa_fast.evaluation import distinct_n
+
     from . import rewards as R
 
+    out = {"distinct_2": distinct_n(texts, 2)}
     if task == "lexical":
-        return {"coverage_ordered": float(np.mean(R.lexical_coverage_ordered(
-            [r["prompt"] for r in rows], texts, [r["concepts"] for r in rows])))}
+        out["coverage_ordered"] = float(np.mean(R.lexical_coverage_ordered(
+            [r["prompt"] for r in rows], texts, [r["concepts"] for r in rows])))
     if task == "detox":
-        return {"offensive_rate": R.offensive_rate(texts)}
-    return {}
+        out["offensive_rate"] = R.offensive_rate(texts)
+    return out
 
 
 def plot_reward_curve(metrics_path: Path, png_path: Path) -> None:
