@@ -25,11 +25,11 @@ from . import embedded
 # the evaluation protocol of SPEC §6, fixed and printed
 PROTOCOL = {"temperature": 1.0, "top_p": 0.9, "samples_per_prompt": 1, "max_new_tokens": 32, "seed": 20261126}
 EVAL_CHUNK = 64  # prompts per generate() call in the evaluation
-LIVE_STEPS = {False: 40, True: 4}
+LIVE_STEPS = {False: 24, True: 4}
 # the live run from the initial adapter: the shipped adapters' recipes (their MODEL_CARD.md) at a small scale
 LIVE = {
-    "detox": dict(algo="ppo", lr=2e-4, batch_size=16, minibatch_size=8, ppo_epochs=2, kl_coef=0.1,
-                  min_new_tokens=16),
+    "detox": dict(algo="ppo", lr=1e-3, batch_size=16, minibatch_size=8, ppo_epochs=2, kl_coef=0.05,
+                  reference="base", repeat_coef=1.0, min_new_tokens=32),
     "lexical": dict(algo="quark", lr=1e-4, sft_lr=3e-3, batch_size=16, minibatch_size=16),
 }
 TASK_SCORE = {"lexical": "coverage (higher is better)", "detox": "offensive rate (lower is better)"}
@@ -85,9 +85,15 @@ def run_task(task: str, home: Path, rows: list[dict]) -> tuple[dict, list[dict]]
     from .decoding import TailoredLM
 
     lm = TailoredLM.from_pretrained(str(home / "models/base"), str(trained_adapter_path(task, home)))
+    # the same product of experts with the *initial* adapter: a second LM alone sharpens the
+    # base (a lower-temperature effect), so this row separates what training added
+    untrained = TailoredLM(lm.base, TailoredLM.from_pretrained(str(home / "models/base"),
+                                                               str(home / "models/adapter-init")).adapter,
+                           lm.tokenizer, alpha=lm.alpha)
     variants = {
         "base": evaluate_variant(lm, task, rows, alpha=0.0),
         "ipa": evaluate_variant(lm, task, rows, alpha=lm.alpha),
+        "ipa_untrained": evaluate_variant(untrained, task, rows, alpha=lm.alpha),
         "adapter_only": evaluate_variant(lm, task, rows, alpha=1.0, base_weight=0.0),
     }
     samples = [{"prompt": r["prompt"], **{k: v["texts"][i] for k, v in variants.items()}} for i, r in enumerate(rows[:3])]
@@ -103,10 +109,13 @@ def live_training(home: Path, out: Path, task: str, steps: int, quick: bool) -> 
     if "sft_lr" in knobs:
         knobs["sft_steps"] = steps * 3 // 4
     run_dir = out / f"live-training-{task}"
+    if run_dir.exists():  # a live run is cheap and must reflect the models as they are now: start afresh
+        import shutil
+        shutil.rmtree(run_dir)
     cfg = TrainConfig(task=task, steps=steps, out=str(run_dir), base=str(home / "models/base"),
                       adapter=str(home / "models/adapter-init"), eval_size=16 if quick else 64,
                       eval_every=0, checkpoint_every=max(steps, 1), **knobs)
-    summary = train(cfg, resume=(run_dir / "checkpoints").exists())
+    summary = train(cfg)
     return {"task": task, "algo": cfg.algo, "steps": summary["steps"], "sft_steps": cfg.sft_steps,
             "reward_before": summary["initial_eval"]["reward"], "reward_after": summary["final_eval"]["reward"],
             "reward_curve": summary["reward_curve"]}
@@ -129,7 +138,7 @@ def plot(results: dict, live: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(results) + 1, figsize=(4 * (len(results) + 1), 3.2))
     for ax, (task, variants) in zip(axes, results.items()):
         names = list(variants)
-        bars = ax.bar(names, [variants[n]["score"] for n in names], color=["#999", "#1f77b4", "#ff7f0e"])
+        bars = ax.bar(names, [variants[n]["score"] for n in names], color=["#999", "#1f77b4", "#aec7e8", "#ff7f0e"])
         for bar, n in zip(bars, names):  # the score alone can hide degenerate text: show fluency and diversity
             ax.annotate(f"ppl {variants[n]['perplexity']:.3g}\ndist-2 {variants[n]['distinct_2']:.2f}",
                         (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
@@ -179,7 +188,7 @@ def run(args) -> dict:
     results, samples = {}, {}
     for task in embedded.TASKS:
         rows = embedded.read_task(task, "test")[:n_prompts]
-        print(f"[demo] {task}: base alone vs base + IPA adapter vs adapter alone on {len(rows)} held-out test prompts"
+        print(f"[demo] {task}: base alone vs base + IPA adapter (trained, untrained) vs adapter alone on {len(rows)} held-out test prompts"
               + (" (content warning: outputs may be offensive)" if task == "detox" else ""))
         results[task], samples[task] = run_task(task, home, rows)
     print_table(results)
@@ -187,7 +196,7 @@ def run(args) -> dict:
         print(f"\nSamples ({task}):")
         for row in rows:
             print(f"  prompt: {row['prompt']!r}")
-            for name in ("base", "ipa", "adapter_only"):
+            for name in ("base", "ipa", "ipa_untrained", "adapter_only"):
                 print(f"    {name:13} {row[name]!r}")
     print(f"\n[demo] live IPA training ({LIVE[args.live_task]['algo']}, {args.live_task}) from the initial adapter, "
           f"{steps} steps")

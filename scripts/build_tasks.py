@@ -138,7 +138,7 @@ DETOX_TRAIN = {"swear": 3000, "offensive": 1500, "ordinary": 1000}
 DETOX_TRAIN_SCAN = 8000  # ordinary train lines scanned for "about to swear" cuts
 DETOX_POOL_ORDINARY = 20  # ordinary lines added to each held-out pool
 DETOX_HELD_OUT = 150  # prompts kept per held-out split
-DETOX_SAMPLES = 4  # base samples per pool prompt when scoring the pool
+DETOX_SAMPLES = 8  # base samples per pool prompt when scoring the pool (v3; v2 used 4)
 DETOX_CUT_POOL = 500  # "about to swear" cuts added to each held-out pool (see swear_cuts)
 DETOX_SEED_PROB = 0.3  # a line is an "offensive source" when predict_prob(line) >= this
 
@@ -355,7 +355,9 @@ def build_detox(args) -> None:
                           f"offensive rate are kept; the rate is then re-measured with fresh seeds, "
                           f"one sample per prompt",
              "splits": {s: v for s, v in old.get("splits", {}).items() if s not in args.splits},
-             **({"checks": old["checks"]} if "checks" in old else {})}
+             **{k: old[k] for k in ("train", "checks") if k in old}}
+    if "train" in args.splits:
+        stats["train"] = {"prompts": len(train), "built_with": base_name}
     for i, split in enumerate(("validation", "test")):
         if split not in args.splits:
             continue
@@ -371,7 +373,7 @@ def build_detox(args) -> None:
                                     seed=1000 * (i + 1) + 555)
         write_jsonl(out / f"{split}.jsonl", kept)
         stats["splits"][split] = {
-            "selected_with": base_name, "selection": "v2", "pool": len(pool), "prompts": len(kept),
+            "selected_with": base_name, "selection": "v3", "pool": len(pool), "prompts": len(kept),
             "pool_base_offensive_rate": round(sum(rates) / len(rates), 4),
             "selected_base_offensive_rate": round(
                 sum(r["base_offensive_rate"] for r in kept) / len(kept), 4),

@@ -48,9 +48,12 @@ def test_demo_quick_end_to_end(home, tmp_path, monkeypatch, live_task, algo, sft
     result = json.loads(out.read_text())
     assert result["mode"] == "ipa"
     for task in ("lexical", "detox"):
-        for variant in ("base", "ipa", "adapter_only"):
+        for variant in ("base", "ipa", "ipa_untrained", "adapter_only"):
             m = result["tasks"][task][variant]
             assert 0.0 <= m["score"] <= 1.0 and m["perplexity"] > 1.0 and 0.0 <= m["distinct_2"] <= 1.0
+        # here the "trained" adapters are copies of the initial one, so the untrained row (the
+        # initial adapter at the trained adapter's alpha) must reproduce the IPA row exactly
+        assert result["tasks"][task]["ipa_untrained"] == result["tasks"][task]["ipa"]
     live = result["live_training"]
     assert live["task"] == live_task and live["algo"] == algo and live["steps"] == 4 and live["sft_steps"] == sft
     assert {"reward_before", "reward_after"} <= set(live)
@@ -87,6 +90,6 @@ def test_demo_quick_on_the_shipped_models(tmp_path):
     result = json.loads(out.read_text())
     assert result["mode"] == "ipa" and result["live_training"]["steps"] == demo.LIVE_STEPS[True]
     for task in ("lexical", "detox"):
-        for variant in ("base", "ipa", "adapter_only"):
+        for variant in ("base", "ipa", "ipa_untrained", "adapter_only"):
             m = result["tasks"][task][variant]
             assert 0.0 <= m["score"] <= 1.0 and m["perplexity"] > 1.0 and 0.0 <= m["distinct_2"] <= 1.0

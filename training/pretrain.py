@@ -303,6 +303,10 @@ def write_model_card(out_dir: Path, info: dict) -> None:
                      f"about 1.6 % of lines) are repeated {c['offensive_repeat']}x in the stream "
                      f"(so that, like a web-trained LM, the base continues offensive prompts "
                      f"offensively and the detox task is a real challenge)")
+    lexical = ""
+    if c.get("lexical_repeat", 1) > 1:
+        lexical = (f", repeated {c['lexical_repeat']}x in the last phase (so that the model has "
+                   f"seen enough word lists followed by a sentence to learn to copy words)")
     zero = info.get("zero_embedding_rows", 0)
     if zero:
         head_note = (f"Embedding rows of the {zero} GPT-2 tokens that never occur in the "
@@ -318,7 +322,7 @@ def write_model_card(out_dir: Path, info: dict) -> None:
     hist = info.get("data_history") or []
     history = ""
     if len(hist) > 1:
-        history = (" (a second pretraining phase: the run started on data "
+        history = (" (later pretraining phases changed the data mix: the run started on data "
                    + ", then ".join(f"`{h[:12]}`" for h in hist) + ")")
     text = f"""# {out_dir.name}: a tiny GPT-2 pretrained on the ipa_fast corpus
 
@@ -332,7 +336,7 @@ demo runs offline; any GPT-2-family checkpoint (same tokenizer) can replace it.
   n_positions {c['n_positions']}, tied input/output embeddings, {info['parameters']:,} parameters,
   stored as fp16 safetensors ({size:.1f} MiB).
 * Data: `data/corpus/train.txt.gz` plus the lexical task's train split written as
-  prompt + reference documents (see `data/README.md`){offensive}; data sha256
+  prompt + reference documents{lexical} (see `data/README.md`){offensive}; data sha256
   `{info['data_sha256']}`{history}.
   Validation and test text was never trained on. {head_note}
 * Training: AdamW (betas 0.9/0.95, weight decay {c['weight_decay']}), lr {c['lr']} with {c['warmup']} warmup
