@@ -138,11 +138,14 @@ def plot(results: dict, live: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(results) + 1, figsize=(4 * (len(results) + 1), 3.2))
     for ax, (task, variants) in zip(axes, results.items()):
         names = list(variants)
-        bars = ax.bar(names, [variants[n]["score"] for n in names], color=["#999", "#1f77b4", "#aec7e8", "#ff7f0e"])
+        labels = [{"base": "base\nalone", "ipa": "base +\nIPA", "ipa_untrained": "base +\nuntrained",
+                   "adapter_only": "adapter\nalone"}.get(n, n) for n in names]
+        bars = ax.bar(labels, [variants[n]["score"] for n in names], color=["#999", "#1f77b4", "#aec7e8", "#ff7f0e"])
         for bar, n in zip(bars, names):  # the score alone can hide degenerate text: show fluency and diversity
             ax.annotate(f"ppl {variants[n]['perplexity']:.3g}\ndist-2 {variants[n]['distinct_2']:.2f}",
                         (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
         ax.margins(y=0.3)
+        ax.tick_params(axis="x", labelsize=8)
         ax.set_title(f"{task}: {TASK_SCORE[task]}", fontsize=9)
     axes[-1].bar(["before", "after"], [live["reward_before"], live["reward_after"]], color=["#999", "#2ca02c"])
     axes[-1].set_title(f"live {live['algo']} training ({live['task']}), {live['steps']} steps:\nheld-out reward", fontsize=9)
