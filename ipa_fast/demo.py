@@ -84,12 +84,15 @@ def evaluate_variant(lm, task: str, rows: list[dict], *, alpha: float, base_weig
 def run_task(task: str, home: Path, rows: list[dict]) -> tuple[dict, list[dict]]:
     from .decoding import TailoredLM
 
+    from transformers import AutoModelForCausalLM
+
     lm = TailoredLM.from_pretrained(str(home / "models/base"), str(trained_adapter_path(task, home)))
     # the same product of experts with the *initial* adapter: a second LM alone sharpens the
-    # base (a lower-temperature effect), so this row separates what training added
-    untrained = TailoredLM(lm.base, TailoredLM.from_pretrained(str(home / "models/base"),
-                                                               str(home / "models/adapter-init")).adapter,
-                           lm.tokenizer, alpha=lm.alpha)
+    # base (a lower-temperature effect), so this row separates what training added; it shares
+    # lm's base and loads the initial adapter like lm's adapter (same dtype and device)
+    first = next(lm.adapter.parameters())
+    init = AutoModelForCausalLM.from_pretrained(str(home / "models/adapter-init"), dtype=first.dtype)
+    untrained = TailoredLM(lm.base, init.to(first.device).eval(), lm.tokenizer, alpha=lm.alpha)
     variants = {
         "base": evaluate_variant(lm, task, rows, alpha=0.0),
         "ipa": evaluate_variant(lm, task, rows, alpha=lm.alpha),

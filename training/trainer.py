@@ -473,9 +473,6 @@ class Trainer:
         shaped = scores
         if c.repeat_coef:
             shaped = [s - c.repeat_coef * repeated_bigram_fraction(ids) for s, ids in zip(scores, gen.token_ids)]
-            stats_shaping = {"score_shaped": float(np.mean(shaped))}
-        else:
-            stats_shaping = {}
         t2 = time.perf_counter()
         update = self.quark_update if c.algo == "quark" else self.ppo_update
         stats = update(step, gen.prompt_token_ids, gen.token_ids, shaped)
@@ -485,7 +482,7 @@ class Trainer:
         lens = [len(t) for t in gen.token_ids]
         return {"type": "train", "step": step, "reward": float(np.mean(scores)),
                 "reward_std": float(np.std(scores)), "response_len": float(np.mean(lens)),
-                "kl_coef": self.kl_ctl.value, "lr": self.scheduler.get_last_lr()[0], **stats_shaping, **stats,
+                "kl_coef": self.kl_ctl.value, "lr": self.scheduler.get_last_lr()[0], **({"score_shaped": float(np.mean(shaped))} if c.repeat_coef else {}), **stats,
                 "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0}
 
     def evaluate(self) -> dict:
