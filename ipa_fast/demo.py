@@ -28,9 +28,10 @@ EVAL_CHUNK = 64  # prompts per generate() call in the evaluation
 LIVE_STEPS = {False: 24, True: 4}
 # the live run from the initial adapter: the shipped adapters' recipes (their MODEL_CARD.md) at a small scale
 LIVE = {
-    "detox": dict(algo="ppo", lr=1e-3, batch_size=16, minibatch_size=8, ppo_epochs=2, kl_coef=0.05,
-                  reference="base", repeat_coef=1.0, min_new_tokens=32),
-    "lexical": dict(algo="quark", lr=1e-4, sft_lr=3e-3, batch_size=16, minibatch_size=16),
+    "detox": dict(algo="ppo", alpha=0.5, lr=1e-3, batch_size=16, minibatch_size=8, ppo_epochs=2, kl_coef=0.05,
+                  reference="initial", repeat_coef=1.0, min_new_tokens=32),
+    "lexical": dict(algo="quark", lr=1e-4, sft_lr=3e-3, sft_target="adapter", sft_batch_size=64, batch_size=16,
+                    minibatch_size=16),
 }
 TASK_SCORE = {"lexical": "coverage (higher is better)", "detox": "offensive rate (lower is better)"}
 

@@ -51,7 +51,7 @@ def write_manifest() -> dict:
     return manifest
 
 
-def export(run: Path, task: str, dest: Path, note: str | None = None) -> Path:
+def export(run: Path, task: str, dest: Path, note: str | None = None, alpha: float | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -71,6 +71,11 @@ def export(run: Path, task: str, dest: Path, note: str | None = None) -> Path:
             shutil.copy(src / name, tmp / name)
     meta = json.loads((tmp / "ipa_adapter.json").read_text())
     meta["base"] = "models/base"
+    trained_alpha = meta["alpha"]
+    if alpha is not None:  # the deployment strength of the adapter, chosen on validation data
+        if not alpha > 0:
+            raise SystemExit(f"--alpha must be > 0, got {alpha}")
+        meta["alpha"] = alpha
     (tmp / "ipa_adapter.json").write_text(json.dumps(meta, indent=2) + "\n")
     if (run / "reward_curve.png").exists():
         shutil.copy(run / "reward_curve.png", tmp / "reward_curve.png")
@@ -82,6 +87,8 @@ def export(run: Path, task: str, dest: Path, note: str | None = None) -> Path:
     rl_steps = config["steps"] - sft
     train_lines = [r for r in log if r["type"] == "train"]
     secs = sum(r["time/step"] for r in log if r["type"] in ("train", "sft"))
+    sft_what = ("NLL of the adapter alone" if config.get("sft_target") == "adapter" else "tailored NLL")
+    sft_rows = config.get("sft_batch_size") or config["batch_size"]
     rows = "\n".join(
         f"| {r['step']} | {r['reward']:.4f} | "
         + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k not in ("type", "step", "reward", "time/eval")) + " |"
@@ -98,19 +105,19 @@ the held-out test split). Load it with
 * Architecture: `transformers.GPT2LMHeadModel` ({n_params:,} parameters; input embedding rows
   >= 50257 are Quark's reward-quantile control tokens, never emitted), fp16 safetensors
   ({size / 2**20:.1f} MiB), sha256 `{sha256(tmp / 'model.safetensors')}`.
-* Tailored policy: softmax(base + {meta['alpha']} x adapter); the adapter reads
+* Tailored policy: softmax(base + {meta['alpha']} x adapter){
+    '' if meta['alpha'] == trained_alpha else f" (trained at alpha {trained_alpha}; the shipped alpha was chosen on validation rows, see the status below)"}; the adapter reads
   `{meta['adapter_prefix_tokens']}` before the prompt (`ipa_adapter.json`).
-* Training: {sft} supervised warm-start steps (tailored NLL of the train split's references)
-  then {rl_steps} {config['algo']} steps; reward `{config.get('reward') or config['task']}`
+* Training: {sft} supervised warm-start steps ({sft_what} of the train split's references,
+  {sft_rows} rows a step) then {rl_steps} {config['algo']} steps; reward `{config.get('reward') or config['task']}`
   on `data/tasks/{task}/train.jsonl`, evaluated on the first {config['eval_size']} rows of
   `data/tasks/{task}/validation.jsonl` (T=1, top_p={config['eval_top_p']}, {config['eval_max_new_tokens']} new tokens,
-  fixed seeds); {len(train_lines) + sft} steps took {secs / 3600:.2f} hours on one thread of a
-  shared 2-core CPU.
+  fixed seeds); {len(train_lines) + sft} steps took {secs / 3600:.2f} hours on a shared 2-core CPU.
 
-Command (run from the repository root; `OMP_NUM_THREADS=1`):
+Command (run from the repository root):
 
     {train_command(config)}
-    python scripts/export_adapter.py {run.relative_to(ROOT) if run.is_relative_to(ROOT) else run} --task {task}
+    python scripts/export_adapter.py {run.relative_to(ROOT) if run.is_relative_to(ROOT) else run} --task {task}{f' --alpha {alpha}' if alpha is not None else ''}
 
 Held-out (validation) evaluations during training (`reward_curve.png`):
 
@@ -136,9 +143,12 @@ def main(argv=None) -> int:
     ap.add_argument("run", type=Path, help="an `ipa-fast train --out` directory holding adapter/")
     ap.add_argument("--task", required=True, choices=["lexical", "detox"])
     ap.add_argument("--dest", type=Path, default=None, help="default: models/adapters/<task>")
+    ap.add_argument("--alpha", type=float, default=None,
+                    help="the shipped alpha (ipa_adapter.json), e.g. chosen on validation rows; default: the trained one")
     ap.add_argument("--note", default=None, help="a status paragraph for the model card (what the adapter does and does not do)")
     args = ap.parse_args(argv)
-    dest = export(args.run.resolve(), args.task, args.dest or MODELS / "adapters" / args.task, args.note)
+    dest = export(args.run.resolve(), args.task, args.dest or MODELS / "adapters" / args.task, args.note,
+                  args.alpha)
     print(f"wrote {dest} and models/MANIFEST.json")
     return 0
 

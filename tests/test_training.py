@@ -341,6 +341,41 @@ def test_sft_warm_start_fits_targets_then_becomes_the_kl_reference(tmp_path, alg
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in base_before.items())
 
 
+def _adapter_nll(tr, rows) -> float:
+    """Mean NLL of the rows' warm-start targets under the adapter alone, one unpadded forward
+    per row (prefix + prompt + target), log-softmax over the shared vocabulary."""
+    total, n = 0.0, 0
+    for r, t in zip(rows, tr.sft_targets(rows)):
+        p = tr.tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([list(tr.inference_prefix) + p + t])
+        with torch.no_grad():
+            logp = torch.log_softmax(tr.adapter(ids).logits[0, :, :tr.V].float(), -1)
+        start = ids.shape[1] - len(t) - 1
+        total -= float(sum(logp[start + k, tok] for k, tok in enumerate(t)))
+        n += len(t)
+    return total / n
+
+
+@pytest.mark.parametrize("algo", ["ppo", "quark"])
+def test_sft_of_the_adapter_alone(tmp_path, algo):
+    base, adapter, tok = models()
+    cfg = config(tmp_path, algo=algo, steps=13, sft_steps=12, sft_lr=3e-2, lr=1e-4, batch_size=4,
+                 sft_batch_size=8, minibatch_size=4, checkpoint_every=100, sft_target="adapter")
+    tr = Trainer(cfg, base, adapter, tok, even_tokens, SFT_ROWS, SFT_ROWS[:4])
+    base_before = copy.deepcopy(base.state_dict())
+    # warm-start steps draw sft_batch_size rows, RL steps batch_size
+    assert len(tr._prompt_batch(1)) == 8 and len(tr._prompt_batch(13)) == 4
+    nll0 = _adapter_nll(tr, SFT_ROWS)
+    first = tr.train_step()
+    assert first["type"] == "sft"
+    assert first["sft/nll"] == pytest.approx(nll0, rel=1e-4)  # all 8 rows, the adapter's own NLL
+    for _ in range(11):
+        tr.train_step()
+    assert _adapter_nll(tr, SFT_ROWS) < 0.5 * nll0
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in base_before.items())
+    assert tr.train_step()["type"] == "train"
+
+
 def test_min_new_tokens_masks_eos_in_rollouts_only(tmp_path):
     base, adapter, tok = models()
     eos = tok.eos_token_id
@@ -434,6 +469,8 @@ def test_sft_needs_the_target_field(tmp_path):
     (dict(steps=2, sft_steps=3), "sft_steps"),
     (dict(min_new_tokens=40), "min_new_tokens"),
     (dict(sft_lr=0.0), "sft_lr"),
+    (dict(sft_batch_size=0), "sft_batch_size"),
+    (dict(sft_target="base"), "sft_target"),
     (dict(repeat_coef=-1.0), "repeat_coef"),
 ])
 def test_bad_config(tmp_path, kw, msg):

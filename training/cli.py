@@ -43,11 +43,14 @@ HELP = {
                       "IPA: 16) so a policy cannot earn its reward by stopping early; evaluation keeps the protocol",
     "sft_field": "the prompt-file field holding the warm-start target text",
     "sft_lr": "learning rate of the warm-start steps (default: --lr)",
+    "sft_batch_size": "prompt rows per warm-start step (default: --batch-size)",
+    "sft_target": "warm-start loss: NLL of the tailored policy (base x adapter) or of the adapter alone "
+                  "(no base forward; teaches a small adapter what the base lacks, e.g. copying)",
     "repeat_coef": "training-score penalty per unit of repeated-bigram fraction of a sample (prices "
                    "degenerate loops; evaluation reports the plain reward)",
     "backend": "sampler backend for rollouts (auto, reference, cpu, triton, cuda)",
 }
-CHOICES = {"algo": ["quark", "ppo"], "task": ["lexical", "detox"], "reference": ["initial", "base"],
+CHOICES = {"sft_target": ["tailored", "adapter"], "algo": ["quark", "ppo"], "task": ["lexical", "detox"], "reference": ["initial", "base"],
            "lr_schedule": ["constant", "linear"]}
 
 

@@ -95,6 +95,11 @@ class TrainConfig:
     sft_steps: int = 0
     sft_field: str = "reference"
     sft_lr: float | None = None         # default: lr
+    sft_batch_size: int | None = None   # rows per warm-start step (default: batch_size)
+    # "tailored": the NLL of the product of experts (the adapter learns a residual on the base);
+    # "adapter": the adapter's own NLL, no base forward (teaches a small adapter a skill the base
+    # lacks, e.g. copying prompt words, at a fraction of the cost; RL then runs on the product)
+    sft_target: str = "tailored"
     # Quark
     n_quantiles: int = 5
     entropy_coef: float = 0.0
@@ -149,6 +154,10 @@ class TrainConfig:
         need(isinstance(self.sft_steps, int) and 0 <= self.sft_steps <= self.steps,
              f"sft_steps must be an int in [0, steps={self.steps}], got {self.sft_steps!r}")
         need(self.sft_lr is None or self.sft_lr > 0, f"sft_lr must be > 0, got {self.sft_lr}")
+        need(self.sft_batch_size is None or (isinstance(self.sft_batch_size, int) and self.sft_batch_size > 0),
+             f"sft_batch_size must be a positive int, got {self.sft_batch_size!r}")
+        need(self.sft_target in ("tailored", "adapter"),
+             f"sft_target must be 'tailored' or 'adapter', got {self.sft_target!r}")
         need(self.temperature > 0, f"temperature must be > 0 for training, got {self.temperature}")
         need(0 < self.top_p <= 1 and 0 < self.eval_top_p <= 1, "top_p and eval_top_p must be in (0, 1]")
         need(self.kl_coef >= 0 and self.entropy_coef >= 0, "kl_coef and entropy_coef must be >= 0")
@@ -287,7 +296,7 @@ class Trainer:
     def _prompt_batch(self, step: int) -> list[int]:
         g = np.random.default_rng(step_seed(self.cfg.seed, step, 1))
         n = len(self.train_rows)
-        k = self.cfg.batch_size
+        k = (self.cfg.sft_batch_size or self.cfg.batch_size) if step <= self.cfg.sft_steps else self.cfg.batch_size
         return g.choice(n, size=k, replace=k > n).tolist()
 
     def rollout(self, rows: list[dict], seed: int, *, max_new_tokens=None, top_k=None, top_p=None, temperature=None,
@@ -333,8 +342,28 @@ class Trainer:
         return [self.tokenizer(r[field_name], add_special_tokens=False)["input_ids"][: self.cfg.max_new_tokens - 1]
                 + [eos] for r in rows]
 
+    def adapter_nll(self, prompt_ids, prefixes, targets) -> torch.Tensor:
+        """Summed NLL of ``targets`` under the adapter alone (its own log-softmax over the shared
+        vocabulary, its prefix before the prompt), differentiable w.r.t. the adapter. The output
+        head runs on the target positions only (the last hidden state is the final-norm output in
+        Hugging Face causal LMs), not on every kept position of the padded batch."""
+        lens = [len(t) for t in targets]
+        R = max(lens)
+        rows = [list(x) + list(p) + list(t) for x, p, t in zip(prefixes, prompt_ids, targets)]
+        ids, mask = left_pad(rows, self.pad_id, next(self.adapter.parameters()).device)
+        pos = (mask.cumsum(1) - 1).clamp_(min=0)
+        out = self.adapter(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                           logits_to_keep=1, output_hidden_states=True)
+        h = out.hidden_states[-1][:, -(R + 1):]
+        r = torch.tensor([i for i in range(len(targets)) for _ in range(lens[i])], dtype=torch.long)
+        col = torch.tensor([R - lens[i] + k for i in range(len(targets)) for k in range(lens[i])], dtype=torch.long)
+        z = self.adapter.get_output_embeddings()(h[r, col])[:, :self.V].float()
+        tgt = torch.tensor([t for ts in targets for t in ts], dtype=torch.long, device=z.device)
+        return torch.nn.functional.cross_entropy(z, tgt, reduction="sum")
+
     def sft_step(self, step: int, rows: list[dict]) -> dict:
-        """One optimiser step on the tailored NLL of the rows' targets (``grad_accum`` micro-batches)."""
+        """One optimiser step on the NLL of the rows' targets (``grad_accum`` micro-batches)
+        under the tailored policy, or under the adapter alone with ``sft_target="adapter"``."""
         self.adapter.eval()
         prompt_ids = self.lm.encode([r["prompt"] for r in rows])
         targets = self.sft_targets(rows)
@@ -342,9 +371,12 @@ class Trainer:
         n_tokens = sum(len(t) for t in targets)
         nll_sum = 0.0
         for micro in self._micro_batches(idx):
-            st = self.token_stats([prompt_ids[i] for i in micro], [self.inference_prefix] * len(micro),
-                                  [targets[i] for i in micro], kl=False)
-            nll = -(st["logprob"] * st["mask"]).sum()
+            args = ([prompt_ids[i] for i in micro], [self.inference_prefix] * len(micro), [targets[i] for i in micro])
+            if self.cfg.sft_target == "adapter":
+                nll = self.adapter_nll(*args)
+            else:
+                st = self.token_stats(*args, kl=False)
+                nll = -(st["logprob"] * st["mask"]).sum()
             (nll / n_tokens).backward()
             nll_sum += float(nll.detach())
         return {"sft/nll": nll_sum / n_tokens, "sft/grad_norm": self._optimizer_step()}

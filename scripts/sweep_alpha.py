@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Task score, perplexity under the base and distinct-2 of base x adapter at several alphas.
+
+The demo's evaluation protocol (T = 1, top-p 0.9, 32 new tokens, fixed seeds; SPEC §6) on the
+first ``--rows`` rows of a task split, one line per alpha (alpha 0 = the base alone). Used to
+choose the shipped alpha of an adapter on *validation* rows, never on the test split:
+
+    python scripts/sweep_alpha.py runs/lexical-v3/adapter --task lexical --alphas 0,1,1.5,2 \\
+        --split validation --rows 200 [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sweep(adapter: str, task: str, alphas: list[float], split: str, rows: int, base: str) -> list[dict]:
+    from ipa_fast import TailoredLM
+    from ipa_fast.demo import evaluate_variant
+
+    lm = TailoredLM.from_pretrained(base, adapter)
+    with open(ROOT / "data/tasks" / task / f"{split}.jsonl", encoding="utf-8") as f:
+        data = [json.loads(line) for line in f][:rows]
+    out = []
+    for a in alphas:
+        r = evaluate_variant(lm, task, data, alpha=a)
+        out.append({"alpha": a, "score": r["score"], "perplexity": r["perplexity"], "distinct_2": r["distinct_2"]})
+        print(f"alpha {a:g}: score {r['score']:.3f}  perplexity under the base {r['perplexity']:.1f}  "
+              f"distinct-2 {r['distinct_2']:.3f}  e.g. {r['texts'][0]!r}", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("adapter", help="adapter directory (e.g. an `ipa-fast train --out` run's adapter/)")
+    ap.add_argument("--task", required=True, choices=["lexical", "detox"])
+    ap.add_argument("--alphas", default="0,1", help="comma-separated alphas (0 = the base alone)")
+    ap.add_argument("--split", default="validation", choices=["validation", "test"])
+    ap.add_argument("--rows", type=int, default=200)
+    ap.add_argument("--base", default=str(ROOT / "models/base"))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    try:
+        alphas = [float(x) for x in args.alphas.split(",")]
+    except ValueError:
+        ap.error(f"--alphas must be comma-separated numbers, got {args.alphas!r}")
+    if any(a < 0 for a in alphas) or args.rows < 1:
+        ap.error("--alphas must be >= 0 and --rows >= 1")
+    import torch
+    torch.set_num_threads(1)
+    res = sweep(args.adapter, args.task, alphas, args.split, args.rows, args.base)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"task": args.task, "split": args.split, "rows": args.rows,
+                                               "adapter": args.adapter, "results": res}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
