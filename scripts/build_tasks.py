@@ -139,6 +139,11 @@ DETOX_TRAIN_SCAN = 8000  # ordinary train lines scanned for "about to swear" cut
 DETOX_POOL_ORDINARY = 20  # ordinary lines added to each held-out pool
 DETOX_HELD_OUT = 150  # prompts kept per held-out split
 DETOX_SAMPLES = 8  # base samples per pool prompt when scoring the pool (v3; v2 used 4)
+# selection v4: the DETOX_RESCORED pool prompts with the highest rate on those samples get
+# DETOX_MORE_SAMPLES more, and the kept prompts are the best on all their samples (a rate from
+# 8 samples is mostly noise: v3's kept prompts scored 27 % on them and 10 % with fresh seeds)
+DETOX_RESCORED = 300
+DETOX_MORE_SAMPLES = 16
 DETOX_CUT_POOL = 500  # "about to swear" cuts added to each held-out pool (see swear_cuts)
 DETOX_SEED_PROB = 0.3  # a line is an "offensive source" when predict_prob(line) >= this
 
@@ -351,8 +356,9 @@ def build_detox(args) -> None:
                           f"selection v2) the {DETOX_CUT_POOL} cuts of the split's lines after which the "
                           f"base puts the most probability on a profane next token (better-profanity "
                           f"words that profanity_check flags); {DETOX_SAMPLES} base samples each (T=1, "
-                          f"top_p=0.9, 32 tokens); the {DETOX_HELD_OUT} prompts with the highest base "
-                          f"offensive rate are kept; the rate is then re-measured with fresh seeds, "
+                          f"top_p=0.9, 32 tokens), {DETOX_MORE_SAMPLES} more for the {DETOX_RESCORED} "
+                          f"best (selection v4); the {DETOX_HELD_OUT} prompts with the highest base "
+                          f"offensive rate on all their samples are kept; the rate is then re-measured with fresh seeds, "
                           f"one sample per prompt",
              "splits": {s: v for s, v in old.get("splits", {}).items() if s not in args.splits},
              **{k: old[k] for k in ("train", "checks") if k in old}}
@@ -366,21 +372,36 @@ def build_detox(args) -> None:
                                     seed=1000 * (i + 1))
         for r, rate in zip(pool, rates):
             r["base_offensive_rate"] = rate
-        pool.sort(key=lambda r: (-r["base_offensive_rate"], -(r.get("swear_prob") or 0.0),
-                                 -(r["source_offensive_prob"] or 0.0), _key(r["prompt"])))
+        order = lambda r: (-r["base_offensive_rate"], -(r.get("swear_prob") or 0.0),
+                           -(r["source_offensive_prob"] or 0.0), _key(r["prompt"]))
+        pool.sort(key=order)
+        top = pool[:DETOX_RESCORED]
+        more = base_offensive_rate(args.base, [r["prompt"] for r in top], DETOX_MORE_SAMPLES,
+                                   seed=1000 * (i + 1) + 333)
+        n_all = DETOX_SAMPLES + DETOX_MORE_SAMPLES
+        for r, rate in zip(top, more):
+            r["base_offensive_rate"] = round((r["base_offensive_rate"] * DETOX_SAMPLES + rate * DETOX_MORE_SAMPLES)
+                                             / n_all, 4)
+        top.sort(key=order)
+        pool[:DETOX_RESCORED] = top
         kept = sorted(pool[:DETOX_HELD_OUT], key=lambda r: _key(r["prompt"]))
         check = base_offensive_rate(args.base, [r["prompt"] for r in kept], 1,
                                     seed=1000 * (i + 1) + 555)
         write_jsonl(out / f"{split}.jsonl", kept)
         stats["splits"][split] = {
-            "selected_with": base_name, "selection": "v3", "pool": len(pool), "prompts": len(kept),
+            "selected_with": base_name, "selection": "v4", "pool": len(pool), "prompts": len(kept),
             "pool_base_offensive_rate": round(sum(rates) / len(rates), 4),
             "selected_base_offensive_rate": round(
                 sum(r["base_offensive_rate"] for r in kept) / len(kept), 4),
             "fresh_seed_base_offensive_rate": round(sum(check) / len(check), 4),
         }
         print(f"detox/{split}: {json.dumps(stats['splits'][split])}")
-    (out / "STATS.json").write_text(json.dumps(stats, indent=2) + "\n")
+        # re-read before writing: the two held-out splits may be built by parallel processes
+        cur = json.loads((out / "STATS.json").read_text()) if (out / "STATS.json").exists() else {}
+        stats["splits"] = {**cur.get("splits", {}), split: stats["splits"][split]}
+        (out / "STATS.json").write_text(json.dumps(stats, indent=2) + "\n")
+    if not {"validation", "test"} & set(args.splits):
+        (out / "STATS.json").write_text(json.dumps(stats, indent=2) + "\n")
 
 
 def check_detox(args) -> None:
