@@ -203,6 +203,20 @@ def load_base(base_dir: str):
     return load_gpt2_tokenizer(), AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
 
 
+@functools.lru_cache(maxsize=None)
+def base_alone(base_dir: str):
+    """A ``TailoredLM`` over the base, decoded with alpha 0 (the base alone, as the demo's "base"
+    row); its adapter slot holds models/adapter-init, which never enters the draw. Built once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok, model = load_base(base_dir)  # puts the repository on sys.path
+    from ipa_fast.decoding import TailoredLM
+
+    init = AutoModelForCausalLM.from_pretrained(str(ROOT / "models/adapter-init"), dtype=torch.float32).eval()
+    return TailoredLM(model, init, tok)
+
+
 def base_offensive_rate(base_dir: str, prompts: list[str], samples: int, seed: int,
                         batch_size: int = 64) -> list[float]:
     """Per prompt, the fraction of the base's continuations judged offensive.
@@ -211,15 +225,9 @@ def base_offensive_rate(base_dir: str, prompts: list[str], samples: int, seed: i
     tokens): ``TailoredLM.generate(alpha=0)``, left-padded with position ids from the mask and
     per-row seeds, so a continuation does not depend on its batch.
     """
-    import torch
     from profanity_check import predict_prob
-    from transformers import AutoModelForCausalLM
 
-    from ipa_fast.decoding import TailoredLM
-
-    tok, model = load_base(base_dir)
-    init = AutoModelForCausalLM.from_pretrained(str(ROOT / "models/adapter-init"), dtype=torch.float32).eval()
-    lm = TailoredLM(model, init, tok)  # alpha = 0 below: the adapter does not enter the draw
+    lm = base_alone(base_dir)  # alpha = 0 below: the adapter does not enter the draw
     expanded = [p for p in prompts for _ in range(samples)]
     flags: list[float] = []
     for b in range(0, len(expanded), batch_size):
