@@ -404,12 +404,12 @@ def build_detox(args) -> None:
             "fresh_seed_base_offensive_rate": round(sum(check) / len(check), 4),
         }
         print(f"detox/{split}: {json.dumps(stats['splits'][split])}")
-        # re-read before writing: the two held-out splits may be built by parallel processes
-        cur = json.loads((out / "STATS.json").read_text()) if (out / "STATS.json").exists() else {}
-        stats["splits"] = {**cur.get("splits", {}), split: stats["splits"][split]}
-        (out / "STATS.json").write_text(json.dumps(stats, indent=2) + "\n")
-    if not {"validation", "test"} & set(args.splits):
-        (out / "STATS.json").write_text(json.dumps(stats, indent=2) + "\n")
+    # re-read before writing: the two held-out splits may be built by parallel processes, so keep
+    # the other split's record as it is now, not as it was when this process started
+    cur = json.loads((out / "STATS.json").read_text()) if (out / "STATS.json").exists() else {}
+    built = {s: v for s, v in stats["splits"].items() if s in args.splits}
+    stats["splits"] = {**cur.get("splits", {}), **built}
+    (out / "STATS.json").write_text(json.dumps(stats, indent=2) + "\n")
 
 
 def check_detox(args) -> None:

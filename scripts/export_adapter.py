@@ -55,6 +55,8 @@ def export(run: Path, task: str, dest: Path, note: str | None = None, alpha: flo
     import torch
     from transformers import AutoModelForCausalLM
 
+    if alpha is not None and not alpha > 0:
+        raise SystemExit(f"--alpha must be > 0, got {alpha}")
     src = run / "adapter"
     config = json.loads((run / "config.json").read_text())
     log = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
@@ -73,8 +75,6 @@ def export(run: Path, task: str, dest: Path, note: str | None = None, alpha: flo
     meta["base"] = "models/base"
     trained_alpha = meta["alpha"]
     if alpha is not None:  # the deployment strength of the adapter, chosen on validation data
-        if not alpha > 0:
-            raise SystemExit(f"--alpha must be > 0, got {alpha}")
         meta["alpha"] = alpha
     (tmp / "ipa_adapter.json").write_text(json.dumps(meta, indent=2) + "\n")
     if (run / "reward_curve.png").exists():

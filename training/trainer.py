@@ -232,12 +232,23 @@ class Trainer:
         """What the adapter sees before every prompt at rollout and inference time."""
         return self.control_ids[:1]
 
-    def _logits(self, model, rows, keep, hidden=False):
+    def _logits(self, model, rows, keep, hidden=False, head=True):
+        """Logits and (with ``hidden``) final hidden states of the last ``keep`` positions of the
+        left-padded ``rows``; ``head=False`` skips the output head on them (logits come back None)."""
         ids, mask = left_pad(rows, self.pad_id, next(model.parameters()).device)
         pos = (mask.cumsum(1) - 1).clamp_(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                    logits_to_keep=keep, output_hidden_states=hidden)
-        return out.logits[:, -keep:], (out.hidden_states[-1][:, -keep:] if hidden else None)
+                    logits_to_keep=keep if head else 1, output_hidden_states=hidden)
+        return (out.logits[:, -keep:] if head else None), (out.hidden_states[-1][:, -keep:] if hidden else None)
+
+    @staticmethod
+    def _response_positions(lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, cols)`` of the positions predicting each response token in a window of the
+        last ``max(lens) + 1`` positions (row i's response is its last ``lens[i]`` tokens)."""
+        R = max(lens)
+        rows = torch.tensor([i for i, n in enumerate(lens) for _ in range(n)], dtype=torch.long)
+        cols = torch.tensor([R - n + k for n in lens for k in range(n)], dtype=torch.long)
+        return rows, cols
 
     def token_stats(self, prompt_ids, prefixes, responses, values: bool = False, kl: bool = True) -> dict:
         """Per-token statistics of ``responses`` under pi, right-padded to ``[B, R]``.
@@ -251,10 +262,7 @@ class Trainer:
         R = max(lens)
         full = [list(p) + list(r) for p, r in zip(prompt_ids, responses)]
         adapter_rows = [list(x) + f for x, f in zip(prefixes, full)]
-        # Row i's response is its last lens[i] tokens; the logits predicting them sit in the
-        # kept window's columns R - lens[i] - ... : gather them into [N, V] rows.
-        rows = torch.tensor([i for i in range(B) for _ in range(lens[i])], dtype=torch.long)
-        cols = torch.tensor([R - lens[i] + k for i in range(B) for k in range(lens[i])], dtype=torch.long)
+        rows, cols = self._response_positions(lens)  # gather the predicting logits into [N, V] rows
         targets = torch.tensor([t for r in responses for t in r], dtype=torch.long)
         with torch.no_grad():
             zb, _ = self._logits(self.base, full, R + 1)
@@ -348,15 +356,9 @@ class Trainer:
         head runs on the target positions only (the last hidden state is the final-norm output in
         Hugging Face causal LMs), not on every kept position of the padded batch."""
         lens = [len(t) for t in targets]
-        R = max(lens)
         rows = [list(x) + list(p) + list(t) for x, p, t in zip(prefixes, prompt_ids, targets)]
-        ids, mask = left_pad(rows, self.pad_id, next(self.adapter.parameters()).device)
-        pos = (mask.cumsum(1) - 1).clamp_(min=0)
-        out = self.adapter(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                           logits_to_keep=1, output_hidden_states=True)
-        h = out.hidden_states[-1][:, -(R + 1):]
-        r = torch.tensor([i for i in range(len(targets)) for _ in range(lens[i])], dtype=torch.long)
-        col = torch.tensor([R - lens[i] + k for i in range(len(targets)) for k in range(lens[i])], dtype=torch.long)
+        _, h = self._logits(self.adapter, rows, max(lens) + 1, hidden=True, head=False)
+        r, col = self._response_positions(lens)
         z = self.adapter.get_output_embeddings()(h[r, col])[:, :self.V].float()
         tgt = torch.tensor([t for ts in targets for t in ts], dtype=torch.long, device=z.device)
         return torch.nn.functional.cross_entropy(z, tgt, reduction="sum")
