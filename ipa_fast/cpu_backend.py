@@ -13,7 +13,11 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def sample(base, adapter, *, alpha, temperature, top_k, top_p, min_p, seed, offset):
-    """Same contract as :func:`ipa_fast.reference.sample` (normalised ``[B]`` parameters)."""
+    """Same contract as :func:`ipa_fast.reference.sample`: every parameter already a contiguous
+    ``[B]`` CPU tensor of the kernel dtype (float32 alpha / temperature / top_p / min_p, int64
+    top_k / seed / offset), as :func:`ipa_fast.sampling.prepare` makes them; the kernel reads raw
+    pointers and trusts them. Call it through :func:`ipa_fast.sample` or
+    :func:`ipa_fast.dispatch.resolve`, which check (docs/DESIGN.md §2.8)."""
     if base.device.type != "cpu":
         raise ValueError(f"backend 'cpu' needs CPU tensors, got {base.device}")
     B, V = base.shape

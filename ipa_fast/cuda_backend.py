@@ -6,7 +6,7 @@ caller's current stream with pointers passed as integers. The outputs and one sc
 (about 128 KiB a row) are allocated here with torch, so under CUDA-graph capture they come from
 the graph's pool; nothing syncs.
 Build it with ``IPA_FAST_CUDA=1 pip install --no-build-isolation -e .`` (architectures from
-``TORCH_CUDA_ARCH_LIST``, default "8.0;9.0"); see SPEC §7.
+``TORCH_CUDA_ARCH_LIST``, default "8.0;9.0"); see docs/DESIGN.md §7.
 """
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ _DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def sample(base, adapter, *, alpha, temperature, top_k, top_p, min_p, seed, offset):
+    """Same contract as :func:`ipa_fast.reference.sample`, on CUDA tensors, enqueued on the current
+    stream without synchronising. Parameters must already be contiguous ``[B]`` tensors of the
+    kernel dtype on the logits' device (:func:`ipa_fast.sampling.prepare`); call it through
+    :func:`ipa_fast.sample` or :func:`ipa_fast.dispatch.resolve`, which check."""
     if base.device.type != "cuda":
         raise ValueError(f"backend 'cuda' needs CUDA tensors, got {base.device}")
     if adapter is not None and adapter.dtype != base.dtype:

@@ -1,9 +1,11 @@
-"""Sampler backends: which are available, and which one ``backend="auto"`` picks.
+"""Sampler backends: which are available, and which one ``backend="auto"`` picks
+(docs/DESIGN.md §2.8).
 
 Each backend is a function ``impl(base, adapter, *, alpha, temperature, top_k, top_p, min_p,
 seed, offset) -> (tokens, logprobs, filtered_logprobs, valid)`` over normalised ``[B]``
-parameter tensors (see :mod:`ipa_fast.sampling`). Loading is lazy and its failure is kept as
-the reason shown by :func:`backends`.
+parameter tensors (see :func:`ipa_fast.sampling.prepare`). :func:`resolve` hands one out behind
+the sampler's checks; :func:`kernel` is the raw one for callers that normalised already. Loading
+is lazy and its failure is kept as the reason shown by :func:`backends`.
 """
 from __future__ import annotations
 
@@ -57,9 +59,19 @@ def auto_choice(device_type: str) -> str:
 
 
 def backends() -> dict[str, str]:
-    """``{name: "ok" | reason}`` for every backend; ``reference`` always works.
+    """``{name: "ok" | reason}`` for every sampler backend; ``reference`` always works.
 
-    The extra key ``"auto"`` says what ``backend="auto"`` picks, e.g. ``"cpu tensors: cpu; cuda
+    Backends (all with the semantics of :func:`ipa_fast.sample`):
+
+    - ``"reference"``: pure PyTorch, the oracle; any device.
+    - ``"cpu"``: the C++ extension ``ipa_fast._C``; CPU tensors.
+    - ``"triton"``: the Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+    - ``"cuda"``: the CUDA extension ``ipa_fast._C_cuda``; CUDA tensors.
+
+    A reason says why a backend cannot run here (not built, built for another torch, no CUDA
+    device, ...). ``backend="auto"`` takes, for CPU tensors, ``cpu`` then ``reference``; for CUDA
+    tensors ``cuda``, ``triton``, then ``reference``: the first that loads (never ``triton`` for
+    CPU tensors). The extra key ``"auto"`` says what it picks, e.g. ``"cpu tensors: cpu; cuda
     tensors: cuda"`` (the CUDA pick is shown even where no GPU is present).
     """
     out = {}
@@ -77,8 +89,15 @@ def backends() -> dict[str, str]:
     return out
 
 
-def resolve(name: str, logits: torch.Tensor):
-    """The implementation for ``name`` on ``logits``' device, or a clear error."""
+def kernel(name: str, logits: torch.Tensor):
+    """The raw implementation for ``name`` on ``logits``' device, or a clear error.
+
+    It trusts its inputs: every parameter must already be in the normalised ``[B]`` form that
+    :func:`ipa_fast.sampling.prepare` makes (a wrong dtype would be read as other bits). Use
+    :func:`resolve` (or :func:`ipa_fast.sample`) unless the inputs come from ``prepare``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
     if name == "auto":
         order = ORDER_CUDA if logits.device.type == "cuda" else ORDER_CPU
         for candidate in order:
@@ -99,3 +118,33 @@ def resolve(name: str, logits: torch.Tensor):
     if name == "triton" and dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend 'triton' runs on CPU tensors only under TRITON_INTERPRET=1")
     return impl
+
+
+def resolve(name: str, logits: torch.Tensor):
+    """The backend ``name`` for ``logits``' device, as a function with the checks of
+    :func:`ipa_fast.sample` (``validate=False``)::
+
+        impl = resolve("cpu", logits)
+        tokens, logprobs, filtered_logprobs, valid = impl(logits, adapter_logits, alpha=..., seed=...)
+
+    ``impl(base, adapter=None, *, alpha=1.0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+    seed, offset=0)`` takes what :func:`ipa_fast.sample` takes (numbers or ``[B]`` tensors; the
+    ranges of :data:`ipa_fast.reference.RANGES`) and never synchronises with the device, so it can
+    be timed in a loop or captured in a CUDA graph: types, shapes and devices raise as in
+    ``sample``; out-of-range parameter values give invalid rows (token 0, ``valid = False``).
+    """
+    impl = kernel(name, logits)
+
+    @functools.wraps(impl)
+    def checked(base, adapter=None, *, alpha=1.0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed,
+                offset=0):
+        from .sampling import prepare
+
+        base, adapter, params = prepare(base, adapter, alpha=alpha, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, min_p=min_p, seed=seed, generator=None, offset=offset,
+                                        validate=False)
+        if base.device != logits.device:
+            raise ValueError(f"backend {name!r} was resolved for {logits.device}, got logits on {base.device}")
+        return impl(base, adapter, **params)
+
+    return checked

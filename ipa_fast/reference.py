@@ -1,7 +1,10 @@
 """The reference backend: the one definition of the sampler's semantics, in plain PyTorch.
 
 Every fast path (C++ ``cpu``, ``triton``, ``cuda``) is tested against this file. It is written
-for clarity, not speed: it sorts, and it accumulates masses in float64.
+for clarity, not speed: it sorts, and it accumulates masses in float64. docs/DESIGN.md §2
+states the same semantics in prose; :data:`RANGES` below is the one definition of the
+parameters' accepted values (used by :func:`ipa_fast.sample`, the companion ops, the
+backends returned by :func:`ipa_fast.dispatch.resolve` and :func:`row_validity` here).
 
 Inputs arrive normalised by :func:`ipa_fast.sampling.sample` — every parameter is a ``[B]``
 tensor on the logits' device — so this module only states the maths:
@@ -16,12 +19,75 @@ tensor on the logits' device — so this module only states the maths:
                kept set whose inclusive cumulative kept mass (index order) exceeds u * total
     T == 0   : greedy argmax of base + alpha * adapter, lowest index on ties; logprobs at T = 1
                and filtered_logprobs = 0.
-    invalid  : a row whose z holds a NaN or +inf, or has no finite entry, or whose parameters are
-               out of range: token 0, logprobs NaN, valid False.
+    invalid  : a row whose z holds a NaN or +inf (a finite logit divided by a tiny T can
+               overflow), or has no finite entry, or whose parameters are outside
+               :data:`RANGES`: token 0, logprobs NaN, valid False.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
+
+FLOAT32_TINY = 2.0 ** -126                      # float32's smallest normal number, 1.1754944e-38
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # 3.4028235e+38
+INT64_MAX = 2 ** 63 - 1
+UINT64_END = 2 ** 64
+
+
+@dataclass(frozen=True)
+class Range:
+    """The accepted values of one parameter.
+
+    ``ok`` uses only comparisons and ``&`` / ``|``, so it answers for a Python number and,
+    elementwise, for a tensor alike (NaN fails every rule). ``per_row``: a value outside the
+    range makes a row invalid (False for ``seed`` / ``offset``, whose every int64 tensor value is
+    a valid uint64 bit pattern and whose out-of-range Python ints have no representation at all).
+    ``invalid``: the kernel-form value that marks a row invalid in every backend.
+    """
+
+    integer: bool
+    ok: Callable
+    rule: str
+    per_row: bool = True
+    invalid: float = float("nan")
+
+
+RANGES = {
+    "alpha": Range(False, lambda x: (x >= -FLOAT32_MAX) & (x <= FLOAT32_MAX),
+                   "finite, with |alpha| <= 3.4028235e+38 (float32's largest)"),
+    "temperature": Range(False, lambda x: (x == 0) | ((x >= FLOAT32_TINY) & (x <= FLOAT32_MAX)),
+                         "0 (greedy) or in [1.1754944e-38, 3.4028235e+38] (float32's smallest normal "
+                         "and largest finite numbers)", invalid=-1.0),
+    "top_k": Range(True, lambda x: x >= 0, ">= 0 (0 = off; k >= V keeps every token)", invalid=-1),
+    "top_p": Range(False, lambda x: (x > 0) & (x <= 1), "in (0, 1] (1 = off)", invalid=0.0),
+    "min_p": Range(False, lambda x: (x >= 0) & (x <= 1), "in [0, 1] (0 = off)", invalid=-1.0),
+    "seed": Range(True, lambda x: (x >= -(2 ** 63)) & (x < UINT64_END),
+                  "an int in [-2**63, 2**64) (read modulo 2**64 as a uint64) or an integer [B] tensor",
+                  per_row=False),
+    "offset": Range(True, lambda x: (x >= 0) & (x < UINT64_END),
+                    "an int in [0, 2**64) (a uint64) or an integer [B] tensor", per_row=False),
+}
+
+# The companion ops (tailored_log_softmax, tailored_token_stats) have no greedy limit: T > 0.
+OP_RANGES = {
+    "alpha": RANGES["alpha"],
+    "temperature": Range(False, lambda x: (x >= FLOAT32_TINY) & (x <= FLOAT32_MAX),
+                         "in [1.1754944e-38, 3.4028235e+38] (> 0: the op has no greedy limit)", invalid=-1.0),
+}
+
+
+def kernel_value(name: str, x):
+    """An in-range value as the kernels take it. ``top_p`` below float32's smallest normal keeps
+    the same tokens as that number does (the top value's alone: its mass is >= 1 / V), so it is
+    raised to it rather than rounded to 0; ``top_k`` beyond int64 keeps every token, as
+    ``2**63 - 1`` does."""
+    if name == "top_p":
+        return x.clamp(min=FLOAT32_TINY) if isinstance(x, torch.Tensor) else max(x, FLOAT32_TINY)
+    if name == "top_k" and not isinstance(x, torch.Tensor):
+        return min(x, INT64_MAX)
+    return x
 
 
 def mixed_logits(base: torch.Tensor, adapter: torch.Tensor | None, alpha: torch.Tensor) -> torch.Tensor:
@@ -35,10 +101,12 @@ def mixed_logits(base: torch.Tensor, adapter: torch.Tensor | None, alpha: torch.
 
 
 def row_validity(z: torch.Tensor, temperature, top_k, top_p, min_p) -> torch.Tensor:
-    """[B] bool: logits usable (no NaN / +inf, some finite entry) and parameters in range."""
+    """[B] bool: logits usable (no NaN / +inf, some finite entry) and parameters in :data:`RANGES`
+    (alpha needs no check here: a NaN or infinite alpha makes z NaN or infinite)."""
     ok = ~(torch.isnan(z) | (z == float("inf"))).any(dim=1)
     ok &= torch.isfinite(z).any(dim=1)
-    ok &= (temperature >= 0) & (top_k >= 0) & (top_p > 0) & (top_p <= 1) & (min_p >= 0) & (min_p <= 1)
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p)):
+        ok &= RANGES[name].ok(value)
     return ok
 
 

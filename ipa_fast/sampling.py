@@ -1,8 +1,10 @@
 """``ipa_fast.sample``: argument checking, normalisation to per-row tensors, backend dispatch.
 
-The semantics live in :mod:`ipa_fast.reference`; backends receive every parameter as a ``[B]``
-tensor on the logits' device (float32 alpha / temperature / top_p / min_p, int64 top_k / seed /
-offset) and return ``(tokens, logprobs, filtered_logprobs, valid)``.
+The semantics live in :mod:`ipa_fast.reference` (and in prose in docs/DESIGN.md §2); the
+parameters' accepted values are :data:`ipa_fast.reference.RANGES`, checked here for the sampler
+and the companion ops. Backends receive every parameter as a ``[B]`` tensor on the logits'
+device (float32 alpha / temperature / top_p / min_p, int64 top_k / seed / offset) and return
+``(tokens, logprobs, filtered_logprobs, valid)``.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from . import dispatch as _dispatch
+from . import reference
+from .reference import RANGES
 from .rng import as_int64_u64, draw_seeds
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -41,54 +45,98 @@ def check_logits(name: str, x: torch.Tensor, like: torch.Tensor | None = None) -
             raise ValueError(f"{name} is on {x.device} but logits are on {like.device}")
 
 
-def per_row(name: str, value, batch: int, device, dtype, integer: bool) -> torch.Tensor:
-    """A Python scalar or a [B] tensor -> a [B] tensor of ``dtype`` on ``device``."""
+def _as_float(value) -> float:
+    """A real number as a float; a Python int too large for a float is +-inf (out of range)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return float("inf") if value > 0 else float("-inf")
+
+
+def param_tensor(name: str, value, batch: int, device, *, validate: bool, pending: list | None = None,
+                 ranges: dict = RANGES) -> torch.Tensor:
+    """A parameter (a Python number or a [B] tensor) -> its ``[B]`` kernel form on ``device``:
+    float32 for real parameters, int64 for ``top_k`` / ``seed`` / ``offset``.
+
+    The accepted values are ``ranges[name]`` (:data:`ipa_fast.reference.RANGES`). A Python number
+    outside them raises ``ValueError`` naming ``name`` when ``validate`` (and always for ``seed`` /
+    ``offset``: such an int has no uint64 form); otherwise it becomes the range's invalid marker,
+    which every backend reports as an invalid row. Tensor values are never read here (no host
+    sync): out-of-range entries become invalid markers, and with ``validate`` the ``[B]`` bool
+    "in range" tensor is appended to ``pending`` for :func:`raise_pending`.
+    Types and shapes are checked always: bool, complex or (for integer parameters) floating
+    tensors and non-numbers raise ``TypeError``; a tensor that is not a scalar or ``[B]`` raises
+    ``ValueError``.
+    """
+    r = ranges[name]
+    device = torch.device(device)
+    dtype = torch.int64 if r.integer else torch.float32
     if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real number or a [B] tensor of numbers, got a {value.dtype} tensor")
+        if r.integer and value.is_floating_point():
+            raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+        if name == "top_k" and value.dtype == torch.uint64:
+            raise TypeError("top_k must be a signed integer tensor (int64 or narrower), got torch.uint64")
         if value.dim() == 0:
             value = value.reshape(1).expand(batch)
         if value.dim() != 1 or value.shape[0] != batch:
             raise ValueError(f"{name} must be a scalar or a [B] = [{batch}] tensor, got shape {tuple(value.shape)}")
-        if integer and value.is_floating_point():
-            raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
-        if value.dtype == torch.bool:
-            raise TypeError(f"{name} must be numeric, got a bool tensor")
-        return value.to(device=device, dtype=dtype, non_blocking=True).contiguous()
+        # float64 is checked before rounding to float32 (1e-300 must not become 0, 1e300 not inf)
+        work = torch.int64 if r.integer else (torch.float64 if value.dtype == torch.float64 else torch.float32)
+        v = value.to(device=device, dtype=work, non_blocking=device.type == "cuda")
+        if r.per_row:
+            ok = r.ok(v)
+            if validate and pending is not None:
+                pending.append((name, value, ok, r.rule))
+            # Out-of-range values become the invalid marker. Not needed where the kernels already
+            # flag every out-of-range value of the kernel dtype: negative top_k, and float32 alpha
+            # (NaN / inf poison z) and min_p (range-checked per row).
+            if not (r.integer or (work == torch.float32 and name in ("alpha", "min_p"))):
+                v = torch.where(ok, reference.kernel_value(name, v), torch.full((), r.invalid, dtype=work, device=device))
+        return v.to(dtype).contiguous()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number or a [B] tensor, got {type(value).__name__}")
-    if integer and not isinstance(value, numbers.Integral):
+    if r.integer and not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
-    return torch.full((batch,), value, dtype=dtype, device=device)
+    v = int(value) if r.integer else _as_float(value)
+    if not r.ok(v):
+        if validate or not r.per_row:
+            raise ValueError(f"{name} must be {r.rule}, got {value!r}")
+        v = r.invalid
+    else:
+        v = reference.kernel_value(name, v)
+    if name in ("seed", "offset"):
+        v = as_int64_u64(v)
+    return torch.full((batch,), v, dtype=dtype, device=device)
 
 
-_INTEGER = {"alpha": False, "temperature": False, "top_k": True, "top_p": False, "min_p": False}
-_RULES = {  # name -> (predicate on a scalar or a tensor, the rule in words)
-    "alpha": (lambda x: abs(x) < float("inf") if not isinstance(x, torch.Tensor) else torch.isfinite(x), "finite"),
-    "temperature": (lambda x: x >= 0, ">= 0"),
-    "top_k": (lambda x: x >= 0, ">= 0 (0 = off)"),
-    "top_p": (lambda x: (x > 0) & (x <= 1), "in (0, 1] (1 = off)"),
-    "min_p": (lambda x: (x >= 0) & (x <= 1), "in [0, 1] (0 = off)"),
-}
+def raise_pending(pending: list, valid: torch.Tensor | None = None) -> None:
+    """One host sync for every tensor parameter check in ``pending`` (and for ``valid``, the
+    kernel's row flags, when given): ``ValueError`` naming the first parameter out of range, else
+    the first invalid row. Nothing is synchronised when there is nothing to check."""
+    flags = [ok.all() for _, _, ok, _ in pending]
+    if valid is not None:
+        flags.append(valid.all())
+    if not flags:
+        return
+    good = torch.stack(flags).tolist() if len(flags) > 1 else [bool(flags[0])]
+    for (name, value, ok, rule), fine in zip(pending, good):
+        if not fine:
+            row = int((~ok).nonzero()[0, 0])
+            bad = value.reshape(-1)[row].item()
+            raise ValueError(f"{name} must be {rule}, got {bad} (row {row})")
+    if valid is not None and not good[-1]:
+        row = int((~valid).nonzero()[0, 0])
+        raise ValueError(
+            f"logits row {row} is invalid: (logits + alpha * adapter_logits) / temperature holds NaN "
+            f"or +inf (a tiny temperature or a huge alpha can overflow float32), or every token is -inf")
 
 
-def _check_ranges(raw: dict) -> None:
-    """Python scalars are checked in Python; tensors with one host sync for all of them."""
-    tensors = {}
-    for name, value in raw.items():
-        ok, rule = _RULES[name]
-        if isinstance(value, torch.Tensor):
-            tensors[name] = ok(value if _INTEGER[name] else value.float()).reshape(-1).all()
-        elif isinstance(value, numbers.Real) and not isinstance(value, bool) and not ok(value):
-            raise ValueError(f"{name} must be {rule}, got {value}")
-    if tensors:
-        flags = torch.stack(list(tensors.values())).tolist()  # the one host sync
-        for (name, _), good in zip(tensors.items(), flags):
-            if not good:
-                value = raw[name].reshape(-1)
-                bad = value[~_RULES[name][0](value)][0].item()
-                raise ValueError(f"{name} must be {_RULES[name][1]}, got {bad}")
-
-
-def seeds_for(seed, generator, batch: int, device) -> torch.Tensor:
+def seeds_for(seed, generator, batch: int, device, *, validate: bool = True) -> torch.Tensor:
+    """``[B]`` int64 per-row seeds (uint64 bit patterns): ``seed + row`` for an int seed (modulo
+    2**64), the tensor's values for a tensor, or drawn from ``generator`` (torch's default
+    generator when None)."""
     if seed is not None and generator is not None:
         raise TypeError("pass either seed or generator, not both")
     if seed is None:
@@ -96,39 +144,95 @@ def seeds_for(seed, generator, batch: int, device) -> torch.Tensor:
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         return draw_seeds(batch, generator).to(device)
     if isinstance(seed, torch.Tensor):
-        return per_row("seed", seed, batch, device, torch.int64, integer=True)
+        return param_tensor("seed", seed, batch, device, validate=validate)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int or a [B] int64 tensor, got {type(seed).__name__}")
-    base = as_int64_u64(int(seed))
+    base = param_tensor("seed", seed, 1, "cpu", validate=validate).item()
     rows = torch.arange(batch, dtype=torch.int64, device=device)
     return rows + base  # int64 addition wraps modulo 2**64, as uint64 seeds do
 
 
-def sample(logits, adapter_logits=None, *, alpha=1.0, temperature=1.0, top_k=0, top_p=1.0,
-           min_p=0.0, seed=None, generator=None, offset=0, validate=True, backend="auto") -> SampleOutput:
-    """Mix, filter and draw one token per row: ``softmax((logits + alpha*adapter_logits)/T)``.
+_SAMPLER_PARAMS = ("alpha", "temperature", "top_k", "top_p", "min_p")
 
-    See SPEC §2 and :mod:`ipa_fast.reference` for the exact semantics. ``validate=False`` skips
-    every host sync (CUDA-graph capture): invalid rows then get token 0 and ``valid=False``.
-    """
+
+def prepare(logits, adapter_logits, *, alpha, temperature, top_k, top_p, min_p, seed, generator, offset,
+            validate: bool, pending: list | None = None):
+    """Check and normalise :func:`sample`'s arguments: ``(logits, adapter_logits, params)`` with
+    every parameter a contiguous ``[B]`` tensor on the logits' device, as backends take them.
+    Nothing here synchronises with the device; tensor range checks go to ``pending``."""
     check_logits("logits", logits)
     if adapter_logits is not None:
         check_logits("adapter_logits", adapter_logits, like=logits)
-    B = logits.shape[0]
-    dev = logits.device
+    B, dev = logits.shape[0], logits.device
     raw = dict(alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    params = {name: param_tensor(name, raw[name], B, dev, validate=validate, pending=pending)
+              for name in _SAMPLER_PARAMS}
+    params["seed"] = seeds_for(seed, generator, B, dev, validate=validate)
+    params["offset"] = param_tensor("offset", offset, B, dev, validate=validate)
+    return logits.contiguous(), None if adapter_logits is None else adapter_logits.contiguous(), params
+
+
+def sample(logits, adapter_logits=None, *, alpha=1.0, temperature=1.0, top_k=0, top_p=1.0,
+           min_p=0.0, seed=None, generator=None, offset=0, validate=True, backend="auto") -> SampleOutput:
+    """Mix, filter and draw one token per row from ``softmax((logits + alpha * adapter_logits) / T)``.
+
+    ``logits``, ``adapter_logits``: ``[B, V]`` float32 / float16 / bfloat16 on one device (other
+    ranks, shapes, devices or dtypes raise). Arithmetic is float32 or wider whatever the input
+    dtype. ``adapter_logits=None``: a plain sampler over ``logits``.
+
+    ``alpha``, ``temperature``, ``top_k``, ``top_p``, ``min_p``: a Python number or a ``[B]``
+    tensor (one value per row; moved to the logits' device). Accepted values — outside them
+    ``ValueError`` names the parameter:
+
+    - ``alpha``: finite, ``|alpha| <= 3.4028235e38``; ``alpha == 0`` ignores the adapter (no
+      ``0 * -inf`` NaN).
+    - ``temperature``: ``0`` (greedy) or in ``[1.1754944e-38, 3.4028235e38]`` (float32's smallest
+      normal and largest finite numbers). ``T == 0``: the argmax of ``logits + alpha *
+      adapter_logits``, lowest index on ties; ``logprobs`` are then at T = 1 and
+      ``filtered_logprobs`` 0. A row that a tiny T overflows to +inf is invalid (see below).
+    - ``top_k``: an int ``>= 0``; 0 = off, ``k >= V`` keeps every token; keeps every token whose
+      value is >= the k-th largest (ties at the k-th value are all kept).
+    - ``top_p``: in ``(0, 1]``, 1 = off; over the top-k survivors, renormalised, keeps token i iff
+      the mass of tokens strictly more probable than i is < p (the top token is always kept; tied
+      tokens are kept or dropped together).
+    - ``min_p``: in ``[0, 1]``, 0 = off; keeps tokens with ``pi_i >= min_p * max pi``.
+
+    Filters apply in that order, as Hugging Face's ``TopK`` / ``TopP`` / ``MinP`` warpers do.
+    The draw is exact: with the row's uniform ``u``, the token is the smallest index whose
+    inclusive cumulative kept mass (index order) exceeds ``u`` times the total kept mass.
+
+    Randomness (RNG stream version :data:`ipa_fast.RNG_STREAM_VERSION`): a row's ``u`` comes from
+    Philox-4x32-10 with key ``(lo32(seed), hi32(seed))`` and counter ``(lo32(offset),
+    hi32(offset), 0, 0)``: from its first two output words, ``u = ((x0 << 21 | x1 >> 11) + 0.5) *
+    2**-53`` (see :mod:`ipa_fast.rng`). ``seed``: an int in ``[-2**63, 2**64)`` (row r gets ``seed + r`` modulo
+    2**64) or a ``[B]`` integer tensor (int64 values are read as uint64 bit patterns).
+    ``offset``: the caller's step key, an int in ``[0, 2**64)`` or a ``[B]`` integer tensor (read
+    the same way); :class:`ipa_fast.TailoredLM` passes each row's unpadded position. With
+    ``seed=None``, ``generator`` (or torch's default generator) draws the row seeds; ``seed`` and
+    ``generator`` together raise ``TypeError``. A row's token depends only on its own logits,
+    parameters, seed and offset: never on the batch, the thread count or (up to rounding at a
+    CDF boundary) the backend.
+
+    Returns :class:`SampleOutput`: ``tokens`` [B] int64, ``logprobs`` [B] float32 (log pi(token),
+    unfiltered, at this T), ``filtered_logprobs`` [B] float32 (under the filtered, renormalised
+    pi), ``valid`` [B] bool.
+
+    ``validate=True``: any out-of-range parameter, or any invalid row — NaN or +inf in the mixed
+    and tempered logits, or every token -inf — raises ``ValueError`` (one host sync in all).
+    ``validate=False`` never synchronises (CUDA-graph capture): types and shapes are still checked,
+    but out-of-range values and bad rows only give those rows token 0, NaN log-probs and
+    ``valid = False``.
+
+    ``backend``: ``"auto"`` (the fastest available for the device), ``"reference"``, ``"cpu"``,
+    ``"triton"`` or ``"cuda"``; :func:`ipa_fast.backends` says which work here. See
+    docs/DESIGN.md §2 and §3 for the full statement.
+    """
+    pending = [] if validate else None
+    logits, adapter_logits, params = prepare(
+        logits, adapter_logits, alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        seed=seed, generator=generator, offset=offset, validate=validate, pending=pending)
+    impl = _dispatch.kernel(backend, logits)
+    tokens, logprobs, filtered, valid = impl(logits, adapter_logits, **params)
     if validate:
-        _check_ranges(raw)
-    params = {name: per_row(name, raw[name], B, dev, _INTEGER[name] and torch.int64 or torch.float32,
-                            integer=_INTEGER[name]) for name in raw}
-    params["seed"] = seeds_for(seed, generator, B, dev)
-    params["offset"] = per_row("offset", offset, B, dev, torch.int64, integer=True)
-    impl = _dispatch.resolve(backend, logits)
-    tokens, logprobs, filtered, valid = impl(
-        logits.contiguous(), None if adapter_logits is None else adapter_logits.contiguous(), **params)
-    if validate and not bool(valid.all()):
-        row = int((~valid).nonzero()[0, 0])
-        raise ValueError(
-            f"logits row {row} is invalid: it holds NaN or +inf, or every token is -inf "
-            f"(after mixing with adapter_logits)")
+        raise_pending(pending, valid)
     return SampleOutput(tokens, logprobs, filtered, valid)

@@ -31,9 +31,12 @@ their ``0 * log 0`` terms count as 0). Rows with ``alpha == 0`` ignore the adapt
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
-from .sampling import check_logits, per_row
+from .reference import OP_RANGES
+from .sampling import check_logits, param_tensor, raise_pending
 
 # Rows per chunk: about 256K float32 elements (1 MB) per temporary and thread, so a chunk's few
 # temporaries stay in cache while the passes over them run (the plain formula streams
@@ -140,28 +143,44 @@ def _prepare(base, adapter, targets, alpha, temperature, ref_adapter):
     N, V = base.shape
     if targets.shape != (N,):
         raise ValueError(f"targets must be [N] = [{N}], got shape {tuple(targets.shape)}")
-    if targets.is_floating_point() or targets.dtype == torch.bool:
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if targets.dtype == torch.uint64:
+        raise TypeError("targets must be a signed integer tensor (int64 or narrower), got torch.uint64")
     targets = targets.to(device=base.device, dtype=torch.int64)
-    if bool(((targets < 0) | (targets >= V)).any()):
-        raise ValueError(f"targets must be in [0, {V}), got {targets[(targets < 0) | (targets >= V)][0].item()}")
-    a = per_row("alpha", alpha, N, base.device, torch.float32, integer=False).unsqueeze(1)
-    t = per_row("temperature", temperature, N, base.device, torch.float32, integer=False)
-    if not bool((t > 0).all()):
-        raise ValueError(f"temperature must be > 0 for tailored_token_stats, got {t.min().item()}")
-    return targets, a, t.unsqueeze(1)
+    # one host sync for the targets' and the parameters' range checks together
+    pending = [("targets", targets, (targets >= 0) & (targets < V), f"in [0, {V}) (the vocabulary)")]
+    a = param_tensor("alpha", alpha, N, base.device, validate=True, pending=pending, ranges=OP_RANGES)
+    t = param_tensor("temperature", temperature, N, base.device, validate=True, pending=pending, ranges=OP_RANGES)
+    raise_pending(pending)
+    return targets, a.unsqueeze(1), t.unsqueeze(1)
 
 
 def tailored_token_stats(base: torch.Tensor, adapter: torch.Tensor, targets: torch.Tensor, *,
                          alpha=1.0, temperature=1.0, ref_adapter: torch.Tensor | None = None,
                          chunk_rows: int | None = None):
-    """``(logprob, entropy, kl)``, each float32 ``[N]``; see the module docstring.
+    """Per-token log-prob, entropy and KL of the tailored policy: ``(logprob, entropy, kl)``,
+    each float32 ``[N]``, for the RL training loss.
 
-    ``base``, ``adapter``, ``ref_adapter``: ``[N, V]`` float32 / float16 / bfloat16 logits.
-    ``targets``: ``[N]`` token ids. ``alpha``, ``temperature``: scalars or ``[N]`` tensors
-    (``temperature > 0``). Differentiable w.r.t. ``adapter`` only. ``chunk_rows`` overrides
-    the number of rows processed at a time (default: 256K elements on one torch thread,
-    1M per thread with more).
+    With ``z = (base + alpha * adapter) / T`` per row (rows with ``alpha == 0`` ignore the
+    adapter), ``pi = softmax(z)`` over the full vocabulary, and ``pi_ref`` built the same way
+    from ``ref_adapter`` in place of ``adapter`` (or from the base alone when ``ref_adapter`` is
+    None)::
+
+        logprob[i] = log pi(targets[i])
+        entropy[i] = -sum_v pi_v log pi_v
+        kl[i]      = sum_v pi_v (log pi_v - log pi_ref_v)     # KL(pi || pi_ref)
+
+    ``base``, ``adapter``, ``ref_adapter``: ``[N, V]`` float32 / float16 / bfloat16 logits on one
+    device; arithmetic is float32; ``-inf`` logits are legal (their ``0 * log 0`` terms count as
+    0). ``targets``: ``[N]`` integer token ids in ``[0, V)``. ``alpha``: a number or ``[N]``
+    tensor, finite (``|alpha| <= 3.4028235e38``). ``temperature``: a number or ``[N]`` tensor in
+    ``[1.1754944e-38, 3.4028235e38]`` (no greedy limit). Out-of-range values raise ``ValueError``
+    naming the argument. Differentiable w.r.t. ``adapter`` only (the base and the reference are
+    frozen); backward recomputes per chunk of rows, so besides its inputs the op allocates no
+    ``[N, V]`` float tensor but ``adapter``'s gradient. ``chunk_rows``: an int >= 1 overriding the
+    rows processed at a time (default: 256K elements on one torch thread, 1M per thread with
+    more). See docs/DESIGN.md §4.
     """
     targets, a, t = _prepare(base, adapter, targets, alpha, temperature, ref_adapter)
     if chunk_rows is None:
@@ -170,7 +189,9 @@ def tailored_token_stats(base: torch.Tensor, adapter: torch.Tensor, targets: tor
         threads = max(1, torch.get_num_threads())
         elements = _CHUNK_ELEMENTS if threads == 1 else 4 * _CHUNK_ELEMENTS * min(threads, 16)
         chunk_rows = max(1, elements // base.shape[1])
-    if int(chunk_rows) < 1:
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral):
+        raise TypeError(f"chunk_rows must be an int, got {type(chunk_rows).__name__}")
+    if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     ref = None if ref_adapter is None else ref_adapter.detach()
     return _TailoredTokenStats.apply(base.detach(), adapter, ref, targets, a, t, int(chunk_rows))
