@@ -18,6 +18,14 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 
 
+def read_version() -> str:
+    """ipa_fast/_version.py is the single source of the version (read, not imported: the
+    package imports torch and its extension, which are not there yet at build time)."""
+    scope = {}
+    exec((ROOT / "ipa_fast" / "_version.py").read_text(), scope)
+    return scope["__version__"]
+
+
 def want_cuda() -> bool:
     flag = os.environ.get("IPA_FAST_CUDA")
     if flag is not None:
@@ -66,7 +74,7 @@ class CMakeBuild(build_ext):
 
 setup(
     name="ipa_fast",
-    version="0.1.0",
+    version=read_version(),
     description="Inference-Time Policy Adapters, fast: fused tailored sampling, decoding and RL training",
     license="MIT",
     python_requires=">=3.10",

@@ -7,7 +7,11 @@ A frozen base LM and a small RL-trained adapter LM combined as a product of expe
 - :func:`tailored_log_softmax`, :func:`tailored_token_stats` — companion ops (autograd).
 - :class:`TailoredLM` — tailored decoding with any Hugging Face causal LM pair, or an API base.
 - ``ipa_fast.training`` — Quark / PPO training of the adapter.
+
+The product semantics these cite (sampler, RNG stream, decoding, training op, evaluation
+protocol) are written down in docs/DESIGN.md.
 """
+from ._version import __version__
 from .api_base import APIBase
 from .decoding import GenerationOutput, ScoreOutput, TailoredLM, save_adapter
 from .dispatch import backends
@@ -16,7 +20,6 @@ from .rng import RNG_STREAM_VERSION
 from .sampling import SampleOutput, sample
 from .token_stats import tailored_token_stats
 
-__version__ = "0.1.0"
-
 __all__ = ["sample", "SampleOutput", "backends", "tailored_log_softmax", "tailored_token_stats",
-           "TailoredLM", "GenerationOutput", "ScoreOutput", "save_adapter", "APIBase", "RNG_STREAM_VERSION"]
+           "TailoredLM", "GenerationOutput", "ScoreOutput", "save_adapter", "APIBase", "RNG_STREAM_VERSION",
+           "__version__"]
