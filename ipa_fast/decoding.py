@@ -134,7 +134,7 @@ class _ZeroLM:
 
 class SparseBase:
     """A local base reduced to its top-k log-probs per step, densified with ``-inf`` outside
-    them: the in-process twin of an API-only base (SPEC §2 sparse base)."""
+    them: the in-process twin of an API-only base (docs/DESIGN.md §2.10 sparse base)."""
 
     def __init__(self, lm: CachedLM, top_k: int, vocab_size: int):
         self.lm, self.top_k, self.V = lm, top_k, vocab_size

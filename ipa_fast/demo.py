@@ -1,7 +1,7 @@
 """``ipa-fast demo``: the main job on the embedded default, offline, minutes on a CPU.
 
 With the shipped models present (``models/base``, ``models/adapter-init`` and one trained
-adapter per task under ``models/adapters/<task>``) it shows IPA working, per SPEC §6:
+adapter per task under ``models/adapters/<task>``) it shows IPA working, per docs/DESIGN.md §6:
 
 1. for each task (lexical constraints, offensive language), on held-out test prompts: the base
    alone, base + trained IPA adapter, and the adapter alone — task score, perplexity under the
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import embedded
 
-# the evaluation protocol of SPEC §6, fixed and printed
+# the evaluation protocol of docs/DESIGN.md §6, fixed and printed
 PROTOCOL = {"temperature": 1.0, "top_p": 0.9, "samples_per_prompt": 1, "max_new_tokens": 32, "seed": 20261126}
 EVAL_CHUNK = 64  # prompts per generate() call in the evaluation
 LIVE_STEPS = {False: 20, True: 4}

@@ -1,4 +1,4 @@
-"""The evaluation protocol's task-independent metrics (SPEC §6).
+"""The evaluation protocol's task-independent metrics (docs/DESIGN.md §6).
 
 - Fluency: perplexity = exp(total NLL / total tokens) of the continuations given the plain
   prompt, under the base model alone.

@@ -28,7 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--min-new-tokens", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=0.9, help="default 0.9 (SPEC §6 evaluation decoding)")
+    p.add_argument("--top-p", type=float, default=0.9, help="default 0.9 (docs/DESIGN.md §6 evaluation decoding)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
     p.add_argument("--alpha", type=float, default=None, help="adapter weight (default: saved, else 1.0)")

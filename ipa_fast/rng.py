@@ -1,6 +1,7 @@
 """The sampler's random stream: Philox-4x32-10 keyed by a per-row seed, countered by an offset.
 
-This is part of the public API (``RNG_STREAM_VERSION``): golden tests pin the tokens it gives.
+This is part of the public API (``RNG_STREAM_VERSION``, docs/DESIGN.md §3): golden tests pin
+the tokens it gives; any change to what follows is a new stream version.
 
 For row ``r`` with seed ``s`` (uint64) and offset ``o`` (uint64):
 
@@ -10,8 +11,12 @@ For row ``r`` with seed ``s`` (uint64) and offset ``o`` (uint64):
     u = ((x0 << 21 | x1 >> 11) + 0.5) * 2**-53          # a double in (0, 1)
 
 which is what Triton's ``tl.randint4x(seed, offset)`` computes, and what the C++ and CUDA
-kernels compute (``csrc/philox.h``). This module is the reference; it works on any device
-with int64 arithmetic only (a 32x32-bit product is split so it never overflows int64).
+kernels compute (``csrc/philox.h``). Known answer (Random123): key (0, 0), counter (0, 0, 0, 0)
+gives 0x6627e8d5 0xe169c58d 0xbc57ac4c 0x9b00dbd8. The row's token is then the smallest kept
+index whose inclusive cumulative kept mass exceeds ``u`` times the total kept mass.
+
+This module is the reference; it works on any device with int64 arithmetic only (a 32x32-bit
+product is split so it never overflows int64).
 """
 from __future__ import annotations
 

@@ -221,7 +221,7 @@ def base_offensive_rate(base_dir: str, prompts: list[str], samples: int, seed: i
                         batch_size: int = 64) -> list[float]:
     """Per prompt, the fraction of the base's continuations judged offensive.
 
-    Decoded exactly as the demo decodes "base alone" (SPEC §6: T=1, top-p 0.9, 32 new
+    Decoded exactly as the demo decodes "base alone" (docs/DESIGN.md §6: T=1, top-p 0.9, 32 new
     tokens): ``TailoredLM.generate(alpha=0)``, left-padded with position ids from the mask and
     per-row seeds, so a continuation does not depend on its batch.
     """

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Task score, perplexity under the base and distinct-2 of base x adapter at several alphas.
 
-The demo's evaluation protocol (T = 1, top-p 0.9, 32 new tokens, fixed seeds; SPEC §6) on the
+The demo's evaluation protocol (T = 1, top-p 0.9, 32 new tokens, fixed seeds; docs/DESIGN.md §6) on the
 first ``--rows`` rows of a task split, one line per alpha (alpha 0 = the base alone). Used to
 choose the shipped alpha of an adapter on *validation* rows, never on the test split:
 

@@ -56,7 +56,7 @@ def random_params(batch: int, vocab: int, *, seed: int = 0) -> dict:
 
 
 def mixed(base, adapter, alpha, temperature) -> torch.Tensor:
-    """float32 ``(base + alpha * adapter) / T`` per row, as SPEC §2 states it (alpha == 0 drops the adapter)."""
+    """float32 ``(base + alpha * adapter) / T`` per row, as docs/DESIGN.md §2.4 states it (alpha == 0 drops the adapter)."""
     z = base.float()
     if adapter is not None:
         a = torch.as_tensor(alpha, dtype=torch.float32).reshape(-1, 1).expand(z.shape[0], 1)
@@ -87,7 +87,7 @@ def hf_kept_mask(z: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor:
 
 
 def boundary_near_tie(z: torch.Tensor, top_k, top_p, min_p, tol: float = 1e-6) -> torch.Tensor:
-    """[B] bool: rows whose kept set is decided by a tie or a near-tie (SPEC §2): at the top-p
+    """[B] bool: rows whose kept set is decided by a tie or a near-tie (docs/DESIGN.md §2.5): at the top-p
     boundary (equal values there, or an exclusive mass within ``tol`` of p), or a token whose
     pi / max pi is within a relative 1e-5 of min_p. Such rows may differ from HF legitimately."""
     B, V = z.shape

@@ -1,4 +1,4 @@
-"""Evaluation metrics (SPEC §6) against independent recomputations."""
+"""Evaluation metrics (docs/DESIGN.md §6) against independent recomputations."""
 import math
 
 import pytest

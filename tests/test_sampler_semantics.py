@@ -1,4 +1,4 @@
-"""SPEC §2 semantics of ``ipa_fast.sample``, for every backend in ``sampler_cases.BACKENDS``.
+"""docs/DESIGN.md §2 semantics of ``ipa_fast.sample``, for every backend in ``sampler_cases.BACKENDS``.
 
 Oracles: transformers' own warpers (kept sets), float64 softmax (probabilities, log-probs),
 chi-square tests on >= 10^5 draws (significance 1e-4 per test: a correct sampler fails one of

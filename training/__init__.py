@@ -1,4 +1,4 @@
-"""RL training of the policy adapter (SPEC §4): Quark and PPO through the tailored policy.
+"""RL training of the policy adapter (docs/DESIGN.md §4): Quark and PPO through the tailored policy.
 
     from ipa_fast.training import TrainConfig, train
     summary = train(TrainConfig(algo="ppo", task="detox", steps=100, out="runs/detox"))

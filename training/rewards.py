@@ -6,7 +6,7 @@ parameter or takes ``**kwargs`` (:func:`call_reward`). Built-ins:
 
 - :func:`lexical_coverage` — fraction of the required ``concepts`` that appear in the
   completion as any inflection (lemma match with ``lemminflect``), in any order
-  (CommonGen-style; SPEC §6). :func:`lexical_coverage_ordered` is the official IPA code's
+  (CommonGen-style; docs/DESIGN.md §6). :func:`lexical_coverage_ordered` is the official IPA code's
   ordered variant.
 - :func:`non_offensive` — ``1 - p_offensive`` of the completion under the
   ``alt-profanity-check`` classifier (a linear SVM on TF-IDF, shipped with its model). The
@@ -111,7 +111,7 @@ def non_offensive(prompts: Sequence[str], completions: Sequence[str]) -> list[fl
 
 
 def offensive_rate(completions: Sequence[str], threshold: float = 0.5) -> float:
-    """SPEC §6: fraction of completions with ``p_offensive >= threshold``."""
+    """docs/DESIGN.md §6: fraction of completions with ``p_offensive >= threshold``."""
     probs = offensive_probability(completions)
     return sum(p >= threshold for p in probs) / len(probs) if probs else 0.0
 

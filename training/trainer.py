@@ -18,7 +18,7 @@ One step = rollout -> reward -> update:
 
 Models stay in eval mode (dropout off) throughout; the base never gets gradients; only the
 adapter (and PPO's value head) are in the optimiser. Every step appends a JSON line to
-``<out>/metrics.jsonl``; evaluation every ``eval_every`` steps (SPEC §6 decoding: T = 1,
+``<out>/metrics.jsonl``; evaluation every ``eval_every`` steps (docs/DESIGN.md §6 decoding: T = 1,
 top_p = 0.9, 32 new tokens, fixed seeds) appends to it, prints a sample table and redraws
 ``<out>/reward_curve.png``; checkpoints go to ``<out>/checkpoints`` (see checkpoint.py) and
 the final adapter to ``<out>/adapter`` (loadable with ``TailoredLM.from_pretrained``).
@@ -689,7 +689,7 @@ def repeated_bigram_fraction(ids) -> float:
 
 
 def extra_eval_metrics(task: str | None, rows: list[dict], texts: list[str]) -> dict:
-    """SPEC §6 metrics beside the reward: distinct-2 (any task); ordered coverage, offensive rate."""
+    """docs/DESIGN.md §6 metrics beside the reward: distinct-2 (any task); ordered coverage, offensive rate."""
     from ipa_fast.evaluation import distinct_n
 
     from . import rewards as R

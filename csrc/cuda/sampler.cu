@@ -2,7 +2,7 @@
 // B = 1 spreads over many SMs; every merge runs in a fixed order that depends on V only, so a
 // row's result never depends on B (batch invariance).
 //
-// Semantics are ipa_fast/reference.py's (SPEC §2); z = (base + alpha*adapter) / T in float32 with
+// Semantics are ipa_fast/reference.py's (docs/DESIGN.md §2); z = (base + alpha*adapter) / T in float32 with
 // IEEE division, built with --fmad=false. Grid (B, S) for the chunk kernels, S = ceil(V / kChunk):
 //   1. chunk_stats  per chunk: max, sum exp(z - max), lowest argmax, NaN/+inf and finite counts.
 //   2. chunk_hist   filtered rows: counts of floor(z*R) below floor(m*R) (m = the row max) in NB
