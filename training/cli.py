@@ -49,6 +49,8 @@ HELP = {
     "repeat_coef": "training-score penalty per unit of repeated-bigram fraction of a sample (prices "
                    "degenerate loops; evaluation reports the plain reward)",
     "backend": "sampler backend for rollouts (auto, reference, cpu, triton, cuda)",
+    "reward_timeout": "seconds one reward call may take before the run stops with an error (the last "
+                      "checkpoint stays intact); 0 = no limit",
 }
 CHOICES = {"sft_target": ["tailored", "adapter"], "algo": ["quark", "ppo"], "task": ["lexical", "detox"], "reference": ["initial", "base"],
            "lr_schedule": ["constant", "linear"]}
@@ -75,7 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=f.name, type=tp, default=f.default, choices=CHOICES.get(f.name),
                                 metavar=None if f.name in CHOICES else f.name.upper(), help=help_text)
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its newest checkpoint up to --steps")
+                        help="continue the run in --out from its newest good checkpoint up to --steps")
+    parser.add_argument("--force", action="store_true",
+                        help="with --resume: continue even if the checkpoint was made with other settings "
+                             "(seed, lr, batch size, prompts, ...); the new ones apply from the next step")
     parser.epilog = __doc__
 
 
@@ -94,7 +99,7 @@ def run(args) -> dict:
     from .trainer import train
 
     cfg = config_from_args(args)
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, force=args.force)
     fe, ie = result["final_eval"], result["initial_eval"]
     print(f"{cfg.algo}: {result['steps']} steps; held-out reward {ie['reward']:.4f} -> {fe['reward']:.4f}")
     t = result["seconds_per_step"]

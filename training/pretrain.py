@@ -4,7 +4,9 @@
 One file, nanoGPT style: plain config values with command-line overrides, random windows of
 a token stream, AdamW with warmup + cosine decay, atomic checkpoints (model, optimiser, step,
 RNG states, config, data hash) every few minutes so a killed run resumes exactly, JSON-lines
-logs, and an export to a Hugging Face directory with fp16 safetensors.
+logs, and an export to a Hugging Face directory with fp16 safetensors. Checkpoints are the RL
+trainer's (training/checkpoint.py: safetensors + JSON with sha256 manifests, never a pickle)
+under ``<out>/checkpoints/``; the newest good one resumes and exports.
 
     # the shipped base (d 192, 4 layers) and adapter initialisation (d 64, 2 layers)
     python training/pretrain.py --out runs/base --n-embd 192 --n-layer 4 --n-head 4 \
@@ -36,6 +38,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+try:
+    from . import checkpoint as ckpt
+except ImportError:  # run as a script: this file's directory is sys.path[0]
+    import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data/corpus"
@@ -237,26 +244,38 @@ def evaluate(model, stream: np.ndarray, cfg: Config) -> float:
     return tot / len(xs)
 
 
-def save_checkpoint(path: Path, model, opt, step: int, tokens: int, cfg: Config, gen,
-                    extra: dict) -> None:
+def save_checkpoint(out: Path, model, opt, step: int, tokens: int, cfg: Config, gen,
+                    extra: dict) -> Path:
+    """Checkpoint ``step`` under ``<out>/checkpoints`` (the newest two are kept); replaces an
+    existing one of the same step (the end of a run re-saves it with its final record)."""
     state = {
         "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
         "tokens_seen": tokens, "config": dataclasses.asdict(cfg), "data_sha256": data_hash(cfg),
         "commands": extra.pop("commands", []),
-        "rng": {"torch": torch.get_rng_state(), "batch": gen.get_state(),
-                "python": random.getstate(), "numpy": np.random.get_state()},
+        "rng": {**ckpt.rng_state(), "batch": gen.get_state()},
         **extra,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    return ckpt.save(Path(out) / "checkpoints", step, state, keep=2, replace=True)
 
 
-def export(ckpt_path: Path, out_dir: Path) -> None:
-    """Write a Hugging Face directory (config.json, fp16 model.safetensors, generation config)."""
+def load_checkpoint(out: Path) -> dict | None:
+    """The newest good checkpoint's state of run ``out`` (None if it has none). A checkpoint
+    left by an older version (``ckpt.pt``, a pickle) is refused: unpickling can run code."""
+    found = ckpt.load_latest(Path(out) / "checkpoints")
+    if found is None and (Path(out) / "ckpt.pt").exists():
+        raise ckpt.CheckpointError(f"{Path(out) / 'ckpt.pt'} is a pickle checkpoint of an older version; it is "
+                                   "not loaded (unpickling can run code); start the run afresh")
+    return None if found is None else found[0]
+
+
+def export(run_out: Path, out_dir: Path) -> None:
+    """Write a Hugging Face directory (config.json, fp16 model.safetensors, generation config)
+    from the newest good checkpoint of run ``run_out``."""
     from transformers import GenerationConfig
 
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(run_out)
+    if state is None:
+        raise ckpt.CheckpointError(f"no checkpoint in {Path(run_out) / 'checkpoints'} to export")
     cfg = Config(**state["config"])
     model = make_model(cfg)
     model.load_state_dict(state["model"])
@@ -363,7 +382,6 @@ def train(cfg: Config, resume: bool, allow_data_change: bool = False) -> Path:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "ckpt.pt"
     tok = _import_tokenizer()
     digest = data_hash(cfg)
     train_stream = cached_stream("train", lambda: train_documents(cfg), tok, cfg.seed, out, digest)
@@ -390,8 +408,8 @@ def train(cfg: Config, resume: bool, allow_data_change: bool = False) -> Path:
         unseen[seen] = False
         with torch.no_grad():
             model.transformer.wte.weight[unseen] = 0.0
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(out) if resume else None
+    if state is not None:
         data_history = state.get("data_history", [state["data_sha256"]])
         if state["data_sha256"] != digest:
             if not allow_data_change:
@@ -403,10 +421,8 @@ def train(cfg: Config, resume: bool, allow_data_change: bool = False) -> Path:
         step, tokens = state["step"], state["tokens_seen"]
         train_s = state.get("train_seconds", 0.0)
         commands = state.get("commands", []) + commands
-        torch.set_rng_state(state["rng"]["torch"])
+        ckpt.set_rng_state(state["rng"])
         gen.set_state(state["rng"]["batch"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
     n_params = sum(p.numel() for p in model.parameters())
     log = open(out / "log.jsonl", "a")
 
@@ -450,24 +466,24 @@ def train(cfg: Config, resume: bool, allow_data_change: bool = False) -> Path:
             emit({"step": step, "val_loss": round(val_loss, 4),
                   "val_ppl": round(math.exp(val_loss), 2)})
         if now - last_ckpt > cfg.ckpt_every_s or step == cfg.max_steps:
-            save_checkpoint(ckpt_path, model, opt, step, tokens, cfg, gen, {"val_loss": val_loss, "train_seconds": train_s, "commands": commands,
+            save_checkpoint(out, model, opt, step, tokens, cfg, gen, {"val_loss": val_loss, "train_seconds": train_s, "commands": commands,
                              "data_history": data_history})
             last_ckpt = now
     if val_loss is None or step % cfg.eval_every:
         val_loss = evaluate(model, val_stream, cfg)
         emit({"step": step, "val_loss": round(val_loss, 4), "val_ppl": round(math.exp(val_loss), 2)})
-    save_checkpoint(ckpt_path, model, opt, step, tokens, cfg, gen,
-                    {"val_loss": val_loss, "train_seconds": train_s, "commands": commands,
-                     "data_history": data_history})
+    path = save_checkpoint(out, model, opt, step, tokens, cfg, gen,
+                           {"val_loss": val_loss, "train_seconds": train_s, "commands": commands,
+                            "data_history": data_history})
     emit({"event": "end", "step": step, "tokens_seen": tokens})
-    return ckpt_path
+    return path
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in OUT/checkpoints")
     ap.add_argument("--export", default=None, help="write a HF model directory here at the end")
     ap.add_argument("--export-only", action="store_true")
     ap.add_argument("--allow-data-change", action="store_true",
@@ -476,11 +492,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
-    ckpt = Path(cfg.out) / "ckpt.pt"
-    if not args.export_only:
-        ckpt = train(cfg, args.resume, args.allow_data_change)
-    if args.export:
-        export(ckpt, Path(args.export))
+    try:
+        if not args.export_only:
+            train(cfg, args.resume, args.allow_data_change)
+        if args.export:
+            export(Path(cfg.out), Path(args.export))
+    except ckpt.CheckpointError as exc:
+        print(f"pretrain.py: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -8,7 +8,8 @@ One step = rollout -> reward -> update:
 - **rollout**: ``TailoredLM.generate`` samples from pi = softmax((base + alpha * adapter) / T);
   the adapter sees its own prefix (Quark: the best reward token), the base the plain prompt.
   Seeds are derived from (config seed, step, row), so a resumed run draws the same samples.
-- **reward**: the plain callable, checked (one finite float per completion); a failure saves a
+- **reward**: the plain callable, checked (one finite float per completion) and given
+  ``reward_timeout`` seconds (it runs in a worker thread); a failure or a timeout keeps a
   checkpoint of the last completed step, then stops the run with the reward's message.
 - **update**: teacher-forced scoring with :meth:`Trainer.token_stats` — both models over
   left-padded prompt + response with position ids from the attention mask, adapter logits
@@ -27,8 +28,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +49,11 @@ from .quark import DataPool, add_control_tokens
 from .rewards import RewardError, call_reward, reward_name
 
 TIME_KEYS = ("time/rollout", "time/reward", "time/update", "time/eval", "time/step")
+# settings a resumed run may change freely; any other difference needs force=True (--force)
+RESUME_MAY_CHANGE = frozenset({"out", "steps", "progress", "checkpoint_every", "keep_checkpoints",
+                               "reward_timeout", "sample_rows"})
+# settings that shape the saved state itself: never changed on resume
+RESUME_NEVER_CHANGES = frozenset({"algo", "n_quantiles"})
 
 
 @dataclass
@@ -130,6 +138,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     sample_rows: int = 4                # rows in the printed sample table
     progress: bool = True
+    reward_timeout: float | None = 600.0  # seconds one reward call may take; longer stops the run
+                                          # (0 or None: no limit, the reward runs in the calling thread)
 
     def validate(self) -> None:
         def need(ok, msg):
@@ -164,6 +174,8 @@ class TrainConfig:
         need(self.repeat_coef >= 0, f"repeat_coef must be >= 0, got {self.repeat_coef}")
         need(self.kl_target is None or self.kl_target > 0, f"kl_target must be > 0, got {self.kl_target}")
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+        need(self.reward_timeout is None or self.reward_timeout >= 0,
+             f"reward_timeout must be >= 0 seconds (0 = no limit), got {self.reward_timeout}")
 
 
 def step_seed(*parts: int) -> int:
@@ -323,7 +335,8 @@ class Trainer:
         (the generated token ids, as TRL passes them) go to rewards that accept them."""
         fields = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
         fields["completion_ids"] = gen.token_ids
-        return call_reward(self.reward, [r["prompt"] for r in rows], gen.texts, fields)
+        return call_with_deadline(call_reward, (self.reward, [r["prompt"] for r in rows], gen.texts, fields),
+                                  self.cfg.reward_timeout, f"reward {reward_name(self.reward)}")
 
     def _micro_batches(self, idx: list[int]) -> list[list[int]]:
         m = len(idx)
@@ -497,12 +510,13 @@ class Trainer:
             # than at the end of the last warm-start step, so a run resumed with a smaller
             # --sft-steps still gets it)
             self.ref_adapter.load_state_dict(self.adapter.state_dict())
+        rng = ckpt.rng_state()  # as at the end of the last step: a failure checkpoints that
         gen = self.rollout(rows, step_seed(c.seed, step, 0))
         t1 = time.perf_counter()
         try:
             scores = self.score(rows, gen)
         except RewardError as exc:
-            path = self.save_checkpoint()
+            path = self.save_checkpoint(rng=rng)
             raise RewardError(f"{exc} (at step {step}; checkpoint of step {self.step} saved to {path})") from exc
         shaped = scores
         if c.repeat_coef:
@@ -523,13 +537,14 @@ class Trainer:
         c = self.cfg
         rows = self.eval_rows or self.train_rows[: c.eval_size]
         t0 = time.perf_counter()
+        rng = ckpt.rng_state()
         with torch.no_grad():
             gen = self.rollout(rows, c.eval_seed, max_new_tokens=c.eval_max_new_tokens, top_k=0,
                                top_p=c.eval_top_p, temperature=1.0, min_new_tokens=0)
         try:
             scores = self.score(rows, gen)
         except RewardError as exc:
-            path = self.save_checkpoint() if self.initial_eval is not None else None
+            path = self.save_checkpoint(rng=rng) if self.initial_eval is not None else None
             raise RewardError(f"{exc} (in evaluation at step {self.step}"
                               + (f"; checkpoint saved to {path})" if path else ")")) from exc
         rec = {"type": "eval", "step": self.step, "reward": float(np.mean(scores)),
@@ -539,15 +554,16 @@ class Trainer:
                              for r, t, s in zip(rows, gen.texts, scores)][: c.sample_rows]
         return rec
 
-    def state_dict(self) -> dict:
-        return {"step": self.step, "config": dataclasses.asdict(self.cfg),
+    def state_dict(self, rng: dict | None = None) -> dict:
+        """Everything a resumed run needs (``rng``: the global RNG states to record, default now)."""
+        return {"step": self.step, "config": dataclasses.asdict(self.cfg), "data": self.data_fingerprint(),
                 "adapter": self.adapter.state_dict(),
                 "ref_adapter": None if self.ref_adapter is None else self.ref_adapter.state_dict(),
                 "value_head": None if self.value_head is None else self.value_head.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "kl_controller": self.kl_ctl.state_dict(),
                 "pool": None if self.pool is None else self.pool.state_dict(),
-                "control_ids": self.control_ids, "rng": ckpt.rng_state(),
+                "control_ids": self.control_ids, "rng": rng or ckpt.rng_state(),
                 "initial_eval": self.initial_eval, "last_eval": self.last_eval, "last_samples": self.last_samples}
 
     def load_state_dict(self, state: dict) -> None:
@@ -567,26 +583,77 @@ class Trainer:
         self.initial_eval, self.last_eval = state["initial_eval"], state["last_eval"]
         self.last_samples = state["last_samples"]
 
-    def save_checkpoint(self) -> Path:
-        return ckpt.save(self.out / "checkpoints", self.step, self.state_dict(), keep=self.cfg.keep_checkpoints)
+    def data_fingerprint(self) -> dict:
+        """sha256 of the training and evaluation prompt rows (a resumed run must see the same)."""
+        def digest(rows):
+            return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+        return {"train_prompts": digest(self.train_rows), "eval_prompts": digest(self.eval_rows)}
 
-    def resume(self) -> bool:
-        """Load the newest checkpoint under ``<out>``; drop log lines written after it."""
-        found = ckpt.load_latest(self.out / "checkpoints")
+    def save_checkpoint(self, rng: dict | None = None) -> Path:
+        """Checkpoint the current step (an existing good checkpoint of this step is kept)."""
+        return ckpt.save(self.out / "checkpoints", self.step, self.state_dict(rng), keep=self.cfg.keep_checkpoints)
+
+    def run_changes(self, state: dict) -> list[tuple[str, object, object]]:
+        """``(name, checkpoint's value, this run's value)`` of every setting that defines the run
+        and differs from the checkpoint's (the fields of RESUME_MAY_CHANGE may differ)."""
+        saved = state.get("config", {})
+        changes = []
+        for f in dataclasses.fields(self.cfg):
+            if f.name in RESUME_MAY_CHANGE:
+                continue
+            old, new = saved.get(f.name, f.default), getattr(self.cfg, f.name)
+            if old != new:
+                changes.append((f.name, old, new))
+        data = state.get("data", {})
+        for k, v in self.data_fingerprint().items():
+            if data.get(k) != v:
+                changes.append((k, _Digest(data.get(k) or "none"), _Digest(v)))
+        return changes
+
+    def resume(self, force: bool = False) -> bool:
+        """Load the newest good checkpoint under ``<out>``; drop log lines written after it.
+
+        Refuses (ValueError naming the fields) a checkpoint made with other settings unless
+        ``force``; raises :class:`~ipa_fast.training.checkpoint.CheckpointError` when
+        checkpoints exist but none is readable. Returns False when there is none at all.
+        """
+        root = self.out / "checkpoints"
+        found = ckpt.load_latest(root)
         if found is None:
+            if root.exists():
+                ckpt.log.warning(f"no checkpoint in {root}: starting from step 0")
             return False
-        state, _ = found
-        if state["config"]["algo"] != self.cfg.algo:
-            raise ValueError(f"cannot resume: {self.out} holds a {state['config']['algo']} run, not {self.cfg.algo}")
+        state, path = found
+        changes = self.run_changes(state)
+        fixed = [name for name, _, _ in changes if name in RESUME_NEVER_CHANGES]
+        what = ", ".join(f"{name} {old!r} -> {new!r}" for name, old, new in changes)
+        if fixed:
+            raise ValueError(f"cannot resume {self.out}: {path.name} was made with other settings ({what}); "
+                             f"{', '.join(fixed)} cannot change within a run, even with --force")
+        if changes and not force:
+            raise ValueError(f"cannot resume {self.out}: {path.name} was made with other settings ({what}); "
+                             "pass --force to continue with the new ones")
         self.load_state_dict(state)
-        log = self.out / "metrics.jsonl"
-        if log.is_file():
-            # A checkpoint of step k is written after step k's train and eval lines: keep those.
-            keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-            tmp = log.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            tmp.replace(log)
+        if changes:
+            self._apply_forced_settings()
+            ckpt.log.warning(f"resuming {path} with changed settings: {what}")
+        ckpt.trim_jsonl_log(self.out / "metrics.jsonl", self.step)
+        ckpt.trim_text_log(self.out / "samples.txt", self.step)
         return True
+
+    def _apply_forced_settings(self) -> None:
+        """After a forced resume: the optimiser, schedule and fixed KL coefficient follow this
+        run's settings (the checkpoint's would otherwise stay in force)."""
+        c = self.cfg
+        for g in self.optimizer.param_groups:
+            g.update(initial_lr=c.lr, eps=c.adam_eps, weight_decay=c.weight_decay)
+        self.scheduler.base_lrs = [c.lr] * len(self.optimizer.param_groups)
+        factor = self._lr_factor(self.scheduler.last_epoch)
+        for g in self.optimizer.param_groups:
+            g["lr"] = c.lr * factor
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if not c.kl_target:
+            self.kl_ctl.value = float(c.kl_coef)
 
     def save_final_adapter(self) -> Path:
         c = self.cfg
@@ -607,16 +674,18 @@ class Trainer:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    def fit(self, resume: bool = False) -> dict:
-        """Run (or continue, with ``resume``) to ``config.steps``; return the summary dict."""
+    def fit(self, resume: bool = False, force: bool = False) -> dict:
+        """Run (or continue, with ``resume``) to ``config.steps``; return the summary dict.
+        ``force`` resumes even when the checkpoint was made with other settings."""
         from tqdm.auto import tqdm
 
         c = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        resumed = self.resume() if resume else False
-        if not resumed and (self.out / "metrics.jsonl").exists():
-            (self.out / "metrics.jsonl").unlink()
-        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2) + "\n")
+        resumed = self.resume(force=force) if resume else False
+        if not resumed:
+            for name in ("metrics.jsonl", "samples.txt"):
+                (self.out / name).unlink(missing_ok=True)
+        ckpt.write_atomic(self.out / "config.json", json.dumps(dataclasses.asdict(c), indent=2) + "\n")
         if self.initial_eval is None:
             self.initial_eval = self.evaluate()
             self._log(self.initial_eval)
@@ -670,6 +739,40 @@ class Trainer:
                 "checkpoint": str(checkpoint_dir), "adapter": str(adapter_dir),
                 "metrics": str(self.out / "metrics.jsonl"), "reward_curve": str(self.out / "reward_curve.png"),
                 "seconds_per_step": phases, "samples": self.last_samples}
+
+
+class _Digest(str):
+    """A sha256 that prints as ``sha256 <first 12 hex digits>`` in error messages."""
+
+    def __repr__(self) -> str:
+        return f"sha256 {self[:12]}"
+
+
+def call_with_deadline(fn: Callable, args: tuple, timeout: float | None, what: str):
+    """``fn(*args)``, raising RewardError if it has not returned after ``timeout`` seconds.
+
+    The call runs in a daemon thread (Python cannot stop a thread: a call that hangs is left
+    behind, and does not keep the process from exiting); ``timeout`` 0 or None calls ``fn``
+    in this thread with no limit. Exceptions from ``fn`` are re-raised here.
+    """
+    if not timeout:
+        return fn(*args)
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="ipa-fast-reward", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise RewardError(f"{what} did not return within {timeout:g} s (reward_timeout, --reward-timeout)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _short(text: str, n: int = 60) -> str:
@@ -734,7 +837,7 @@ def _as_rows(prompts) -> list[dict]:
 
 
 def train(config: TrainConfig, *, reward: Callable | None = None, train_prompts=None, eval_prompts=None,
-          base=None, adapter=None, tokenizer=None, resume: bool = False) -> dict:
+          base=None, adapter=None, tokenizer=None, resume: bool = False, force: bool = False) -> dict:
     """Train an adapter; return the run summary (``steps``, ``initial_eval``, ``final_eval``,
     ``checkpoint``, ``adapter``, timings, ...).
 
@@ -742,12 +845,15 @@ def train(config: TrainConfig, *, reward: Callable | None = None, train_prompts=
     built-in, prompts from ``config.prompts`` / the task's data (lists of strings or of dicts
     with ``"prompt"`` are accepted here), models from ``config.base`` / ``config.adapter`` or
     the defaults (see :mod:`ipa_fast.training.loading`). ``resume`` continues the run in
-    ``config.out`` from its newest checkpoint up to ``config.steps``.
+    ``config.out`` from its newest good checkpoint up to ``config.steps``; it refuses a
+    checkpoint made with other settings (see :data:`RESUME_MAY_CHANGE`) unless ``force``.
     """
     from . import loading
     from .rewards import TASK_REWARDS, load_reward
 
     config.validate()
+    if resume:  # an unusable run directory fails here, before any model is loaded
+        ckpt.newest_good(Path(config.out) / "checkpoints")
     if reward is None:
         if config.reward:
             reward = load_reward(config.reward)
@@ -791,4 +897,4 @@ def train(config: TrainConfig, *, reward: Callable | None = None, train_prompts=
         raise ValueError(f"{out} already holds checkpoints: pass --resume to continue that run, "
                          "or choose another --out")
     trainer = Trainer(config, base, adapter, tokenizer, reward, train_rows, eval_rows)
-    return trainer.fit(resume=resume)
+    return trainer.fit(resume=resume, force=force)
