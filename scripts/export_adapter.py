@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
-LIMIT_MIB = 10
+LIMIT_MIB = 30
 
 
 def train_command(config: dict) -> str:
@@ -66,13 +66,19 @@ def export(run: Path, task: str, dest: Path, note: str | None = None, alpha: flo
         raise SystemExit(f"{run}/metrics.jsonl holds no evaluation: is the run finished?")
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    from ipa_fast import embedded
+
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    fp32_embedding = model.get_input_embeddings().weight.detach().clone()
     model.half().save_pretrained(tmp, safe_serialization=True)
+    shared = embedded.strip_shared_embedding(tmp / "model.safetensors", config.get("base"), fp32_embedding)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "ipa_adapter.json"):
         if (src / name).exists():
             shutil.copy(src / name, tmp / name)
     meta = json.loads((tmp / "ipa_adapter.json").read_text())
     meta["base"] = "models/base"
+    if shared:  # the embedding table is the base's: named by hash, rebuilt by `ipa-fast setup`
+        meta["shared_with_base"] = shared
     trained_alpha = meta["alpha"]
     if alpha is not None:  # the deployment strength of the adapter, chosen on validation data
         meta["alpha"] = alpha
