@@ -69,3 +69,10 @@ test-engines: install
 	    $(HOME)/.cache/ipa_fast/ && test -f $(ENGINES_GGUF); }
 	IPA_FAST_LIVE_ENGINES=1 IPA_FAST_ENGINES_VENV=$(ENGINES_VENV) IPA_FAST_GGUF=$(ENGINES_GGUF) \
 	  $(PY) -m pytest -q tests/test_api_engines.py
+
+# The installed wheel, outside the repository: build it, install it into a fresh venv that reuses
+# this venv's dependencies, and check --version, generate --help and that `demo --quick` with an
+# empty IPA_FAST_HOME stops with one line naming the missing asset (tests/test_wheel.py).
+.PHONY: test-wheel
+test-wheel: install
+	IPA_FAST_WHEEL_TEST=1 $(PY) -m pytest -q tests/test_wheel.py

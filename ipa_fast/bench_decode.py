@@ -1,15 +1,29 @@
-"""``ipa-fast bench decode``: TailoredLM tokens/s vs a loop written the way the official IPA code
-decodes, on the same models and prompts, B in {1, 16}.
+"""``ipa-fast bench decode``: end-to-end decoding tokens/s on the same prompts, B in {1, 16}.
 
-The naive loop (official ``policy.py`` style): HF forward with cache for each model, eager mix
-``base + alpha * adapter``, ``log_softmax`` of the mix (the stored log-prob), HF warpers top-k 50
-→ top-p, softmax, ``torch.multinomial``, ``torch.cat`` of ids / mask / log-probs each step.
-TailoredLM: the same two cached forwards, then one fused ``ipa_fast.sample`` call (same
-top-k 50 / top-p) plus the adapter's log-prob of the chosen token.
-"Outside forwards" is the share of wall time not spent inside the two models' ``forward``
-(measured with forward hooks): sampling, masking and bookkeeping.
-Models: the shipped base + adapter when present, else random-weight GPT-2 configs with GPT-2's
-vocabulary (50257), where the sampling chain is what the naive loop spends its time on.
+Rows (one prompt set per run, the same token ids for every method, fixed seeds, top-p 0.9,
+top-k off unless ``--top-k``, temperature 1):
+
+(a) ``hf-base``: Hugging Face ``base.generate(do_sample=True, top_p=...)`` of the base alone —
+    the baseline every ratio is taken against;
+(b) ``tailored``: :class:`ipa_fast.TailoredLM` (base + alpha * adapter, two cached forwards and
+    one fused :func:`ipa_fast.sample` call per step, plus the adapter's log-prob of the token);
+(c) ``hf-processor``: ``base.generate`` with :class:`ipa_fast.hf.TailoredLogitsProcessor` (the
+    adapter stepped inside the processor with its own cache, HF's warpers and draw on the mix);
+(d) ``naive``: a loop written the way the official IPA code decodes (``policy.py``): HF forwards
+    with cache, eager mix, ``log_softmax`` of the mix, HF warpers, softmax, ``torch.multinomial``,
+    ``torch.cat`` of ids / log-probs every step.
+
+Exactly N new tokens per row for every method: EOS (the tokenizer's) is masked for all N steps —
+``min_new_tokens=N`` with ``max_new_tokens=N`` in HF ``generate`` and in ``TailoredLM.generate``,
+and the same ids set to ``-inf`` before the warpers in the naive loop — and each run checks it got
+B x N tokens. Tokens/s is B x N over the wall time of the whole call (prefill included); the
+median over ``--repeats`` runs interleaved across methods (a shared machine drifts). "Outside
+forwards" is the share of wall time not spent inside the models' ``forward`` (forward hooks):
+sampling, masking, cache and mask bookkeeping, Python.
+
+Models: the embedded base (``ipa-fast setup``) with the shipped adapter initialisation, or, until
+that is shipped, the base's first 4 layers over its tied embedding (``cut_adapter(base, 4)``: the
+same shape and cost); ``--tiny``: random-weight GPT-2 configs with GPT-2's vocabulary (50257).
 """
 from __future__ import annotations
 
@@ -17,16 +31,30 @@ import time
 
 import torch
 
+METHODS = ("hf-base", "tailored", "hf-processor", "naive")
+LABELS = {"hf-base": "(a) HF generate, base alone", "tailored": "(b) TailoredLM",
+          "hf-processor": "(c) HF generate + TailoredLogitsProcessor", "naive": "(d) official-style loop"}
+ADAPTER_LAYERS = 4
+
 
 def add_arguments(p) -> None:
+    from .cli import nonneg_int, open_unit_float, positive_int
+
     p.add_argument("--quick", action="store_true", help="fewer tokens and repeats (a smoke run)")
-    p.add_argument("--batch", type=int, action="append", default=None, help="batch sizes (default 1 and 16)")
-    p.add_argument("--new-tokens", type=int, default=None, help="tokens per row (default 32; quick 8)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per point, median kept (default 3; quick 1)")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=50, help="as the official code's hidden default (50)")
-    p.add_argument("--tiny", action="store_true", help="use the random-weight configs even if shipped models exist")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--batch", type=positive_int, action="append", default=None,
+                   help="batch size (repeatable; default 1 and 16)")
+    p.add_argument("--new-tokens", type=positive_int, default=None,
+                   help="tokens per row, forced for every method (default 32; quick 8)")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="timed runs per point, median kept (default 3; quick 1)")
+    p.add_argument("--prompts", choices=("lexical", "detox"), default="lexical",
+                   help="lexical test prompts (chat template) or detox test prompts (raw text)")
+    p.add_argument("--top-p", type=open_unit_float, default=0.9)
+    p.add_argument("--top-k", type=nonneg_int, default=0, help="0 = off (default)")
+    p.add_argument("--alpha", type=float, default=1.0, help="adapter weight (default 1.0)")
+    p.add_argument("--tiny", action="store_true", help="random-weight configs instead of the embedded base")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--plot", metavar="PNG", default=None, help="also draw tokens/s ratios vs (a) to PNG")
 
 
 class ForwardTimer:
@@ -51,43 +79,71 @@ class ForwardTimer:
 
 
 def bench_models(tiny: bool):
-    """``(base, adapter, tokenizer, description)``."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """``(base, adapter, tokenizer, description)``. Without ``tiny`` the embedded base must be
+    built: FileNotFoundError naming ``ipa-fast setup`` otherwise."""
+    if tiny:
+        from transformers import GPT2Config, GPT2LMHeadModel
 
-    if not tiny:
-        try:
-            from transformers import AutoModelForCausalLM
+        from .tokenizer import load_gpt2_tokenizer
+        tok = load_gpt2_tokenizer()
+        torch.manual_seed(0)
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=256, n_layer=4, n_head=4,
+                                          n_positions=256)).eval()
+        adapter = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=128, n_layer=2, n_head=2,
+                                             n_positions=256)).eval()
+        return base, adapter, tok, "random-weight GPT-2 configs, V=50257: base 4x256, adapter 2x128 (--tiny)"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            from . import embedded
-            from .tokenizer import load_gpt2_tokenizer
-            base = AutoModelForCausalLM.from_pretrained(str(embedded.base_path())).float().eval()
-            adapter = AutoModelForCausalLM.from_pretrained(str(embedded.adapter_init_path())).float().eval()
-            return base, adapter, load_gpt2_tokenizer(), "shipped base + adapter"
-        except (ImportError, AttributeError, FileNotFoundError, OSError):
-            pass
-    from .tokenizer import load_gpt2_tokenizer
-    tok = load_gpt2_tokenizer()
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=256, n_layer=4, n_head=4, n_positions=256)).eval()
-    adapter = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=128, n_layer=2, n_head=2, n_positions=256)).eval()
-    return base, adapter, tok, "random-weight GPT-2 configs, V=50257: base 4x256, adapter 2x128"
+    from . import embedded
+    try:
+        base_dir = embedded.base_path()
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc}; or pass --tiny for random-weight models") from None
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    name = embedded.BASE["name"]
+    cfg = base.config
+    shape = f"{cfg.num_hidden_layers} layers, d={cfg.hidden_size}, V={cfg.vocab_size}"
+    try:
+        adapter = AutoModelForCausalLM.from_pretrained(str(embedded.adapter_init_path()), dtype=torch.float32).eval()
+        what = f"the shipped adapter initialisation ({adapter.config.num_hidden_layers} layers)"
+    except FileNotFoundError:
+        from .training.distill_adapter import cut_adapter
+        adapter = cut_adapter(base, ADAPTER_LAYERS).float().eval()
+        what = (f"cut_adapter(base, {ADAPTER_LAYERS}): the base's first {ADAPTER_LAYERS} layers over its tied "
+                f"embedding, undistilled (the adapter initialisation is not shipped yet; same shape and cost)")
+    return base, adapter, tok, f"base: embedded {name} ({shape}, fp32); adapter: {what}"
 
 
-def bench_prompts(B: int, V: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(8, 25, (B,), generator=g).tolist()
-    return [torch.randint(1, V - 1, (n,), generator=g).tolist() for n in lengths]
+def bench_prompts(tok, kind: str, B: int) -> tuple[list[list[int]], str]:
+    """The first B test prompts of ``kind`` as token ids, and how they were made."""
+    from . import embedded
+
+    rows = embedded.read_task(kind, "test")
+    if B > len(rows):
+        raise ValueError(f"--batch {B} is larger than the {len(rows)} {kind} test prompts")
+    texts = [r["prompt"] for r in rows[:B]]
+    how = ("lexical test prompts, as stored: one user turn in the base's chat template" if kind == "lexical"
+           else "detox test prompts, raw text")
+    return [tok(t)["input_ids"] for t in texts], how
+
+
+def _eos_ids(tok) -> list[int]:
+    return [] if tok.eos_token_id is None else [int(tok.eos_token_id)]
 
 
 @torch.no_grad()
-def naive_generate(base, adapter, rows, max_new_tokens, *, pad_id, alpha=1.0, top_k=50, top_p=0.9, seed=0):
-    """The official code's decoding loop (policy.py), on left-padded rows."""
+def naive_generate(base, adapter, rows, max_new_tokens, *, pad_id, alpha=1.0, top_k=50, top_p=0.9, seed=0,
+                   eos_ids=()):
+    """The official code's decoding loop (policy.py), on left-padded rows; ``eos_ids`` are
+    masked at every step (exactly ``max_new_tokens`` tokens, like ``min_new_tokens``)."""
     from transformers import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
     from .decoding import left_pad
 
     torch.manual_seed(seed)
-    warpers = LogitsProcessorList([TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)])
+    warpers = LogitsProcessorList(([TopKLogitsWarper(top_k)] if top_k else []) + [TopPLogitsWarper(top_p)])
+    eos = list(eos_ids)
     input_ids, mask = left_pad(rows, pad_id, "cpu")
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     # logits_to_keep=1: the official code computes [B, L, V] prefill logits; not doing so here
@@ -100,6 +156,8 @@ def naive_generate(base, adapter, rows, max_new_tokens, *, pad_id, alpha=1.0, to
     next_pos = mask.sum(1, keepdim=True)
     for _ in range(max_new_tokens):
         logits = logits_b + alpha * logits_a
+        if eos:
+            logits[:, eos] = float("-inf")
         log_prob = torch.log_softmax(logits, dim=-1)
         logits = warpers(input_ids, logits)
         probs = torch.softmax(logits, dim=-1)
@@ -115,55 +173,133 @@ def naive_generate(base, adapter, rows, max_new_tokens, *, pad_id, alpha=1.0, to
     return input_ids, output_logprob
 
 
-def _time_interleaved(fns, timer, repeats):
-    """Median wall time and forward time of each fn, runs interleaved (a shared machine drifts)."""
-    runs = [[] for _ in fns]
+@torch.no_grad()
+def hf_generate(base, rows, max_new_tokens, *, pad_id, eos_ids, top_k=0, top_p=0.9, seed=0, processor=None):
+    """``base.generate`` sampling exactly ``max_new_tokens`` per row (EOS masked throughout);
+    ``processor`` (a ``TailoredLogitsProcessor``) mixes the adapter in. Returns the new ids."""
+    from transformers import LogitsProcessorList
+
+    from .decoding import left_pad
+
+    ids, mask = left_pad(rows, pad_id, next(base.parameters()).device)
+    torch.manual_seed(seed)
+    out = base.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=top_k, top_p=top_p,
+                        temperature=1.0, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                        eos_token_id=list(eos_ids) or None, pad_token_id=pad_id,
+                        logits_processor=LogitsProcessorList([processor]) if processor is not None else None)
+    return out[:, ids.shape[1]:]
+
+
+def method_fns(base, adapter, tok, rows, n_new, *, top_k, top_p, alpha, seed=0) -> dict:
+    """``{method: fn() -> number of new tokens}`` for the four rows, on the same prompts."""
+    from .decoding import TailoredLM
+    from .hf import TailoredLogitsProcessor
+
+    lm = TailoredLM(base, adapter, tok, alpha=alpha)
+    pad, eos = lm.pad_id, _eos_ids(tok)
+    proc = TailoredLogitsProcessor(adapter, alpha=alpha, pad_token_id=pad, vocab_size=lm.V)
+
+    def a():
+        return hf_generate(base, rows, n_new, pad_id=pad, eos_ids=eos, top_k=top_k, top_p=top_p, seed=seed).numel()
+
+    def b():
+        out = lm.generate(rows, n_new, min_new_tokens=n_new, eos_token_id=eos, top_k=top_k, top_p=top_p, seed=seed)
+        return sum(len(t) for t in out.token_ids)
+
+    def c():
+        return hf_generate(base, rows, n_new, pad_id=pad, eos_ids=eos, top_k=top_k, top_p=top_p, seed=seed,
+                           processor=proc).numel()
+
+    def d():
+        return naive_generate(base, adapter, rows, n_new, pad_id=pad, alpha=alpha, top_k=top_k, top_p=top_p,
+                              seed=seed, eos_ids=eos)[1].numel()
+
+    return dict(zip(METHODS, (a, b, c, d)))
+
+
+def _time_interleaved(fns, timer, repeats, expect):
+    """Median (wall, forward) time of each fn, runs interleaved (a shared machine drifts); every
+    run must return ``expect`` new tokens."""
+    runs = {k: [] for k in fns}
     for _ in range(repeats):
-        for j, fn in enumerate(fns):
+        for k, fn in fns.items():
             timer.total = 0.0
             t0 = time.perf_counter()
-            fn()
-            runs[j].append((time.perf_counter() - t0, timer.total))
-    return [sorted(r)[(len(r) - 1) // 2] for r in runs]
+            n = fn()
+            runs[k].append((time.perf_counter() - t0, timer.total))
+            if n != expect:
+                raise RuntimeError(f"{k} produced {n} new tokens, expected {expect}")
+    return {k: sorted(r)[(len(r) - 1) // 2] for k, r in runs.items()}
 
 
 def run(args) -> dict:
-    from .decoding import TailoredLM
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     n_new = args.new_tokens or (8 if args.quick else 32)
     repeats = args.repeats or (1 if args.quick else 3)
     batches = args.batch or [1, 16]
     base, adapter, tok, desc = bench_models(args.tiny)
-    lm = TailoredLM(base, adapter, tok)
-    pad = lm.pad_id
+    knobs = dict(top_k=args.top_k, top_p=args.top_p, alpha=args.alpha)
     timer = ForwardTimer(base, adapter)
     results = []
+    t_start = time.perf_counter()
     try:
         for B in batches:
-            rows = bench_prompts(B, lm.V)
-            ours = lambda: lm.generate(rows, n_new, top_k=args.top_k, top_p=args.top_p, seed=0, eos_token_id=[])  # noqa: E731
-            naive = lambda: naive_generate(base, adapter, rows, n_new, pad_id=pad, top_k=args.top_k,  # noqa: E731
-                                           top_p=args.top_p)
-            ours(), naive()  # warm-up
-            (t_ours, f_ours), (t_naive, f_naive) = _time_interleaved([ours, naive], timer, repeats)
-            r = {"batch": B, "new_tokens": n_new,
-                 "tailored_tok_s": B * n_new / t_ours, "naive_tok_s": B * n_new / t_naive,
-                 "speedup": t_naive / t_ours,
-                 "tailored_outside_forward": 1 - f_ours / t_ours, "naive_outside_forward": 1 - f_naive / t_naive,
-                 "tailored_s": t_ours, "naive_s": t_naive}
+            rows, prompts_desc = bench_prompts(tok, args.prompts, B)
+            for fn in method_fns(base, adapter, tok, rows, 2, **knobs).values():
+                fn()  # warm-up (2 tokens)
+            fns = method_fns(base, adapter, tok, rows, n_new, **knobs)
+            times = _time_interleaved(fns, timer, repeats, B * n_new)
+            t_ref = times["hf-base"][0]
+            r = {"batch": B, "new_tokens": n_new, "prompt_tokens": [len(x) for x in rows]}
+            for k, (wall, fwd) in times.items():
+                r[k] = {"tok_s": B * n_new / wall, "ratio_vs_hf_base": t_ref / wall, "seconds": wall,
+                        "outside_forward": 1 - fwd / wall}
             results.append(r)
     finally:
         timer.remove()
     import ipa_fast
     sampler_backend = next((b for b in ("cpu", "reference") if ipa_fast.backends().get(b) == "ok"), "reference")
-    print(f"decode benchmark: {desc}; top-k {args.top_k}, top-p {args.top_p}, {n_new} new tokens/row, "
-          f"median of {repeats}, torch threads {torch.get_num_threads()}, sampler backend {sampler_backend}")
-    print(f"{'B':>3}  {'TailoredLM tok/s':>16}  {'naive tok/s':>11}  {'speedup':>7}  "
-          f"{'outside fwd (ours)':>18}  {'outside fwd (naive)':>19}")
+    print(f"decode benchmark: {desc}")
+    print(f"prompts: {prompts_desc}; top-k {args.top_k}, top-p {args.top_p}, alpha {args.alpha}, "
+          f"exactly {n_new} new tokens/row (EOS masked), median of {repeats}, torch threads "
+          f"{torch.get_num_threads()}, sampler backend {sampler_backend}")
+    print(f"{'B':>3}  {'method':<42}  {'tok/s':>8}  {'vs (a)':>7}  {'outside fwd':>11}")
     for r in results:
-        print(f"{r['batch']:>3}  {r['tailored_tok_s']:>16.1f}  {r['naive_tok_s']:>11.1f}  {r['speedup']:>6.2f}x  "
-              f"{100 * r['tailored_outside_forward']:>17.1f}%  {100 * r['naive_outside_forward']:>18.1f}%")
-    return {"models": desc, "top_k": args.top_k, "top_p": args.top_p, "new_tokens": n_new, "repeats": repeats,
-            "torch_threads": torch.get_num_threads(), "sampler_backend": sampler_backend, "results": results}
+        for k in METHODS:
+            m = r[k]
+            print(f"{r['batch']:>3}  {LABELS[k]:<42}  {m['tok_s']:>8.1f}  {m['ratio_vs_hf_base']:>6.2f}x  "
+                  f"{100 * m['outside_forward']:>10.1f}%")
+    out = {"models": desc, "prompts": args.prompts, "prompts_desc": prompts_desc, "top_k": args.top_k,
+           "top_p": args.top_p, "alpha": args.alpha, "new_tokens": n_new, "repeats": repeats,
+           "stop_rule": "exactly new_tokens per row: EOS masked for all steps (min_new_tokens = max_new_tokens)",
+           "torch_threads": torch.get_num_threads(), "sampler_backend": sampler_backend,
+           "methods": LABELS, "wall_s": time.perf_counter() - t_start, "results": results}
+    if args.plot:
+        plot(out, args.plot)
+    return out
+
+
+def plot(result: dict, path: str) -> None:
+    """Grouped bars: each method's tokens/s ratio vs (a), per batch size."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["results"]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    w = 0.8 / len(METHODS)
+    for j, k in enumerate(METHODS):
+        xs = [i + (j - (len(METHODS) - 1) / 2) * w for i in range(len(rows))]
+        ys = [r[k]["ratio_vs_hf_base"] for r in rows]
+        bars = ax.bar(xs, ys, w, label=LABELS[k])
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks(range(len(rows)), [f"B={r['batch']}" for r in rows])
+    ax.set_ylabel("tokens/s vs (a)")
+    ax.set_title(f"decode, {result['new_tokens']} new tokens, {result['torch_threads']} threads", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    from pathlib import Path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -28,14 +28,16 @@ QUICK = dict(vocabs=(50257,), batches=(1, 32), filters=("top_p=0.9",))
 
 
 def add_arguments(parser) -> None:
+    from .cli import nonneg_float, positive_float, positive_int
+
     parser.add_argument("--quick", action="store_true", help="a small subset (V=50257, B in {1, 32}, top_p=0.9)")
     parser.add_argument("--plot", metavar="PNG", default=None, help="write a speed-up vs batch size plot")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch / OpenMP threads for every contender (default: $OMP_NUM_THREADS, else torch's)")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=positive_int, default=None,
                         help="timed rounds: one call of each slow contender, five of each fast one (default 7, quick 3)")
-    parser.add_argument("--scale", type=float, default=3.0, help="std of the Gaussian logits (default 3)")
-    parser.add_argument("--alpha", type=float, default=1.0, help="adapter weight (default 1)")
+    parser.add_argument("--scale", type=positive_float, default=3.0, help="std of the Gaussian logits (default 3)")
+    parser.add_argument("--alpha", type=nonneg_float, default=1.0, help="adapter weight (default 1)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference backend")
 

@@ -421,7 +421,7 @@ class TailoredLM:
     def generate(self, prompts, max_new_tokens=32, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                  seed=None, stop=None, adapter_prefix=None, min_new_tokens=0, bad_words_ids=None,
                  repetition_penalty=1.0, eos_token_id=None, alpha=None, base_weight=1.0,
-                 backend="auto") -> GenerationOutput:
+                 backend="auto", truncate_prompt=None) -> GenerationOutput:
         """Sample continuations of ``prompts`` from the tailored policy.
 
         ``base_weight`` scales the base logits: ``z = base_weight * base + alpha * adapter``.
@@ -438,6 +438,9 @@ class TailoredLM:
         the sequence's prefix) and EOS before ``min_new_tokens`` — and ``repetition_penalty``
         (HF semantics, over prompt + generated tokens) act on the *mixed* logits, after
         mixing and before filtering, as the official IPA code applies its masks.
+        ``truncate_prompt``: a prompt that does not fit the base's (or the adapter's, with its
+        prefix) context together with ``max_new_tokens`` raises ValueError naming the lengths;
+        ``"left"`` keeps its last tokens instead (``prompt_token_ids`` of the output show it).
         """
         rows = self.encode(prompts)
         B = len(rows)
@@ -456,6 +459,7 @@ class TailoredLM:
             seed = int(torch.randint(0, 2**62, (1,)))
         seeds = self._per_row("seed", seed, B, integer=True)
         prefixes = self._row_prefixes(adapter_prefix, B)
+        rows = self._fit_context(rows, prefixes, steps, truncate_prompt, base_weight != 0)
         eos_ids = _as_id_list(self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id)
         if any(not 0 <= i < self.V for i in eos_ids):
             raise ValueError(f"eos_token_id must be in [0, {self.V}), got {eos_ids}")
@@ -534,6 +538,36 @@ class TailoredLM:
                                 adapter_logprobs=[alp_all[i][:n[i]] for i in range(B)], finish_reasons=finish,
                                 prompt_token_ids=rows)
 
+    def _fit_context(self, rows, prefixes, steps, truncate_prompt, with_base=True):
+        """Check every row against the models' position limits (max_position_embeddings /
+        n_positions): decoding ``steps`` tokens feeds ``len(prompt) + steps - 1`` positions to
+        the base and ``len(prefix) + len(prompt) + steps - 1`` to the adapter."""
+        if truncate_prompt not in (None, "left"):
+            raise ValueError(f"truncate_prompt must be None or 'left', got {truncate_prompt!r}")
+        limits = [("adapter", _context_size(self.adapter), prefixes)]
+        if with_base and not self.is_api_base:
+            limits.insert(0, ("base", _context_size(self.base), [[]] * len(rows)))
+        out = []
+        for i, row in enumerate(rows):
+            keep = len(row)
+            for name, ctx, pre in limits:
+                if ctx is None:
+                    continue
+                room = ctx - len(pre[i]) - (steps - 1)  # the most prompt tokens that fit
+                if room < 1:
+                    raise ValueError(f"max_new_tokens {steps} does not fit the {name}'s context of {ctx} positions"
+                                     + (f" (with its {len(pre[i])}-token prefix)" if pre[i] else ""))
+                if len(row) > room and truncate_prompt is None:
+                    raise ValueError(
+                        f"prompt {i} is too long: {len(row)} tokens + {steps} new tokens need "
+                        f"{len(pre[i]) + len(row) + steps - 1} positions"
+                        + (f" (with the adapter's {len(pre[i])}-token prefix)" if pre[i] else "")
+                        + f" but the {name}'s context is {ctx}; shorten it to {room} tokens, lower "
+                        f"max_new_tokens, or pass truncate_prompt='left' to keep its last {room} tokens")
+                keep = min(keep, room)
+            out.append(row[len(row) - keep:])
+        return out
+
     def _hard_mask(self, t, rows, host_tokens, min_new_tokens, eos_t, banned_single, banned_seqs):
         """``[B, V]`` bool of banned tokens at step ``t``, or None when nothing is banned."""
         if t >= min_new_tokens and banned_single is None and not banned_seqs:
@@ -593,6 +627,16 @@ class TailoredLM:
 # ----------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------
+
+def _context_size(model) -> int | None:
+    """The model's position limit from its config (None when it declares none)."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
 
 def _default_dtype(device) -> "torch.dtype | str":
     """The checkpoint's own dtype ("auto"), except float32 on the CPU: CPU matmuls in fp16/bf16

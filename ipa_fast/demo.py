@@ -38,16 +38,44 @@ TASK_SCORE = {"lexical": "coverage (higher is better)", "detox": "offensive rate
 
 
 def add_arguments(parser) -> None:
+    from .cli import positive_int
+
     parser.add_argument("--quick", action="store_true", help="fewer prompts and training steps (< 2 minutes)")
     parser.add_argument("--out", default="runs/demo", help="where the live training and the plot go")
     parser.add_argument("--plot", default=None, help="PNG path (default: <out>/demo.png)")
-    parser.add_argument("--prompts", type=int, default=None,
-                        help="held-out test prompts per task (default: all, at most 500; quick 32)")
-    parser.add_argument("--train-steps", type=int, default=None,
-                        help=f"live training steps (default {LIVE_STEPS[False]}, quick {LIVE_STEPS[True]})")
+    parser.add_argument("--prompts", type=positive_int, default=None,
+                        help="held-out test prompts per task, >= 1 (default: all, at most 500; quick 32)")
+    parser.add_argument("--train-steps", type=positive_int, default=None,
+                        help=f"live training steps, >= 1 (default {LIVE_STEPS[False]}, quick {LIVE_STEPS[True]})")
     parser.add_argument("--live-task", choices=list(LIVE), default="detox",
                         help="the task of the live training (default: detox)")
     parser.add_argument("--home", default=None, help="a root holding models/ and data/ (default: the shipped ones)")
+
+
+def validate(args) -> None:
+    """Before any work: every model and data file the demo reads is there (looked up through
+    :mod:`ipa_fast.embedded` only, with ``--home`` as ``IPA_FAST_HOME``); otherwise one line
+    naming what is missing and the command that gets it."""
+    import os
+
+    if args.home:
+        if not Path(args.home).is_dir():
+            raise FileNotFoundError(f"--home directory not found: {args.home}")
+        os.environ["IPA_FAST_HOME"] = str(Path(args.home))
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise ValueError(f"--plot must be a .png path, got {args.plot}")
+    needs = [(embedded.base_path, ()), (embedded.adapter_init_path, ())]
+    needs += [(embedded.adapter_path, (t,)) for t in embedded.TASKS]
+    needs += [(embedded.task_data_path, (t, s)) for t in embedded.TASKS for s in ("validation", "test")]
+    missing = []
+    for fn, fn_args in needs:
+        try:
+            fn(*fn_args)
+        except FileNotFoundError as exc:
+            missing.append(exc)
+    if missing:
+        more = f" (and {len(missing) - 1} more missing asset(s))" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"the demo needs the embedded models and data: {missing[0]}{more}")
 
 
 def trained_adapter_path(task: str, home: Path) -> Path:

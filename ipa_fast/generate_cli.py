@@ -1,10 +1,14 @@
 """``ipa-fast generate``: tailored decoding from the command line.
 
+    ipa-fast generate --task detox --prompt "The cat"                 # the shipped trained adapter
     ipa-fast generate --base PATH --adapter PATH --prompt "The cat" --max-new-tokens 32 --top-p 0.9
     ipa-fast generate --api-base http://127.0.0.1:8000/v1 --adapter PATH --prompts prompts.txt
 
-``--prompts FILE``: one prompt per line, or JSON lines with a ``"prompt"`` field. Without
-``--base`` / ``--adapter`` the shipped models are used when they exist.
+``--task {detox,lexical}`` picks the shipped *trained* adapter of that task (from the embedded
+assets, :mod:`ipa_fast.embedded`); otherwise ``--adapter`` is required. ``--base`` defaults to
+the shipped base. alpha and the adapter's control prefix come from the adapter's
+``ipa_adapter.json`` (what it was trained / exported with); ``--alpha`` overrides.
+``--prompts FILE``: one prompt per line, or JSON lines with a ``"prompt"`` field.
 """
 from __future__ import annotations
 
@@ -12,33 +16,65 @@ import json
 import time
 from pathlib import Path
 
+TASKS = ("detox", "lexical")
+
 
 def add_arguments(p) -> None:
-    p.add_argument("--base", default=None, help="base model: HF name or local path (default: the shipped base)")
-    p.add_argument("--adapter", default=None,
-                   help="adapter: HF name or local path, with ipa_adapter.json if saved by ipa_fast "
-                        "(default: the shipped adapter)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the adapter's, else the base's)")
+    from .cli import existing_file, model_ref, nonneg_float, nonneg_int, open_unit_float, positive_float, \
+        positive_int, unit_float
+
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--task", choices=TASKS, default=None,
+                       help="use the shipped trained adapter of this task (with its saved alpha and prefix)")
+    which.add_argument("--adapter", type=model_ref("adapter"), default=None,
+                       help="adapter: local directory (with ipa_adapter.json when saved by ipa_fast: its alpha "
+                            "and prefix are used) or HF name; required unless --task")
+    p.add_argument("--base", type=model_ref("base model"), default=None,
+                   help="base model: local directory or HF name (default: the shipped base)")
+    p.add_argument("--tokenizer", type=model_ref("tokenizer"), default=None,
+                   help="tokenizer path (default: the adapter's, else the base's)")
     p.add_argument("--api-base", default=None, metavar="URL",
                    help="use an OpenAI-compatible completions server with top-k log-probs as the base")
     p.add_argument("--api-model", default=None, help="the model name to send to --api-base")
-    p.add_argument("--top-logprobs", type=int, default=20, help="top-k log-probs asked of --api-base (default 20)")
+    p.add_argument("--top-logprobs", type=positive_int, default=20,
+                   help="top-k log-probs asked of --api-base (default 20)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts", default=None, metavar="FILE", help="prompts file: text lines or JSON lines")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--min-new-tokens", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=0.9, help="default 0.9 (docs/DESIGN.md §6 evaluation decoding)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    p.add_argument("--alpha", type=float, default=None, help="adapter weight (default: saved, else 1.0)")
+    p.add_argument("--prompts", type=existing_file, default=None, metavar="FILE",
+                   help="prompts file: text lines or JSON lines")
+    p.add_argument("--truncate-prompt", choices=["left"], default=None,
+                   help="a prompt too long for the model's context is refused; 'left' keeps its last tokens "
+                        "instead (and says so)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--min-new-tokens", type=nonneg_int, default=0)
+    p.add_argument("--temperature", type=nonneg_float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=open_unit_float, default=0.9, help="default 0.9 (docs/DESIGN.md §6 evaluation decoding)")
+    p.add_argument("--top-k", type=nonneg_int, default=0, help="0 = off")
+    p.add_argument("--min-p", type=unit_float, default=0.0, help="0 = off")
+    p.add_argument("--alpha", type=positive_float, default=None,
+                   help="adapter weight, > 0 (default: the adapter's ipa_adapter.json, else 1.0)")
     p.add_argument("--adapter-prefix", default=None,
-                   help="text or comma-separated ids the adapter sees before each prompt (default: saved)")
+                   help="text or comma-separated ids the adapter sees before each prompt "
+                        "(default: the adapter's ipa_adapter.json)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=positive_float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="row r uses seed + r (default 0)")
     p.add_argument("--device", default=None, help="device for both models (default cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="dtype of the base")
+
+
+def validate(args) -> None:
+    """Everything checkable before loading a model: prompts, flag combinations, model paths."""
+    if args.min_new_tokens > args.max_new_tokens:
+        raise ValueError(f"--min-new-tokens ({args.min_new_tokens}) must be <= --max-new-tokens "
+                         f"({args.max_new_tokens})")
+    if args.api_model and not args.api_base:
+        raise ValueError("--api-model needs --api-base URL")
+    if args.api_base and args.base:
+        raise ValueError("pass --base or --api-base, not both")
+    if args.api_base and not args.api_base.startswith(("http://", "https://")):
+        raise ValueError(f"--api-base must be an http(s) URL, got {args.api_base!r}")
+    args.prompt_list = read_prompts(args)
+    args.base_path, args.adapter_path = model_paths(args)
 
 
 def read_prompts(args) -> list[str]:
@@ -47,6 +83,7 @@ def read_prompts(args) -> list[str]:
         path = Path(args.prompts)
         if not path.is_file():
             raise FileNotFoundError(f"--prompts file not found: {path}")
+        n_before = len(prompts)
         for line in path.read_text().splitlines():
             if not line.strip():
                 continue
@@ -57,31 +94,32 @@ def read_prompts(args) -> list[str]:
                     raise ValueError(f"{path}: a JSON line needs a \"prompt\" field: {line[:80]}") from None
             else:
                 prompts.append(line)
+        if len(prompts) == n_before:
+            raise ValueError(f"--prompts {path}: no prompts in the file")
     if not prompts:
         raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
     return prompts
 
 
-def shipped_models():
-    """``(base_dir, adapter_dir)`` of the shipped models, or None when this build has none."""
-    try:
-        from . import embedded
-        paths = embedded.base_path(), embedded.adapter_init_path()
-    except (ImportError, AttributeError, FileNotFoundError, OSError):
-        return None
-    return tuple(str(p) for p in paths) if all(Path(p).exists() for p in paths) else None
+def trained_adapter_path(task: str) -> Path:
+    """The shipped trained adapter of ``task``, through :mod:`ipa_fast.embedded`."""
+    from . import embedded
+
+    return Path(embedded.adapter_path(task))
 
 
-def default_paths(args) -> tuple[str | None, str, bool]:
-    """``(base, adapter, shipped)``: the user's paths, the shipped models filling the gaps."""
-    base, adapter = args.base, args.adapter
-    if adapter is not None and (base is not None or args.api_base):
-        return base, adapter, False
-    shipped = shipped_models()
-    if shipped is None:
-        raise ValueError("the shipped models are not available in this build: pass --base PATH "
-                         "(or --api-base URL) and --adapter PATH")
-    return (base or (None if args.api_base else shipped[0])), (adapter or shipped[1]), True
+def model_paths(args) -> tuple[str | None, str]:
+    """``(base, adapter)``: the user's, the shipped base filling a missing ``--base`` (unless
+    ``--api-base``), the shipped trained adapter for ``--task``. Missing assets: one-line error."""
+    from . import embedded
+
+    if args.adapter is None and args.task is None:
+        raise ValueError(f"pass --task {{{','.join(TASKS)}}} (a shipped trained adapter) or --adapter PATH")
+    adapter = args.adapter or str(trained_adapter_path(args.task))
+    base = args.base
+    if base is None and not args.api_base:
+        base = str(embedded.base_path())
+    return base, adapter
 
 
 def parse_prefix(text):
@@ -97,29 +135,32 @@ def run(args) -> dict:
 
     from .api_base import APIBase, APIBaseError
     from .cli import UsageError
-    from .decoding import TailoredLM
+    from .decoding import TailoredLM, _try_tokenizer
 
-    prompts = read_prompts(args)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    base_path, adapter_path, shipped = default_paths(args)
+    from transformers.utils import logging as hf_logging
+
+    if not hasattr(args, "adapter_path"):  # called without the CLI's validate step
+        validate(args)
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: noise on a command line's stderr
+    prompts, base_path, adapter_path = args.prompt_list, args.base_path, args.adapter_path
     dtype = getattr(torch, args.dtype) if args.dtype else None
     tokenizer = None
     if args.tokenizer:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    elif shipped or args.api_base:
-        from .decoding import _try_tokenizer
-        from .tokenizer import load_gpt2_tokenizer
-        tokenizer = _try_tokenizer(adapter_path) or (load_gpt2_tokenizer() if shipped else None)
+    elif args.api_base:
+        tokenizer = _try_tokenizer(adapter_path)
         if tokenizer is None:
             raise ValueError(f"no tokenizer in {adapter_path}: pass --tokenizer PATH")
     base = APIBase(args.api_base, tokenizer, model=args.api_model, top_logprobs=args.top_logprobs) \
         if args.api_base else base_path
     t0 = time.perf_counter()
-    lm = TailoredLM.from_pretrained(base, adapter_path, tokenizer=tokenizer, alpha=args.alpha,
-                                    adapter_prefix=parse_prefix(args.adapter_prefix), base_dtype=dtype,
-                                    base_device=args.device, adapter_device=args.device)
+    try:
+        lm = TailoredLM.from_pretrained(base, adapter_path, tokenizer=tokenizer, alpha=args.alpha,
+                                        adapter_prefix=parse_prefix(args.adapter_prefix), base_dtype=dtype,
+                                        base_device=args.device, adapter_device=args.device)
+    except OSError as exc:  # a hub id that is neither cached nor reachable, a directory without weights
+        raise ValueError(f"cannot load {base_path or args.api_base} + {adapter_path}: {exc}") from exc
     load_s = time.perf_counter() - t0
     for w in lm.metadata.get("warnings", []):
         print(f"warning: {w}")
@@ -127,10 +168,18 @@ def run(args) -> dict:
     try:
         out = lm.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=args.stop or None,
-                          min_new_tokens=args.min_new_tokens, repetition_penalty=args.repetition_penalty)
+                          min_new_tokens=args.min_new_tokens, repetition_penalty=args.repetition_penalty,
+                          truncate_prompt=args.truncate_prompt)
     except APIBaseError as e:  # server down / timeout / malformed reply: one line, exit 2
         raise UsageError(str(e)) from None
+    except ValueError as e:
+        raise UsageError(str(e).replace("truncate_prompt='left'", "--truncate-prompt left")) from None
     gen_s = time.perf_counter() - t0
+    for r, (prompt, ids) in enumerate(zip(prompts, out.prompt_token_ids)):
+        full = len(lm.tokenizer(prompt)["input_ids"])
+        if len(ids) < full:
+            print(f"warning: prompt {r} truncated from the left to its last {len(ids)} of {full} tokens "
+                  f"(--truncate-prompt left)")
     n_tokens = sum(len(t) for t in out.token_ids)
     print(f"base: {args.api_base or base_path}   adapter: {adapter_path}   alpha: {lm.alpha}   "
           f"T={args.temperature} top_p={args.top_p} top_k={args.top_k} min_p={args.min_p} seed={args.seed}")

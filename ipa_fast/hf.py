@@ -1,9 +1,14 @@
 """Tailoring inside Hugging Face ``model.generate()``: a ``LogitsProcessor``.
 
-    proc = TailoredLogitsProcessor(adapter, alpha=1.0, pad_token_id=tok.pad_token_id)
+    proc = TailoredLogitsProcessor.from_pretrained("models/adapters/detox", pad_token_id=tok.pad_token_id)
+    # or, with an adapter model already loaded: TailoredLogitsProcessor(adapter, alpha=0.5, ...)
     base.generate(**tok(prompts, return_tensors="pt", padding=True), do_sample=True, top_p=0.9,
                   logits_processor=LogitsProcessorList([proc]))
 
+``from_pretrained`` loads an adapter directory and restores what its ``ipa_adapter.json``
+records (written by :func:`ipa_fast.save_adapter` / ``ipa-fast train``): alpha, the adapter's
+control prefix and the shared vocabulary size; explicit arguments override. A trained adapter
+is meant to be used at its saved alpha (e.g. 0.5 for the shipped detox adapter).
 At each step the processor returns ``scores + alpha * adapter_logits`` (the tailored policy's
 logits up to a per-row constant); HF's warpers (temperature, top-k, top-p) and its draw then act
 on the mixed logits, as in the official IPA code. The processor keeps its own adapter KV cache:
@@ -40,7 +45,34 @@ class TailoredLogitsProcessor(LogitsProcessor):
         self.pad_token_id = pad_token_id
         self.adapter_prefix = [int(i) for i in (adapter_prefix or [])]
         self.vocab_size = vocab_size
+        self.metadata: dict = {}
         self.reset()
+
+    @classmethod
+    def from_pretrained(cls, adapter_name_or_path, *, alpha: float | None = None, pad_token_id: int | None = None,
+                        adapter_prefix: list[int] | None = None, vocab_size: int | None = None, dtype=None,
+                        device=None, **model_kwargs) -> "TailoredLogitsProcessor":
+        """Load the adapter (``AutoModelForCausalLM``) and the settings its ``ipa_adapter.json``
+        saved: ``alpha`` (else 1.0), ``adapter_prefix`` and ``vocab_size``; arguments given here
+        win. ``pad_token_id``: default the adapter directory's tokenizer's pad (else eos) id."""
+        from transformers import AutoModelForCausalLM
+
+        from .decoding import _try_tokenizer, load_adapter_metadata
+
+        meta = load_adapter_metadata(adapter_name_or_path) or {}
+        model = AutoModelForCausalLM.from_pretrained(adapter_name_or_path, dtype=dtype or torch.float32,
+                                                     **model_kwargs)
+        if device is not None:
+            model.to(device)
+        if pad_token_id is None:
+            tok = _try_tokenizer(adapter_name_or_path)
+            if tok is not None:
+                pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        proc = cls(model, alpha=meta.get("alpha", 1.0) if alpha is None else alpha, pad_token_id=pad_token_id,
+                   adapter_prefix=meta.get("adapter_prefix") if adapter_prefix is None else adapter_prefix,
+                   vocab_size=meta.get("vocab_size") if vocab_size is None else vocab_size)
+        proc.metadata = meta
+        return proc
 
     def reset(self) -> None:
         """Forget the adapter cache (done automatically when a new ``generate()`` starts)."""

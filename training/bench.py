@@ -1,8 +1,8 @@
 """``ipa-fast bench train``: seconds per training step by phase, and the loss op's peak memory.
 
 1. **Step phases.** A short run of each algorithm (``--algos``) on the default models (the
-   shipped pair once it exists, else the seeded tiny GPT-2 pair over the GPT-2 tokenizer,
-   V = 50257) with a built-in reward; reports mean seconds per step for rollout / reward /
+   shipped pair, else — saying so — the seeded tiny GPT-2 pair over the GPT-2 tokenizer,
+   V = 50257) with a built-in reward (``--quick``: a smaller smoke run); reports mean seconds per step for rollout / reward /
    update, excluding the first (warm-up) step.
 2. **Loss-op memory.** ``tailored_token_stats`` (chunked, recompute in backward) vs the plain
    PyTorch formula (``log_softmax`` + autograd) at N positions x V vocabulary (default 4096 x
@@ -69,16 +69,39 @@ print(json.dumps({"variant": variant, "peak_extra_bytes": peak - before, "second
 """
 
 
+QUICK = dict(n=1024, steps=2, batch_size=4, max_new_tokens=8)  # --quick: a smoke run in well under a minute
+FULL = dict(n=4096, steps=3, batch_size=8, max_new_tokens=16)
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--n", type=int, default=4096, help="positions N for the loss-op memory bench (default 4096)")
-    parser.add_argument("--vocab", type=int, default=50257, help="vocabulary V for the memory bench (default 50257)")
+    from ipa_fast.cli import nonneg_int, positive_int
+
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a smoke run: N={QUICK['n']}, {QUICK['steps']} steps of batch {QUICK['batch_size']}, "
+                             f"{QUICK['max_new_tokens']} new tokens (explicit flags override)")
+    parser.add_argument("--n", type=positive_int, default=None,
+                        help=f"positions N for the loss-op memory bench (default {FULL['n']}; quick {QUICK['n']})")
+    parser.add_argument("--vocab", type=positive_int, default=50257, help="vocabulary V for the memory bench (default 50257)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="logit dtype")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads in the memory bench (0 = default)")
-    parser.add_argument("--steps", type=int, default=3, help="training steps per algorithm for the phase timings")
+    parser.add_argument("--threads", type=nonneg_int, default=0, help="torch threads in the memory bench (0 = default)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help=f"training steps per algorithm for the phase timings (default {FULL['steps']}; "
+                             f"quick {QUICK['steps']})")
     parser.add_argument("--algos", default="quark,ppo", help="comma-separated algorithms to time (empty = skip)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help=f"default {FULL['batch_size']}; quick {QUICK['batch_size']}")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
+                        help=f"default {FULL['max_new_tokens']}; quick {QUICK['max_new_tokens']}")
     parser.add_argument("--skip-memory", action="store_true", help="only time the training phases")
+
+
+def validate(args) -> None:
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    bad = [a for a in args.algos.split(",") if a and a not in ("quark", "ppo")]
+    if bad:
+        raise ValueError(f"--algos: unknown algorithm {bad[0]!r} (choose from quark, ppo)")
 
 
 def memory_bench(n: int, vocab: int, dtype: str, threads: int = 0) -> dict:
@@ -101,28 +124,39 @@ def memory_bench(n: int, vocab: int, dtype: str, threads: int = 0) -> dict:
 def phase_bench(algos: list[str], steps: int, batch_size: int, max_new_tokens: int) -> dict:
     from .trainer import TrainConfig, train
 
+    from . import loading
+
     prompts = ["The weather today is", "My favourite food is", "In the morning I", "The city at night",
                "A good friend", "The old house", "When the train left", "She opened the door"]
+    try:
+        names = loading.shipped_pair()
+    except FileNotFoundError as exc:  # the shipped pair is not installed: say so, time the tiny pair
+        print(f"bench train: {exc}; timing a tiny random GPT-2 pair instead")
+        names = None
     out = {}
-    for algo in algos:
+    for algo in algos:  # fresh models per algorithm (training changes the adapter)
+        base, adapter, tok = loading.load_models(*names)[:3] if names else loading.tiny_gpt2_pair()
         with tempfile.TemporaryDirectory() as d:
             cfg = TrainConfig(algo=algo, out=d, steps=steps, task="detox", batch_size=batch_size,
                               minibatch_size=min(batch_size, 4), max_new_tokens=max_new_tokens, eval_every=0,
                               eval_size=4, eval_max_new_tokens=max_new_tokens, checkpoint_every=max(1, steps),
                               progress=False, ppo_epochs=1)
             t0 = time.perf_counter()
-            summary = train(cfg, train_prompts=prompts, eval_prompts=prompts[:4])
+            summary = train(cfg, train_prompts=prompts, eval_prompts=prompts[:4], base=base, adapter=adapter,
+                            tokenizer=tok)
             log = [json.loads(x) for x in open(f"{d}/metrics.jsonl")]
         recs = [r for r in log if r["type"] == "train"][1:] or [r for r in log if r["type"] == "train"]
         out[algo] = {k.split("/")[1]: sum(r[k] for r in recs) / len(recs)
                      for k in ("time/rollout", "time/reward", "time/update", "time/step")}
-        out[algo].update({"base": summary["base"], "adapter_init": summary["adapter_init"],
+        out[algo].update({"base": names[0] if names else "tiny-gpt2(seed=0)",
+                          "adapter_init": names[1] if names else "tiny-gpt2(seed=1)",
                           "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                           "wall_seconds": time.perf_counter() - t0})
     return out
 
 
 def run(args) -> dict:
+    validate(args)
     result = {}
     algos = [a for a in args.algos.split(",") if a]
     if algos:

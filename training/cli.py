@@ -1,14 +1,17 @@
 """``ipa-fast train`` (and ``python training/train.py``): RL training of an adapter.
 
-    ipa-fast train --task lexical --algo quark --steps 200 --out runs/lex
+    ipa-fast train --task detox --out runs/detox           # the shipped detox recipe (preset "detox")
+    ipa-fast train --task lexical --steps 200 --sft-steps 150 --out runs/lex   # its recipe, shorter
     ipa-fast train --reward my_rewards:polite --prompts prompts.jsonl --algo ppo --steps 100 --out runs/polite
     ipa-fast train --task lexical --algo quark --sft-steps 300 --sft-lr 1e-3 --steps 400 --out runs/lex
     ipa-fast train ... --resume          # continue a killed run in --out up to --steps
 
 Every :class:`~ipa_fast.training.TrainConfig` field is a flag (``--batch-size``, ``--kl-coef``,
-...). Models default to the shipped base and adapter once they exist, and until then to a
-seeded tiny GPT-2 pair over the GPT-2 tokenizer (random weights: the run exercises the
-machinery but the text is noise).
+...). ``--task T`` starts from preset T, the recipe the shipped ``models/adapters/T`` was
+trained with (its MODEL_CARD.md and ipa_adapter.json); flags given explicitly override it,
+``--preset none`` starts from TrainConfig's plain defaults. Models default to the shipped base
+and adapter initialisation (``ipa_fast.embedded``; a missing one is an error saying how to get
+it).
 """
 from __future__ import annotations
 
@@ -19,21 +22,33 @@ import typing
 
 from .trainer import TrainConfig
 
+# The recipes of the shipped adapters (models/adapters/<task>/MODEL_CARD.md): the one table.
+# detox: PPO at alpha 0.5 with the KL to the initial tailored policy (at alpha 1 the product
+# with the untrained adapter is already degenerate and every recipe tried reward-hacked);
+# lexical: 1,500 warm-start steps on the adapter's own NLL, then 100 Quark steps at alpha 1
+# (it ships at alpha 1.5, chosen afterwards on validation rows by scripts/sweep_alpha.py).
+PRESETS: dict[str, dict] = {
+    "detox": dict(algo="ppo", alpha=0.5, reference="initial", lr=1e-3, kl_coef=0.05, repeat_coef=1.0,
+                  min_new_tokens=32, batch_size=32, minibatch_size=16, ppo_epochs=2, steps=80, eval_size=150),
+    "lexical": dict(algo="quark", alpha=1.0, reference="initial", lr=1e-4, minibatch_size=16, steps=1600,
+                    sft_steps=1500, sft_lr=3e-3, sft_batch_size=64, sft_target="adapter", eval_every=250,
+                    eval_size=64, checkpoint_every=100),
+}
+
 HELP = {
     "algo": "quark (reward-quantile control tokens, the official IPA recipe) or ppo",
     "out": "run directory: metrics.jsonl, reward_curve.png, samples.txt, checkpoints/, adapter/",
     "steps": "the run's total number of steps; --resume continues up to it",
     "task": "built-in task: lexical (concept coverage) or detox (1 - offensive probability); "
-            "uses data/tasks/<task>/{train,validation}.jsonl and the task's reward",
+            "uses the task's embedded train/validation data and reward, and its preset (the shipped recipe)",
     "reward": "custom reward 'module:function' or 'file.py:function': "
               "fn(prompts, completions, **fields) -> list[float]",
     "prompts": "JSON lines {\"prompt\": ..., <field>: ...}; extra fields go to the reward by name",
     "eval_prompts": "held-out JSON lines (default: the task's validation split, else the last "
                     "--eval-size rows of --prompts)",
-    "base": "base model (HF directory or hub name). Default: the shipped base once it exists, "
-            "else a seeded tiny random GPT-2 over the GPT-2 tokenizer",
-    "adapter": "initial adapter (HF directory or hub name). Default: the shipped adapter "
-               "initialisation once it exists, else a seeded tiny random GPT-2",
+    "base": "base model (HF directory or hub name). Default: the embedded base (`ipa-fast setup`)",
+    "adapter": "initial adapter (HF directory or hub name). Default: the embedded adapter initialisation",
+    "alpha": "adapter weight of the tailored policy, > 0 (saved in the adapter's ipa_adapter.json)",
     "reference": "KL reference policy: initial (base x frozen initial adapter) or base (base alone)",
     "kl_target": "target KL for the adaptive KL controller (default: fixed --kl-coef)",
     "early_stop_kl": "PPO: stop the epochs when approx KL(old||new) > 1.5 x this",
@@ -52,6 +67,28 @@ HELP = {
     "reward_timeout": "seconds one reward call may take before the run stops with an error (the last "
                       "checkpoint stays intact); 0 = no limit",
 }
+# argparse types (ipa_fast.cli's, the one place they are defined) for fields whose plain type
+# would accept nonsense; TrainConfig.validate() checks the combinations
+def _arg_types() -> dict:
+    from ipa_fast.cli import existing_file, model_ref, nonneg_float, nonneg_int, open_unit_float, \
+        positive_float, positive_int
+
+    types_ = {name: positive_int for name in (
+        "batch_size", "minibatch_size", "grad_accum", "max_new_tokens", "n_quantiles", "quark_updates",
+        "ppo_epochs", "eval_size", "eval_max_new_tokens", "keep_checkpoints", "checkpoint_every", "sft_batch_size")}
+    types_.update({name: nonneg_int for name in (
+        "steps", "min_new_tokens", "top_k", "warmup_steps", "sft_steps", "eval_every", "sample_rows")})
+    types_.update({name: positive_float for name in (
+        "alpha", "temperature", "lr", "adam_eps", "kl_target", "kl_horizon", "sft_lr", "cliprange",
+        "cliprange_value", "score_clip", "early_stop_kl")})
+    types_.update({name: nonneg_float for name in (
+        "weight_decay", "max_grad_norm", "kl_coef", "entropy_coef", "vf_coef", "repeat_coef", "reward_timeout")})
+    types_.update({"top_p": open_unit_float, "eval_top_p": open_unit_float, "gamma": open_unit_float,
+                   "lam": open_unit_float, "prompts": existing_file, "eval_prompts": existing_file,
+                   "base": model_ref("base model"), "adapter": model_ref("adapter")})
+    return types_
+
+
 CHOICES = {"sft_target": ["tailored", "adapter"], "algo": ["quark", "ppo"], "task": ["lexical", "detox"], "reference": ["initial", "base"],
            "lr_schedule": ["constant", "linear"]}
 
@@ -66,16 +103,23 @@ def _base_type(tp):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
+    arg_types = _arg_types()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        tp = _base_type(hints[f.name])
-        help_text = HELP.get(f.name, "") + f" (default: {f.default})"
-        if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=help_text)
+        tp = arg_types.get(f.name) or _base_type(hints[f.name])
+        preset = {t: r[f.name] for t, r in PRESETS.items() if f.name in r}
+        help_text = HELP.get(f.name, "") + f" (default: {f.default}" + \
+            "".join(f"; {t} preset {v}" for t, v in preset.items()) + ")"
+        # SUPPRESS: a flag not given is absent from the namespace, so the preset can fill it
+        if _base_type(hints[f.name]) is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=tp, default=f.default, choices=CHOICES.get(f.name),
+            parser.add_argument(flag, dest=f.name, type=tp, default=argparse.SUPPRESS, choices=CHOICES.get(f.name),
                                 metavar=None if f.name in CHOICES else f.name.upper(), help=help_text)
+    parser.add_argument("--preset", choices=[*PRESETS, "none"], default=None,
+                        help="start from this recipe (default: the --task's, none without --task); 'none' = "
+                             "TrainConfig's plain defaults; explicit flags override the preset")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its newest good checkpoint up to --steps")
     parser.add_argument("--force", action="store_true",
@@ -84,24 +128,75 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = __doc__
 
 
+def preset_of(args) -> str | None:
+    name = getattr(args, "preset", None)
+    if name is None:
+        name = getattr(args, "task", None)
+    return None if name in (None, "none") else name
+
+
 def config_from_args(args) -> TrainConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    """The preset (``--preset``, default the ``--task``'s), then every flag given explicitly."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    values = {**PRESETS.get(preset_of(args) or "", {}), **given}
     cfg = TrainConfig(**values)
     if cfg.task is None and cfg.reward is None:
         raise ValueError("pass --task {lexical,detox} or --reward module:function")
     if cfg.reward is not None and cfg.prompts is None and cfg.task is None:
         raise ValueError("--reward needs --prompts FILE.jsonl (or --task for its prompts)")
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        name = preset_of(args)
+        if name is None:
+            raise
+        from_preset = sorted(set(PRESETS[name]) - set(given))
+        named = [k for k in from_preset if k in str(exc)]
+        from_preset = named or from_preset
+        raise ValueError(f"{exc} (preset {name} set {', '.join(from_preset)}; override them or pass "
+                         f"--preset none)") from None
     return cfg
+
+
+def validate(args) -> None:
+    """Before any model is loaded: the config, the reward (imported now: a bad module fails
+    here), the task's data (through ipa_fast.embedded) and the base/adapter defaults."""
+    from . import loading
+    from .rewards import load_reward
+
+    cfg = config_from_args(args)
+    args._reward = load_reward(cfg.reward) if cfg.reward else None
+    if cfg.task and not cfg.prompts:
+        loading.task_data_path(cfg.task, "train")
+    if cfg.base is None or cfg.adapter is None:
+        from ipa_fast import embedded
+        if cfg.base is None:
+            embedded.base_path()
+        if cfg.adapter is None:
+            embedded.adapter_init_path()
+    args._config = cfg
+
+
+def describe_preset(args, cfg: TrainConfig) -> str | None:
+    name = preset_of(args)
+    if name is None:
+        return None
+    knobs = ", ".join(f"{k}={getattr(cfg, k)}" + ("" if getattr(cfg, k) == v else f" (preset {v})")
+                      for k, v in PRESETS[name].items())
+    return f"preset {name} (the shipped {name} adapter's recipe; explicit flags override): {knobs}"
 
 
 def run(args) -> dict:
     from .trainer import train
 
-    cfg = config_from_args(args)
-    result = train(cfg, resume=args.resume, force=args.force)
-    fe, ie = result["final_eval"], result["initial_eval"]
-    print(f"{cfg.algo}: {result['steps']} steps; held-out reward {ie['reward']:.4f} -> {fe['reward']:.4f}")
+    cfg = getattr(args, "_config", None) or config_from_args(args)
+    line = describe_preset(args, cfg)
+    if line:
+        print(line)
+    result = train(cfg, resume=args.resume, force=getattr(args, "force", False), reward=getattr(args, "_reward", None))
+    from .trainer import summary_lines
+
+    print("\n".join(summary_lines(result)))
     t = result["seconds_per_step"]
     if t:
         print("seconds per step: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))

@@ -1,11 +1,12 @@
 """Where a run's models, tokenizer, prompts and reward come from.
 
 Models: ``--base`` / ``--adapter`` (a local directory or hub name, ``AutoModelForCausalLM``);
-by default the shipped models (``ipa_fast.embedded``) once they exist, and until then a seeded
-tiny GPT-2 pair over the GPT-2 tokenizer (:func:`tiny_gpt2_pair`: random weights, 2 layers,
-width 64 for the base and 1 layer for the adapter — enough to exercise the machinery, not to
-write English). Prompts: JSON lines ``{"prompt": ..., <field>: ...}``; every other field is
-passed to the reward by name.
+by default the shipped base and adapter initialisation. Every shipped asset (models, task
+data) is resolved through :mod:`ipa_fast.embedded` and nowhere else: when one is missing its
+``FileNotFoundError`` says what and how to get it. :func:`tiny_gpt2_pair` (random weights,
+2 layers, width 64 for the base and 1 layer for the adapter, over the GPT-2 tokenizer) is for
+tests and benchmarks that ask for it, never a silent default. Prompts: JSON lines
+``{"prompt": ..., <field>: ...}``; every other field is passed to the reward by name.
 """
 from __future__ import annotations
 
@@ -14,26 +15,20 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _embedded(name: str):
-    try:
-        from ipa_fast import embedded
-    except ImportError:
-        return None
-    fn = getattr(embedded, name, None)
-    return fn
-
 
 def task_data_path(task: str, split: str) -> Path:
-    fn = _embedded("task_data_path")
-    if fn is not None:
-        try:
-            return Path(fn(task, split))
-        except Exception:  # noqa: BLE001 - fall back to the source tree's data/
-            pass
-    return ROOT / "data" / "tasks" / task / f"{split}.jsonl"
+    """``ipa_fast.embedded.task_data_path`` (the one place task data is looked up)."""
+    from ipa_fast import embedded
+
+    return Path(embedded.task_data_path(task, split))
+
+
+def shipped_pair() -> tuple[str, str]:
+    """``(base, adapter_init)`` paths of the shipped models; FileNotFoundError (one line, from
+    :mod:`ipa_fast.embedded`) naming the missing one and how to get it."""
+    from ipa_fast import embedded
+
+    return str(embedded.base_path()), str(embedded.adapter_init_path())
 
 
 def read_prompts(path: str | Path) -> list[dict]:
@@ -73,7 +68,7 @@ def tiny_gpt2(vocab_size: int, seed: int, n_layer: int, n_embd: int = 64, n_head
 
 
 def tiny_gpt2_pair(seed: int = 0):
-    """The fallback default: ``(base, adapter, tokenizer)``, random GPT-2 models (base seed 0,
+    """For tests and benchmarks: ``(base, adapter, tokenizer)``, random GPT-2 models (base seed 0,
     2 layers; adapter seed 1, 1 layer; width 64) over the GPT-2 tokenizer (V = 50257)."""
     from ipa_fast.tokenizer import load_gpt2_tokenizer
 
@@ -83,23 +78,18 @@ def tiny_gpt2_pair(seed: int = 0):
 
 
 def load_models(base: str | None, adapter: str | None):
-    """``(base, adapter, tokenizer, base_name, adapter_name)`` for the given paths (or defaults)."""
+    """``(base, adapter, tokenizer, base_name, adapter_name)`` for the given paths; a missing one
+    is the shipped model (FileNotFoundError when that is not there)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    shipped_base, shipped_adapter = _existing(_embedded("base_path")), _existing(_embedded("adapter_init_path"))
-    if base is None and adapter is None:
-        if shipped_base is None or shipped_adapter is None:  # the shipped pair is not built (yet)
-            b, a, tok = tiny_gpt2_pair()
-            return b, a, tok, "tiny-gpt2(seed=0)", "tiny-gpt2(seed=1)"
-        base, adapter = shipped_base, shipped_adapter
-    base, adapter = base or shipped_base, adapter or shipped_adapter
-    if base is None or adapter is None:
-        raise ValueError("pass both --base and --adapter (the shipped pair is not available to complete one)")
-    try:
-        b = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-        a = AutoModelForCausalLM.from_pretrained(adapter, dtype=torch.float32).eval()
-    except OSError as exc:
-        raise ValueError(f"cannot load the models: {exc}".splitlines()[0]) from exc
+    from ipa_fast import embedded
+
+    if base is None:
+        base = str(embedded.base_path())
+    if adapter is None:
+        adapter = str(embedded.adapter_init_path())
+    b = _load(AutoModelForCausalLM, base, "base model")
+    a = _load(AutoModelForCausalLM, adapter, "adapter")
     tok = None
     for path in (adapter, base):
         try:
@@ -116,11 +106,14 @@ def load_models(base: str | None, adapter: str | None):
     return b, a, tok, str(base), str(adapter)
 
 
-def _existing(fn):
-    if fn is None:
-        return None
+
+def _load(cls, name: str, what: str):
+    if not Path(name).expanduser().exists():
+        from ipa_fast.cli import looks_like_path
+        if looks_like_path(name):
+            raise FileNotFoundError(f"{what} not found: {name}")
     try:
-        p = fn()
-    except Exception:  # noqa: BLE001 - shipped models not built yet
-        return None
-    return str(p) if p is not None and Path(p).exists() else None
+        return cls.from_pretrained(name, dtype=torch.float32).eval()
+    except (OSError, ValueError) as exc:  # hub id not found / not cached, bad config: one line
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise ValueError(f"cannot load {what} {name}: {first}") from exc

@@ -123,27 +123,57 @@ TASK_REWARDS: dict[str, RewardFn] = {"lexical": lexical_coverage, "detox": non_o
 # loading and calling
 
 def load_reward(spec: str) -> RewardFn:
-    """``"package.module:function"`` or ``"path/to/file.py:function"`` -> the callable."""
+    """``"package.module:function"`` or ``"path/to/file.py:function"`` -> the callable.
+
+    A module is looked up in the current directory first (as ``python -m`` would: the README's
+    ``--reward my_rewards:polite`` next to ``my_rewards.py``), then on ``sys.path``; the current
+    directory is on ``sys.path`` only while the import runs. Every failure is a one-line
+    ValueError naming the missing module, function or non-callable."""
+    import os
+    import sys
+
+    usage = f"--reward must be 'module:function' or 'path/to/file.py:function', got {spec!r}"
     if not isinstance(spec, str) or spec.count(":") < 1:
-        raise ValueError(f"--reward must be 'module:function' or 'file.py:function', got {spec!r}")
+        raise ValueError(usage)
     module_name, _, attr = spec.rpartition(":")
-    if not module_name or not attr:
-        raise ValueError(f"--reward must be 'module:function' or 'file.py:function', got {spec!r}")
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            raise ValueError(f"--reward {spec!r}: file {path} not found")
-        mod_spec = importlib.util.spec_from_file_location(f"_ipa_reward_{path.stem}", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ValueError(f"--reward {spec!r}: cannot import module {module_name!r} ({exc})") from exc
-    fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
-        raise ValueError(f"--reward {spec!r}: {module_name} has no callable {attr!r}")
+    if not module_name or not attr or not attr.isidentifier():
+        raise ValueError(usage)
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).expanduser()
+            if not path.is_file():
+                raise ValueError(f"--reward {spec!r}: file not found: {path}")
+            mod_spec = importlib.util.spec_from_file_location(f"_ipa_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            cwd = os.getcwd()
+            sys.path.insert(0, cwd)
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name and module_name.startswith(exc.name) and module_name[len(exc.name):][:1] in ("", "."):
+                    raise ValueError(f"--reward {spec!r}: cannot import module {exc.name!r}: not in the "
+                                     f"current directory {cwd} nor installed (or pass path/to/file.py:{attr})"
+                                     ) from None
+                raise
+            finally:
+                try:
+                    sys.path.remove(cwd)
+                except ValueError:
+                    pass
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing: one line
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
+        raise ValueError(f"--reward {spec!r}: cannot import {module_name}: {type(exc).__name__}"
+                         + (f": {first}" if first else "")) from exc
+    if not hasattr(module, attr):
+        raise ValueError(f"--reward {spec!r}: {module_name} has no callable {attr!r} (no such name)")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise ValueError(f"--reward {spec!r}: {module_name}.{attr} is not callable "
+                         f"(a {type(fn).__name__}; it must be fn(prompts, completions, **fields))")
     return fn
 
 
