@@ -738,7 +738,53 @@ class Trainer:
                 "initial_eval": self.initial_eval, "final_eval": self.last_eval,
                 "checkpoint": str(checkpoint_dir), "adapter": str(adapter_dir),
                 "metrics": str(self.out / "metrics.jsonl"), "reward_curve": str(self.out / "reward_curve.png"),
-                "seconds_per_step": phases, "samples": self.last_samples}
+                "seconds_per_step": phases, "samples": self.last_samples,
+                **diversity_and_kl(self.initial_eval, self.last_eval, train)}
+
+
+# the end-of-run summary warns when held-out distinct-2 falls by more than this (relative):
+# a reward that rises while the text collapses into loops is the reward hack to catch first
+DIVERSITY_DROP_WARN = 0.20
+KL_KEYS = ("ppo/kl_seq", "quark/kl")  # the KL to the reference each algorithm logs per step
+
+
+def train_kl(rec: dict) -> tuple[str, float] | None:
+    """``(key, value)`` of the KL a train record logs (PPO: per sequence; Quark: per token)."""
+    for k in KL_KEYS:
+        if k in rec:
+            return k, float(rec[k])
+    return None
+
+
+def diversity_and_kl(initial: dict | None, final: dict | None, train: list[dict], last: int = 5) -> dict:
+    """Held-out distinct-2 before / after, the KL to the reference over the last ``last`` RL
+    steps, and a warning when distinct-2 fell by more than DIVERSITY_DROP_WARN (relative)."""
+    d0 = (initial or {}).get("distinct_2")
+    d1 = (final or {}).get("distinct_2")
+    kls = [kv for kv in (train_kl(r) for r in train[-last:]) if kv]
+    kl = {"key": kls[0][0], "mean_last_steps": float(np.mean([v for _, v in kls])), "steps": len(kls)} if kls else None
+    warning = None
+    if d0 and d1 is not None and d1 < (1 - DIVERSITY_DROP_WARN) * d0:
+        warning = (f"diversity collapsed: held-out distinct-2 {d0:.3f} -> {d1:.3f} "
+                   f"({(d1 - d0) / d0:+.0%}); the reward may come from repetitive text — read samples.txt, "
+                   f"raise --kl-coef or --repeat-coef, or lower --alpha")
+    return {"distinct_2": {"initial": d0, "final": d1}, "kl": kl, "diversity_warning": warning}
+
+
+def summary_lines(result: dict) -> list[str]:
+    """The end-of-run lines: held-out reward with distinct-2 and KL beside it, and the
+    diversity warning when there is one."""
+    ie, fe = result["initial_eval"], result["final_eval"]
+    d, kl = result.get("distinct_2") or {}, result.get("kl")
+    line = f"{result['algo']}: {result['steps']} steps; held-out reward {ie['reward']:.4f} -> {fe['reward']:.4f}"
+    if d.get("initial") is not None and d.get("final") is not None:
+        line += f"; distinct-2 {d['initial']:.3f} -> {d['final']:.3f}"
+    if kl:
+        line += f"; KL to reference {kl['mean_last_steps']:.4g} ({kl['key']}, mean of the last {kl['steps']} steps)"
+    lines = [line]
+    if result.get("diversity_warning"):
+        lines.append("warning: " + result["diversity_warning"])
+    return lines
 
 
 class _Digest(str):
@@ -807,7 +853,8 @@ def extra_eval_metrics(task: str | None, rows: list[dict], texts: list[str]) -> 
 
 
 def plot_reward_curve(metrics_path: Path, png_path: Path) -> None:
-    """Train reward per step and held-out reward per evaluation, one PNG."""
+    """One PNG, three panels over steps: train reward and held-out reward; held-out distinct-2
+    (diversity: a reward bought with loops shows here); the KL to the reference per RL step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -816,15 +863,31 @@ def plot_reward_curve(metrics_path: Path, png_path: Path) -> None:
     log = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
     train = [(r["step"], r["reward"]) for r in log if r["type"] == "train"]
     ev = [(r["step"], r["reward"]) for r in log if r["type"] == "eval"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    dist = [(r["step"], r["distinct_2"]) for r in log if r["type"] == "eval" and "distinct_2" in r]
+    kls = [(r["step"], kv) for r in log if r["type"] == "train" for kv in [train_kl(r)] if kv]
+    fig, (ax, ax_d, ax_k) = plt.subplots(1, 3, figsize=(13, 3.5))
     if train:
         ax.plot(*zip(*train), label="train (rollout) reward", alpha=0.6)
     if ev:
         ax.plot(*zip(*ev), "o-", label="held-out reward")
-    ax.set_xlabel("step")
     ax.set_ylabel("mean reward")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    ax.set_title("reward", fontsize=10)
+    ax.legend(fontsize=8)
+    if dist:
+        ax_d.plot(*zip(*dist), "o-", color="#2ca02c")
+        d0 = dist[0][1]
+        ax_d.axhline((1 - DIVERSITY_DROP_WARN) * d0, color="#d62728", ls="--", lw=1,
+                     label=f"-{DIVERSITY_DROP_WARN:.0%} of the initial (warning)")
+        ax_d.legend(fontsize=8)
+    ax_d.set_title("held-out distinct-2 (diversity)", fontsize=10)
+    if kls:
+        ax_k.plot([s for s, _ in kls], [v for _, (_, v) in kls], color="#9467bd")
+        ax_k.set_title(f"KL to the reference ({kls[-1][1][0]})", fontsize=10)
+    else:
+        ax_k.set_title("KL to the reference (no RL steps yet)", fontsize=10)
+    for a in (ax, ax_d, ax_k):
+        a.set_xlabel("step")
+        a.grid(alpha=0.3)
     fig.tight_layout()
     tmp = png_path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
