@@ -207,7 +207,7 @@ def test_short_request_is_not_stuck_behind_a_long_one(pair):
         run("short", {"prompt": [[3, 4, 5]], "max_tokens": 1, "logprobs": 2})
         long.join(60)
     assert done["long"][0] == 200 and done["short"][0] == 200
-    assert done["short"][1] < 0.5                         # about one step, not the long one's ~1.3 s
+    assert done["short"][1] < done["long"][1] / 4         # about one step, not the long one's 60 (>= 1.2 s)
     assert done["short"][2] < done["long"][2]             # it finished first
 
 
