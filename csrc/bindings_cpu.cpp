@@ -1,6 +1,10 @@
 // pybind11 bindings of the C++ CPU kernels. Tensors cross as data pointers (integers);
 // the Python wrapper (ipa_fast/cpu_backend.py) owns validation and allocation.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <vector>
 
 #include <cstdint>
 
@@ -16,19 +20,12 @@ T* ptr(std::uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-void sample_cpu(std::uintptr_t base, int base_dtype, std::uintptr_t adapter, int adapter_dtype, int64_t batch,
-                int64_t vocab, std::uintptr_t alpha, std::uintptr_t temperature, std::uintptr_t top_k,
-                std::uintptr_t top_p, std::uintptr_t min_p, std::uintptr_t seed, std::uintptr_t offset,
-                std::uintptr_t tokens, std::uintptr_t logprobs, std::uintptr_t filtered_logprobs,
-                std::uintptr_t valid, int num_threads) {
-  ipa_fast::cpu::SamplerArgs a;
-  a.base = ptr<const void>(base);
-  a.base_dtype = base_dtype;
-  a.adapter = ptr<const void>(adapter);
-  a.adapter_dtype = adapter_dtype;
+void fill_params(ipa_fast::cpu::SamplerArgs& a, int64_t batch, int64_t vocab, std::uintptr_t temperature,
+                 std::uintptr_t top_k, std::uintptr_t top_p, std::uintptr_t min_p, std::uintptr_t seed,
+                 std::uintptr_t offset, std::uintptr_t tokens, std::uintptr_t logprobs,
+                 std::uintptr_t filtered_logprobs, std::uintptr_t valid) {
   a.batch = batch;
   a.vocab = vocab;
-  a.alpha = ptr<const float>(alpha);
   a.temperature = ptr<const float>(temperature);
   a.top_k = ptr<const int64_t>(top_k);
   a.top_p = ptr<const float>(top_p);
@@ -39,6 +36,53 @@ void sample_cpu(std::uintptr_t base, int base_dtype, std::uintptr_t adapter, int
   a.logprobs = ptr<float>(logprobs);
   a.filtered_logprobs = ptr<float>(filtered_logprobs);
   a.valid = ptr<bool>(valid);
+}
+
+// The two-expert form: base (weight 1) and an optional adapter (weight alpha[r]), contiguous rows.
+void sample_cpu(std::uintptr_t base, int base_dtype, std::uintptr_t adapter, int adapter_dtype, int64_t batch,
+                int64_t vocab, std::uintptr_t alpha, std::uintptr_t temperature, std::uintptr_t top_k,
+                std::uintptr_t top_p, std::uintptr_t min_p, std::uintptr_t seed, std::uintptr_t offset,
+                std::uintptr_t tokens, std::uintptr_t logprobs, std::uintptr_t filtered_logprobs,
+                std::uintptr_t valid, int num_threads) {
+  const void* experts[2] = {ptr<const void>(base), ptr<const void>(adapter)};
+  const int dtypes[2] = {base_dtype, adapter_dtype};
+  const int64_t strides[2] = {vocab, vocab};
+  ipa_fast::cpu::SamplerArgs a;
+  a.num_experts = adapter ? 2 : 1;
+  a.experts = experts;
+  a.expert_dtypes = dtypes;
+  a.expert_strides = strides;
+  a.weights = ptr<const float>(alpha);
+  a.weight_stride = 1;
+  a.unit_first = 1;
+  fill_params(a, batch, vocab, temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs, filtered_logprobs,
+              valid);
+  ipa_fast::cpu::sample(a, num_threads);
+}
+
+// The K-expert form: per-expert data pointers, dtype codes and row strides (elements); weights
+// [B, weight_stride] float32 (see SamplerArgs).
+void sample_experts_cpu(const std::vector<std::uintptr_t>& experts, const std::vector<int>& dtypes,
+                        const std::vector<int64_t>& strides, std::uintptr_t weights, int64_t weight_stride,
+                        int unit_first, int64_t batch, int64_t vocab, std::uintptr_t temperature,
+                        std::uintptr_t top_k, std::uintptr_t top_p, std::uintptr_t min_p, std::uintptr_t seed,
+                        std::uintptr_t offset, std::uintptr_t tokens, std::uintptr_t logprobs,
+                        std::uintptr_t filtered_logprobs, std::uintptr_t valid, int num_threads) {
+  if (experts.empty() || dtypes.size() != experts.size() || strides.size() != experts.size())
+    throw std::invalid_argument("sample_experts: experts, dtypes and strides must be K >= 1 entries each");
+  std::vector<const void*> ptrs(experts.size());
+  for (size_t k = 0; k < experts.size(); ++k) ptrs[k] = ptr<const void>(experts[k]);
+  ipa_fast::cpu::SamplerArgs a;
+  a.num_experts = static_cast<int>(experts.size());
+  a.experts = ptrs.data();
+  a.expert_dtypes = dtypes.data();
+  a.expert_strides = strides.data();
+  a.weights = ptr<const float>(weights);
+  a.weight_stride = weight_stride;
+  a.unit_first = unit_first;
+  fill_params(a, batch, vocab, temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs, filtered_logprobs,
+              valid);
+  py::gil_scoped_release release;
   ipa_fast::cpu::sample(a, num_threads);
 }
 
@@ -50,6 +94,8 @@ PYBIND11_MODULE(_C, m) {
         "The row uniform of the sampler's RNG stream for (seed, offset), as uint64 bit patterns.");
   m.def("sample", &sample_cpu, py::call_guard<py::gil_scoped_release>(),
         "The fused sampler over [B, V] logits given as data pointers (see csrc/cpu/sampler.h).");
+  m.def("sample_experts", &sample_experts_cpu,
+        "The fused sampler over K experts' [B, V] logits given as data pointers (see csrc/cpu/sampler.h).");
   m.def(
       "read_pass",
       [](std::uintptr_t base, int base_dtype, std::uintptr_t adapter, int adapter_dtype, int64_t batch, int64_t vocab,

@@ -4,7 +4,9 @@ A frozen base LM and a small RL-trained adapter LM combined as a product of expe
 ``softmax((base + alpha * adapter) / T)``, filtered (top-k / top-p / min-p) and sampled.
 
 - :func:`sample` — the fused sampler (backends: reference, cpu, triton, cuda).
-- :func:`tailored_log_softmax`, :func:`tailored_token_stats` — companion ops (autograd).
+- :func:`sample_experts` — the same over K weighted experts, ``softmax((sum_k w_k l_k) / T)``.
+- :func:`tailored_log_softmax`, :func:`tailored_token_stats` — companion ops (autograd), and
+  their K-expert forms :func:`experts_log_softmax`, :func:`experts_token_stats`.
 - :class:`TailoredLM` — tailored decoding with any Hugging Face causal LM pair, or an API base.
 - ``ipa_fast.training`` — Quark / PPO training of the adapter.
 
@@ -15,11 +17,11 @@ from ._version import __version__
 from .api_base import APIBase
 from .decoding import GenerationOutput, ScoreOutput, TailoredLM, save_adapter
 from .dispatch import backends
-from .ops import tailored_log_softmax
+from .ops import experts_log_softmax, tailored_log_softmax
 from .rng import RNG_STREAM_VERSION
-from .sampling import SampleOutput, sample
-from .token_stats import tailored_token_stats
+from .sampling import SampleOutput, sample, sample_experts
+from .token_stats import experts_token_stats, tailored_token_stats
 
-__all__ = ["sample", "SampleOutput", "backends", "tailored_log_softmax", "tailored_token_stats",
+__all__ = ["sample", "sample_experts", "SampleOutput", "experts_log_softmax", "experts_token_stats", "backends", "tailored_log_softmax", "tailored_token_stats",
            "TailoredLM", "GenerationOutput", "ScoreOutput", "save_adapter", "APIBase", "RNG_STREAM_VERSION",
            "__version__"]

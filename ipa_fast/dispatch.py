@@ -1,9 +1,10 @@
 """Sampler backends: which are available, and which one ``backend="auto"`` picks
 (docs/DESIGN.md §2.8).
 
-Each backend is a function ``impl(base, adapter, *, alpha, temperature, top_k, top_p, min_p,
-seed, offset) -> (tokens, logprobs, filtered_logprobs, valid)`` over normalised ``[B]``
-parameter tensors (see :func:`ipa_fast.sampling.prepare`). :func:`resolve` hands one out behind
+Each backend is a module with two functions over normalised ``[B]`` parameter tensors (see
+:func:`ipa_fast.sampling.prepare`): ``sample(base, adapter, *, alpha, temperature, top_k, top_p,
+min_p, seed, offset)`` and ``sample_experts(experts, weights, *, temperature, ..., offset)``
+(weights ``[B, K]`` float32), each returning ``(tokens, logprobs, filtered_logprobs, valid)``. :func:`resolve` hands one out behind
 the sampler's checks; :func:`kernel` is the raw one for callers that normalised already. Loading
 is lazy and its failure is kept as the reason shown by :func:`backends`.
 """
@@ -22,22 +23,22 @@ ORDER_CUDA = ("cuda", "triton", "reference")
 
 def _load_reference():
     from . import reference
-    return reference.sample
+    return reference
 
 
 def _load_cpu():
     from . import cpu_backend
-    return cpu_backend.sample
+    return cpu_backend
 
 
 def _load_triton():
     from .kernels import sampler_triton
-    return sampler_triton.sample
+    return sampler_triton
 
 
 def _load_cuda():
     from . import cuda_backend
-    return cuda_backend.sample
+    return cuda_backend
 
 
 _LOADERS = {"reference": _load_reference, "cpu": _load_cpu, "triton": _load_triton, "cuda": _load_cuda}
@@ -45,7 +46,7 @@ _LOADERS = {"reference": _load_reference, "cpu": _load_cpu, "triton": _load_trit
 
 @functools.lru_cache(maxsize=None)
 def _load(name: str):
-    """(impl, None) or (None, reason)."""
+    """(backend module, None) or (None, reason)."""
     try:
         return _LOADERS[name](), None
     except Exception as exc:  # the reason is what backends() reports
@@ -90,6 +91,18 @@ def backends() -> dict[str, str]:
 
 
 def kernel(name: str, logits: torch.Tensor):
+    """The raw two-expert entry ``sample(base, adapter, *, alpha, ...)`` of backend ``name``
+    (see :func:`backend_module`)."""
+    return backend_module(name, logits).sample
+
+
+def kernel_experts(name: str, logits: torch.Tensor):
+    """The raw K-expert entry ``sample_experts(experts, weights, *, temperature, ...)`` of
+    backend ``name`` (see :func:`backend_module`)."""
+    return backend_module(name, logits).sample_experts
+
+
+def backend_module(name: str, logits: torch.Tensor):
     """The raw implementation for ``name`` on ``logits``' device, or a clear error.
 
     It trusts its inputs: every parameter must already be in the normalised ``[B]`` form that

@@ -1,10 +1,11 @@
-"""Companion ops with the sampler's semantics: the tailored log-softmax (autograd)."""
+"""Companion ops with the sampler's semantics: the tailored log-softmax (autograd), for a
+base + adapter pair and for K weighted experts."""
 from __future__ import annotations
 
 import torch
 
-from .reference import OP_RANGES
-from .sampling import check_logits, param_tensor, raise_pending
+from .reference import OP_RANGES, full_weights, mix_experts
+from .sampling import check_experts, check_logits, param_tensor, raise_pending, weights_tensor
 
 
 def op_params(alpha, temperature, rows: int, device):
@@ -36,8 +37,35 @@ def tailored_log_softmax(base: torch.Tensor, adapter: torch.Tensor | None = None
     if adapter is not None:
         check_logits("adapter", adapter, like=base)
     a, t = op_params(alpha, temperature, base.shape[0], base.device)
-    a = a.unsqueeze(1)
-    z = base.float()
-    if adapter is not None:
-        z = z + torch.where(a == 0, torch.zeros((), device=z.device), a * adapter.float())
+    if adapter is None:
+        return torch.log_softmax(base.float() / t.unsqueeze(1), dim=-1)
+    z = mix_experts([base, adapter], full_weights(a.unsqueeze(1), True))  # weights (1, alpha)
     return torch.log_softmax(z / t.unsqueeze(1), dim=-1)
+
+
+def op_weights(experts, weights, temperature):
+    """Checked experts, float32 ``[B, K]`` weights and ``[B]`` temperature of a K-expert op
+    (``ValueError`` / ``TypeError`` naming the parameter; one host sync for tensor values)."""
+    experts = check_experts(experts)
+    B, dev = experts[0].shape[0], experts[0].device
+    pending = []
+    w = weights_tensor(weights, len(experts), B, dev, validate=True, pending=pending)
+    t = param_tensor("temperature", temperature, B, dev, validate=True, pending=pending, ranges=OP_RANGES)
+    raise_pending(pending)
+    return experts, w, t
+
+
+def experts_log_softmax(experts, weights, temperature=1.0) -> torch.Tensor:
+    """``log_softmax((sum_k w_k * l_k) / T)`` over the vocabulary: float32 ``[B, V]``.
+
+    ``experts``: K >= 1 ``[B, V]`` logits tensors on one device; ``weights``: K numbers, a ``[K]``
+    or a ``[B, K]`` tensor (finite). The mix is :func:`ipa_fast.reference.mix_experts` — a weight
+    of 0 ignores its expert; -inf with a negative weight gives +inf, hence NaN rows here (the
+    sampler calls such rows invalid). ``temperature`` as in :func:`tailored_log_softmax`. Row i
+    equals the ``logprobs`` :func:`ipa_fast.sample_experts` reports for every token of row i.
+    Differentiable w.r.t. every expert (gradient ``w_k / T`` times that of z; 0 where
+    ``w_k == 0``); ``tailored_log_softmax(base, adapter, alpha)`` is the case
+    ``experts_log_softmax([base, adapter], [1, alpha])``. See docs/DESIGN.md §2.9.
+    """
+    experts, w, t = op_weights(experts, weights, temperature)
+    return torch.log_softmax(mix_experts(experts, w) / t.unsqueeze(1), dim=-1)

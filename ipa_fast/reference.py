@@ -9,7 +9,9 @@ backends returned by :func:`ipa_fast.dispatch.resolve` and :func:`row_validity` 
 Inputs arrive normalised by :func:`ipa_fast.sampling.sample` — every parameter is a ``[B]``
 tensor on the logits' device — so this module only states the maths:
 
-    z        = (base + alpha * adapter) / T         (alpha == 0 ignores the adapter)
+    z        = (sum_k w_k * l_k) / T                 K experts l_k [B, V], weights w [B, K]
+               (:func:`mix_experts`: float32, left to right; w_k == 0 ignores expert k;
+               ``sample(base, adapter, alpha)`` is the K = 2 case with weights (1, alpha))
     top-k    : keep z >= the k-th largest z            (ties at the k-th value all kept)
     top-p    : over the top-k survivors, renormalised, keep i iff the mass of tokens with
                z strictly greater than z_i is < p      (value-based: tied tokens go together)
@@ -17,7 +19,7 @@ tensor on the logits' device — so this module only states the maths:
     kept set : the intersection; it is always {i : z_i >= tau} for one threshold tau
     draw     : u from the Philox stream (``ipa_fast.rng``); token = smallest index i in the
                kept set whose inclusive cumulative kept mass (index order) exceeds u * total
-    T == 0   : greedy argmax of base + alpha * adapter, lowest index on ties; logprobs at T = 1
+    T == 0   : greedy argmax of the mixed logits, lowest index on ties; logprobs at T = 1
                and filtered_logprobs = 0.
     invalid  : a row whose z holds a NaN or +inf (a finite logit divided by a tiny T can
                overflow), or has no finite entry, or whose parameters are outside
@@ -57,6 +59,9 @@ class Range:
 RANGES = {
     "alpha": Range(False, lambda x: (x >= -FLOAT32_MAX) & (x <= FLOAT32_MAX),
                    "finite, with |alpha| <= 3.4028235e+38 (float32's largest)"),
+    # every expert weight of sample_experts / the K-expert ops (alpha is weight 1 of K = 2)
+    "weights": Range(False, lambda x: (x >= -FLOAT32_MAX) & (x <= FLOAT32_MAX),
+                     "finite, with |w| <= 3.4028235e+38 (float32's largest)"),
     "temperature": Range(False, lambda x: (x == 0) | ((x >= FLOAT32_TINY) & (x <= FLOAT32_MAX)),
                          "0 (greedy) or in [1.1754944e-38, 3.4028235e+38] (float32's smallest normal "
                          "and largest finite numbers)", invalid=-1.0),
@@ -73,6 +78,7 @@ RANGES = {
 # The companion ops (tailored_log_softmax, tailored_token_stats) have no greedy limit: T > 0.
 OP_RANGES = {
     "alpha": RANGES["alpha"],
+    "weights": RANGES["weights"],
     "temperature": Range(False, lambda x: (x >= FLOAT32_TINY) & (x <= FLOAT32_MAX),
                          "in [1.1754944e-38, 3.4028235e+38] (> 0: the op has no greedy limit)", invalid=-1.0),
 }
@@ -90,14 +96,40 @@ def kernel_value(name: str, x):
     return x
 
 
+def mix_experts(experts, weights: torch.Tensor) -> torch.Tensor:
+    """THE mix rule: float32 ``z = w_0 * l_0 + w_1 * l_1 + ... + w_{K-1} * l_{K-1}`` ([B, V]).
+
+    ``experts``: K >= 1 logits tensors [B, V] (any float dtype, read as float32); ``weights``:
+    [B, K] float32. Each term is ``w_k * l_k`` rounded to float32, summed left to right in
+    float32 (no fused multiply-add). A weight of exactly 0 makes its term 0, so that expert is
+    ignored even where it holds -inf or NaN. Every other IEEE result stands: -inf times a
+    positive weight gives -inf (the token is masked); -inf times a negative weight gives +inf
+    (and NaN with an opposing -inf), which makes the row invalid (see :func:`row_validity`), so
+    an expert with a negative weight must be finite wherever the row is to stay valid.
+    With weights (1, alpha) this is exactly ``base + alpha * adapter`` (1 * x == x in IEEE).
+    """
+    z = None
+    for k, x in enumerate(experts):
+        w = weights[:, k:k + 1].float()
+        term = torch.where(w == 0, torch.zeros((), device=x.device), w * x.float())
+        z = term if z is None else z + term
+    return z
+
+
+def full_weights(weights: torch.Tensor, unit_first: bool) -> torch.Tensor:
+    """[B, K] weights from the kernel form: with ``unit_first`` expert 0 has weight 1 and
+    ``weights`` ([B, K - 1]) holds the others (how ``sample(base, adapter, alpha)`` passes alpha)."""
+    if not unit_first:
+        return weights.float()
+    ones = torch.ones(weights.shape[0], 1, dtype=torch.float32, device=weights.device)
+    return torch.cat([ones, weights.float()], dim=1)
+
+
 def mixed_logits(base: torch.Tensor, adapter: torch.Tensor | None, alpha: torch.Tensor) -> torch.Tensor:
-    """float32 ``base + alpha * adapter`` ([B, V]), with rows where alpha == 0 ignoring the adapter."""
-    z = base.float()
+    """float32 ``base + alpha * adapter`` ([B, V]): :func:`mix_experts` with weights (1, alpha)."""
     if adapter is None:
-        return z
-    a = alpha.float().unsqueeze(1)
-    term = torch.where(a == 0, torch.zeros((), device=z.device), a * adapter.float())
-    return z + term
+        return base.float()
+    return mix_experts([base, adapter], full_weights(alpha.float().unsqueeze(1), True))
 
 
 def row_validity(z: torch.Tensor, temperature, top_k, top_p, min_p) -> torch.Tensor:
@@ -134,11 +166,23 @@ def kept_mask(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: 
 
 
 def sample(base, adapter, alpha, temperature, top_k, top_p, min_p, seed, offset):
-    """Returns (tokens int64, logprobs float32, filtered_logprobs float32, valid bool), each [B]."""
+    """Returns (tokens int64, logprobs float32, filtered_logprobs float32, valid bool), each [B]:
+    :func:`sample_experts` over ``[base, adapter]`` with weights (1, alpha) (``[base]`` alone
+    when ``adapter`` is None)."""
+    experts = [base] if adapter is None else [base, adapter]
+    w = alpha.float().reshape(-1, 1)[:, :len(experts) - 1]
+    return sample_experts(experts, w, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                          offset=offset, unit_first=True)
+
+
+def sample_experts(experts, weights, *, temperature, top_k, top_p, min_p, seed, offset, unit_first=False):
+    """The K-expert sampler: z = :func:`mix_experts` (experts, weights) / T, then the filters
+    and the draw. ``weights``: [B, K] float32 ([B, K - 1] with ``unit_first``, see
+    :func:`full_weights`). Returns (tokens, logprobs, filtered_logprobs, valid), each [B]."""
     from .rng import uniform
 
-    B, V = base.shape
-    x = mixed_logits(base, adapter, alpha)                    # T = 1 mixed logits
+    B, V = experts[0].shape
+    x = mix_experts(experts, full_weights(weights, unit_first))   # T = 1 mixed logits
     greedy = temperature == 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature).float().unsqueeze(1)
     z = x / t

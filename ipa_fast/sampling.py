@@ -111,7 +111,7 @@ def param_tensor(name: str, value, batch: int, device, *, validate: bool, pendin
     return torch.full((batch,), v, dtype=dtype, device=device)
 
 
-def raise_pending(pending: list, valid: torch.Tensor | None = None) -> None:
+def raise_pending(pending: list, valid: torch.Tensor | None = None, mix: str = "(logits + alpha * adapter_logits)") -> None:
     """One host sync for every tensor parameter check in ``pending`` (and for ``valid``, the
     kernel's row flags, when given): ``ValueError`` naming the first parameter out of range, else
     the first invalid row. Nothing is synchronised when there is nothing to check."""
@@ -123,14 +123,16 @@ def raise_pending(pending: list, valid: torch.Tensor | None = None) -> None:
     good = torch.stack(flags).tolist() if len(flags) > 1 else [bool(flags[0])]
     for (name, value, ok, rule), fine in zip(pending, good):
         if not fine:
-            row = int((~ok).nonzero()[0, 0])
-            bad = value.reshape(-1)[row].item()
-            raise ValueError(f"{name} must be {rule}, got {bad} (row {row})")
+            where = (~ok).nonzero()[0].tolist()
+            bad = value.expand(ok.shape)[tuple(where)].item()
+            at = f"row {where[0]}" if len(where) == 1 else f"row {where[0]}, expert {where[1]}"
+            raise ValueError(f"{name} must be {rule}, got {bad} ({at})")
     if valid is not None and not good[-1]:
         row = int((~valid).nonzero()[0, 0])
         raise ValueError(
-            f"logits row {row} is invalid: (logits + alpha * adapter_logits) / temperature holds NaN "
-            f"or +inf (a tiny temperature or a huge alpha can overflow float32), or every token is -inf")
+            f"logits row {row} is invalid: {mix} / temperature holds NaN "
+            f"or +inf (a tiny temperature or a huge weight can overflow float32; -inf times a negative "
+            f"weight is +inf), or every token is -inf")
 
 
 def seeds_for(seed, generator, batch: int, device, *, validate: bool = True) -> torch.Tensor:
@@ -169,7 +171,118 @@ def prepare(logits, adapter_logits, *, alpha, temperature, top_k, top_p, min_p, 
               for name in _SAMPLER_PARAMS}
     params["seed"] = seeds_for(seed, generator, B, dev, validate=validate)
     params["offset"] = param_tensor("offset", offset, B, dev, validate=validate)
-    return logits.contiguous(), None if adapter_logits is None else adapter_logits.contiguous(), params
+    return unit_columns(logits), None if adapter_logits is None else unit_columns(adapter_logits), params
+
+
+def unit_columns(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its columns are adjacent (any row stride: a ``[:, :V]`` slice is read in
+    place, the kernels take each expert's row stride), else a contiguous copy."""
+    return x if x.shape[1] == 1 or x.stride(1) == 1 else x.contiguous()
+
+
+def check_experts(experts) -> list:
+    """The experts of :func:`sample_experts` / the K-expert ops as a list of K >= 1 ``[B, V]``
+    tensors of one shape and device (``ValueError`` / ``TypeError`` naming ``experts[k]``)."""
+    if isinstance(experts, torch.Tensor) or not isinstance(experts, (list, tuple)):
+        raise TypeError(f"experts must be a list or tuple of [B, V] tensors, got {type(experts).__name__}")
+    if len(experts) == 0:
+        raise ValueError("experts must hold at least one [B, V] logits tensor, got none")
+    check_logits("experts[0]", experts[0])
+    for k, x in enumerate(experts[1:], 1):
+        check_logits(f"experts[{k}]", x, like=experts[0])
+    return list(experts)
+
+
+def weights_tensor(weights, num_experts: int, batch: int, device, *, validate: bool,
+                   pending: list | None = None) -> torch.Tensor:
+    """The experts' weights as the kernels take them: float32 ``[B, K]``, contiguous.
+
+    ``weights``: K numbers (or K scalars / ``[B]`` tensors, one per expert), a ``[K]`` tensor
+    (the same for every row) or a ``[B, K]`` tensor. Each must be
+    ``RANGES["weights"]`` (finite, ``|w| <= 3.4028235e38``): a Python number outside raises
+    ``ValueError`` when ``validate``, else becomes NaN (an invalid row); tensor values go to
+    ``pending`` as :func:`param_tensor` does. A wrong count or shape raises ``ValueError``
+    naming ``weights``."""
+    K, r = num_experts, RANGES["weights"]
+    device = torch.device(device)
+    if isinstance(weights, torch.Tensor):
+        if weights.dtype == torch.bool or weights.is_complex():
+            raise TypeError(f"weights must be a real tensor, got {weights.dtype}")
+        if weights.dim() == 1 and weights.shape[0] == K:
+            w = weights.reshape(1, K).expand(batch, K)
+        elif weights.dim() == 2 and tuple(weights.shape) == (batch, K):
+            w = weights
+        else:
+            raise ValueError(f"weights must be K = {K} numbers (one per expert), a [K] = [{K}] tensor or a "
+                             f"[B, K] = [{batch}, {K}] tensor, got shape {tuple(weights.shape)}")
+        work = torch.float64 if w.dtype == torch.float64 else torch.float32
+        v = w.to(device=device, dtype=work, non_blocking=device.type == "cuda")
+        ok = r.ok(v)
+        if validate and pending is not None:
+            pending.append(("weights", v, ok, r.rule))
+        if work == torch.float64:  # a value beyond float32 must not round onto a finite weight
+            v = torch.where(ok, v, torch.full((), float("nan"), dtype=work, device=device))
+        return v.to(torch.float32).contiguous()
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"weights must be a list of K numbers or a [K] / [B, K] tensor, got {type(weights).__name__}")
+    if len(weights) != K:
+        raise ValueError(f"weights must have K = {K} entries (one per expert), got {len(weights)}")
+    if all(isinstance(x, numbers.Real) and not isinstance(x, (bool, torch.Tensor)) for x in weights):
+        vals = []
+        for x in weights:
+            v = _as_float(x)
+            if not r.ok(v):
+                if validate:
+                    raise ValueError(f"weights must be {r.rule}, got {x!r}")
+                v = float("nan")
+            vals.append(v)
+        return torch.tensor(vals, dtype=torch.float32, device=device).expand(batch, K).contiguous()
+    cols = [param_tensor("weights", x, batch, device, validate=validate, pending=pending) for x in weights]
+    return torch.stack(cols, dim=1).contiguous()
+
+
+def prepare_experts(experts, weights, *, temperature, top_k, top_p, min_p, seed, generator, offset,
+                    validate: bool, pending: list | None = None):
+    """:func:`prepare` for :func:`sample_experts`: ``(experts, weights [B, K] float32, params)``."""
+    experts = check_experts(experts)
+    B, dev = experts[0].shape[0], experts[0].device
+    w = weights_tensor(weights, len(experts), B, dev, validate=validate, pending=pending)
+    raw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    params = {name: param_tensor(name, raw[name], B, dev, validate=validate, pending=pending) for name in raw}
+    params["seed"] = seeds_for(seed, generator, B, dev, validate=validate)
+    params["offset"] = param_tensor("offset", offset, B, dev, validate=validate)
+    return [unit_columns(x) for x in experts], w, params
+
+
+def sample_experts(experts, weights, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
+                   generator=None, offset=0, validate=True, backend="auto") -> SampleOutput:
+    """Mix K experts, filter and draw one token per row from ``softmax((sum_k w_k * l_k) / T)``.
+
+    ``experts``: a list of K >= 1 logits tensors ``[B, V]`` (float32 / float16 / bfloat16, one
+    shape and device; dtypes may differ). Rows may be strided (a ``[:, :V]`` slice is read in
+    place). ``weights``: K numbers, a ``[K]`` tensor, or a ``[B, K]`` tensor of per-row weights.
+
+    The mix (:func:`ipa_fast.reference.mix_experts`, docs/DESIGN.md §2.4) is float32, summed left
+    to right: a weight of 0 ignores its expert (even at -inf or NaN); -inf with a positive weight
+    masks the token; -inf with a negative weight is +inf, which makes the row invalid (token 0,
+    ``valid = False``; ``ValueError`` when ``validate``): an expert with a negative weight must be
+    finite wherever the row is to be sampled. Everything after the mix — temperature, top-k,
+    top-p, min-p, the draw, the RNG stream, ``validate`` and ``backend`` — is exactly
+    :func:`sample`'s, and ``sample(base, adapter, alpha=a)`` equals
+    ``sample_experts([base, adapter], [1.0, a])`` token for token, log-prob for log-prob.
+
+    Bad inputs raise naming the parameter: a mismatched expert shape / device (``experts[k]``),
+    a wrong number or shape of weights, NaN / infinite weights (``weights``).
+    """
+    pending = [] if validate else None
+    experts, w, params = prepare_experts(
+        experts, weights, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+        generator=generator, offset=offset, validate=validate, pending=pending)
+    impl = _dispatch.kernel_experts(backend, experts[0])
+    tokens, logprobs, filtered, valid = impl(experts, w, **params)
+    if validate:
+        raise_pending(pending, valid, mix="sum_k weights[k] * experts[k]")
+    return SampleOutput(tokens, logprobs, filtered, valid)
 
 
 def sample(logits, adapter_logits=None, *, alpha=1.0, temperature=1.0, top_k=0, top_p=1.0,

@@ -35,8 +35,8 @@ import numbers
 
 import torch
 
-from .reference import OP_RANGES
-from .sampling import check_logits, param_tensor, raise_pending
+from .reference import OP_RANGES, full_weights, mix_experts
+from .sampling import check_experts, check_logits, param_tensor, raise_pending, weights_tensor
 
 # Rows per chunk: about 256K float32 elements (1 MB) per temporary and thread, so a chunk's few
 # temporaries stay in cache while the passes over them run (the plain formula streams
@@ -54,58 +54,76 @@ def _has_neg_inf(x: torch.Tensor) -> bool:
 
 
 class _Mix:
-    """Per-call constants of ``z = (logits + a * other) / t``, hoisted out of the chunk loop."""
+    """Per-call constants of ``z = (sum_k w_k * l_k) / t`` (:func:`ipa_fast.reference.mix_experts`
+    in float32, a weight of 0 ignoring its expert), hoisted out of the chunk loop."""
 
-    def __init__(self, a: torch.Tensor, t: torch.Tensor):
-        self.a, self.t = a, t
-        self.zero_alpha = bool((a == 0).any())
+    def __init__(self, w: torch.Tensor, t: torch.Tensor):
+        self.w, self.t = w, t
+        self.zero = [bool(z) for z in (w == 0).any(dim=0).tolist()]
+        self.unit = [bool(u) for u in (w == 1).all(dim=0).tolist()]
         self.unit_t = bool((t == 1).all())
 
-    def __call__(self, s: int, e: int, logits: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, s: int, e: int, experts) -> torch.Tensor:
         """float32 ``[e - s, V]`` mixed logits of rows s:e (a fresh tensor)."""
-        z = logits[s:e].to(torch.float32, copy=True)
-        a = self.a[s:e]
-        if other is not None:
-            if self.zero_alpha:  # rows with alpha == 0 ignore the adapter (no 0 * -inf)
-                z.add_(torch.where(a == 0, torch.zeros((), device=z.device), other[s:e].float() * a))
+        z = None
+        for k, x in enumerate(experts):
+            wk = self.w[s:e, k:k + 1]
+            if z is None:
+                z = x[s:e].to(torch.float32, copy=True)
+                if self.zero[k]:
+                    z = torch.where(wk == 0, torch.zeros((), device=z.device), z * wk)
+                elif not self.unit[k]:
+                    z.mul_(wk)
+            elif self.zero[k]:  # rows with w_k == 0 ignore expert k (no 0 * -inf)
+                z.add_(torch.where(wk == 0, torch.zeros((), device=z.device), x[s:e].float() * wk))
+            elif self.unit[k]:
+                z.add_(x[s:e])
             else:
-                z.addcmul_(other[s:e], a)
+                z.addcmul_(x[s:e], wk)
         return z if self.unit_t else z.div_(self.t[s:e])
 
 
-class _TailoredTokenStats(torch.autograd.Function):
-    """Forward keeps H and KL per row; backward recomputes each chunk's log pi and log pi_ref."""
+class _ExpertsTokenStats(torch.autograd.Function):
+    """Forward keeps H and KL per row; backward recomputes each chunk's log pi and log pi_ref.
+    Inputs: the policy's K experts then the reference's experts; gradients go to the policy's
+    experts that need them (``w_k / T`` times dL/dz), never to the reference's."""
 
     @staticmethod
-    def forward(ctx, base, adapter, ref, targets, a, t, chunk):
-        N = base.shape[0]
-        mix = _Mix(a, t)
-        out = torch.empty(3, N, dtype=torch.float32, device=base.device)
+    def forward(ctx, targets, w, t, ref_w, chunk, n_policy, *tensors):
+        experts, ref = tensors[:n_policy], tensors[n_policy:]
+        N = experts[0].shape[0]
+        mix, ref_mix = _Mix(w, t), _Mix(ref_w, t)
+        out = torch.empty(3, N, dtype=torch.float32, device=experts[0].device)
         logprob, entropy, kl = out
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
-            logp = torch.log_softmax(mix(s, e, base, adapter), dim=1)
+            logp = torch.log_softmax(mix(s, e, experts), dim=1)
             p = logp.exp()
             logprob[s:e] = logp.gather(1, targets[s:e].unsqueeze(1)).squeeze(1)
             masked = _has_neg_inf(logp)  # masked tokens: their 0 * log 0 terms must count as 0
             dead = (p == 0) if masked else None
             entropy[s:e] = -_rowdot(p, logp.masked_fill(dead, 0.0) if masked else logp)
-            diff = torch.log_softmax(mix(s, e, base, ref), dim=1).neg_().add_(logp)  # log pi - log pi_ref
+            diff = torch.log_softmax(ref_mix(s, e, ref), dim=1).neg_().add_(logp)  # log pi - log pi_ref
             kl[s:e] = _rowdot(p, diff.masked_fill_(dead, 0.0) if masked else diff)
-        ctx.save_for_backward(base, adapter, ref, targets, a, t, entropy, kl)
-        ctx.chunk = chunk
+        ctx.save_for_backward(targets, w, t, ref_w, entropy, kl, *tensors)
+        ctx.chunk, ctx.n_policy = chunk, n_policy
         ctx.set_materialize_grads(False)
         return logprob, entropy, kl
 
     @staticmethod
     def backward(ctx, g_lp, g_h, g_kl):
-        base, adapter, ref, targets, a, t, entropy, kl = ctx.saved_tensors
-        grad = torch.zeros_like(adapter)
-        if g_lp is None and g_h is None and g_kl is None:
-            return None, grad, None, None, None, None, None
-        N = base.shape[0]
-        mix = _Mix(a, t)
-        zeros = torch.zeros(N, dtype=torch.float32, device=base.device)
+        targets, w, t, ref_w, entropy, kl, *tensors = ctx.saved_tensors
+        experts, ref = tensors[:ctx.n_policy], tensors[ctx.n_policy:]
+        wanted = [k for k in range(ctx.n_policy) if ctx.needs_input_grad[6 + k]]
+        grads = [None] * len(tensors)
+        for k in wanted:
+            grads[k] = torch.zeros_like(experts[k])
+        head = (None,) * 6
+        if not wanted or (g_lp is None and g_h is None and g_kl is None):
+            return (*head, *grads)
+        N = experts[0].shape[0]
+        mix, ref_mix = _Mix(w, t), _Mix(ref_w, t)
+        zeros = torch.zeros(N, dtype=torch.float32, device=experts[0].device)
         g_lp = zeros if g_lp is None else g_lp
         g_h = zeros if g_h is None else g_h
         use_kl = g_kl is not None
@@ -115,22 +133,51 @@ class _TailoredTokenStats(torch.autograd.Function):
         #       = c0 + (g_h - g_kl) log pi + g_kl log pi_ref,   c0 = g_lp + g_h H + g_kl KL
         c0 = (g_lp + g_h * entropy + g_kl * kl).unsqueeze(1)
         c1 = (g_h - g_kl).unsqueeze(1)
-        scale = torch.where(a == 0, torch.zeros((), device=a.device), a / t)
+        scale = torch.where(w == 0, torch.zeros((), device=w.device), w / t)  # [N, K]: dz / d l_k
         for s in range(0, N, ctx.chunk):
             e = min(N, s + ctx.chunk)
-            logp = torch.log_softmax(mix(s, e, base, adapter), dim=1)
+            logp = torch.log_softmax(mix(s, e, experts), dim=1)
             p = logp.exp()
             masked = _has_neg_inf(logp)
             inner = logp.mul_(c1[s:e])  # log pi is not needed after this
             if use_kl:
-                inner.add_(torch.log_softmax(mix(s, e, base, ref), dim=1).mul_(g_kl[s:e].unsqueeze(1)))
+                inner.add_(torch.log_softmax(ref_mix(s, e, ref), dim=1).mul_(g_kl[s:e].unsqueeze(1)))
             inner.add_(c0[s:e])
             if masked:
                 inner.masked_fill_(p == 0, 0.0)
             gz = inner.mul_(p).neg_()
             gz.scatter_add_(1, targets[s:e].unsqueeze(1), g_lp[s:e].unsqueeze(1))
-            grad[s:e] = gz.mul_(scale[s:e])
-        return None, grad, None, None, None, None, None
+            for k in wanted:
+                torch.mul(gz, scale[s:e, k:k + 1], out=grads[k][s:e]) if grads[k].dtype == torch.float32 \
+                    else grads[k][s:e].copy_(gz * scale[s:e, k:k + 1])
+        return (*head, *grads)
+
+
+def _check_targets(targets, N: int, V: int, device):
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.shape != (N,):
+        raise ValueError(f"targets must be [N] = [{N}], got shape {tuple(targets.shape)}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if targets.dtype == torch.uint64:
+        raise TypeError("targets must be a signed integer tensor (int64 or narrower), got torch.uint64")
+    targets = targets.to(device=device, dtype=torch.int64)
+    return targets, [("targets", targets, (targets >= 0) & (targets < V), f"in [0, {V}) (the vocabulary)")]
+
+
+def _chunk_rows(chunk_rows, V: int) -> int:
+    if chunk_rows is None:
+        # With several threads every op of a chunk is a fork/join: give each thread a bigger
+        # share (1M elements) so the joins stay rare, on a busy machine too.
+        threads = max(1, torch.get_num_threads())
+        elements = _CHUNK_ELEMENTS if threads == 1 else 4 * _CHUNK_ELEMENTS * min(threads, 16)
+        chunk_rows = max(1, elements // V)
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral):
+        raise TypeError(f"chunk_rows must be an int, got {type(chunk_rows).__name__}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    return int(chunk_rows)
 
 
 def _prepare(base, adapter, targets, alpha, temperature, ref_adapter):
@@ -138,18 +185,9 @@ def _prepare(base, adapter, targets, alpha, temperature, ref_adapter):
     check_logits("adapter", adapter, like=base)
     if ref_adapter is not None:
         check_logits("ref_adapter", ref_adapter, like=base)
-    if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     N, V = base.shape
-    if targets.shape != (N,):
-        raise ValueError(f"targets must be [N] = [{N}], got shape {tuple(targets.shape)}")
-    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
-    if targets.dtype == torch.uint64:
-        raise TypeError("targets must be a signed integer tensor (int64 or narrower), got torch.uint64")
-    targets = targets.to(device=base.device, dtype=torch.int64)
     # one host sync for the targets' and the parameters' range checks together
-    pending = [("targets", targets, (targets >= 0) & (targets < V), f"in [0, {V}) (the vocabulary)")]
+    targets, pending = _check_targets(targets, N, V, base.device)
     a = param_tensor("alpha", alpha, N, base.device, validate=True, pending=pending, ranges=OP_RANGES)
     t = param_tensor("temperature", temperature, N, base.device, validate=True, pending=pending, ranges=OP_RANGES)
     raise_pending(pending)
@@ -183,18 +221,54 @@ def tailored_token_stats(base: torch.Tensor, adapter: torch.Tensor, targets: tor
     more). See docs/DESIGN.md §4.
     """
     targets, a, t = _prepare(base, adapter, targets, alpha, temperature, ref_adapter)
-    if chunk_rows is None:
-        # With several threads every op of a chunk is a fork/join: give each thread a bigger
-        # share (1M elements) so the joins stay rare, on a busy machine too.
-        threads = max(1, torch.get_num_threads())
-        elements = _CHUNK_ELEMENTS if threads == 1 else 4 * _CHUNK_ELEMENTS * min(threads, 16)
-        chunk_rows = max(1, elements // base.shape[1])
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral):
-        raise TypeError(f"chunk_rows must be an int, got {type(chunk_rows).__name__}")
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    ref = None if ref_adapter is None else ref_adapter.detach()
-    return _TailoredTokenStats.apply(base.detach(), adapter, ref, targets, a, t, int(chunk_rows))
+    chunk = _chunk_rows(chunk_rows, base.shape[1])
+    # the K = 2 case of experts_token_stats: weights (1, alpha), the reference (1, alpha) over
+    # [base, ref_adapter] or the base alone
+    w = full_weights(a, True)
+    base = base.detach()
+    ref = [base] if ref_adapter is None else [base, ref_adapter.detach()]
+    ref_w = w if ref_adapter is not None else w[:, :1]
+    return _ExpertsTokenStats.apply(targets, w, t, ref_w, chunk, 2, base, adapter, *ref)
+
+
+def experts_token_stats(experts, weights, targets: torch.Tensor, *, temperature=1.0, ref_experts=None,
+                        ref_weights=None, chunk_rows: int | None = None):
+    """:func:`tailored_token_stats` for K weighted experts: ``(logprob, entropy, kl)``, each
+    float32 ``[N]``, with ``z = (sum_k w_k * l_k) / T`` (:func:`ipa_fast.reference.mix_experts`:
+    a weight of 0 ignores its expert) and ``pi_ref`` built the same way from ``ref_experts`` and
+    ``ref_weights`` (defaults: ``ref_experts`` = ``experts[:1]`` with weight 1, i.e. the first
+    expert — the base — alone; ``ref_weights`` = ``weights`` when ``ref_experts`` is given and
+    has as many entries).
+
+    ``experts`` / ``ref_experts``: lists of ``[N, V]`` logits on one device; ``weights`` /
+    ``ref_weights``: K numbers, a ``[K]`` or an ``[N, K]`` tensor, finite (``ValueError`` naming
+    ``weights`` otherwise). Differentiable w.r.t. every policy expert that requires grad (the
+    trained ones; pass the frozen ones detached to skip their gradient), never w.r.t. the
+    reference. Same memory behaviour as :func:`tailored_token_stats`: one ``[N, V]`` gradient per
+    trained expert. ``tailored_token_stats(base, adapter, targets, alpha=a)`` is
+    ``experts_token_stats([base.detach(), adapter], [1, a], targets)``.
+    """
+    experts = check_experts(experts)
+    N, V = experts[0].shape
+    dev = experts[0].device
+    targets, pending = _check_targets(targets, N, V, dev)
+    w = weights_tensor(weights, len(experts), N, dev, validate=True, pending=pending)
+    if ref_experts is None:
+        if ref_weights is not None:
+            raise ValueError("ref_weights needs ref_experts")
+        ref_experts, ref_w = [experts[0]], torch.ones(N, 1, dtype=torch.float32, device=dev)
+    else:
+        ref_experts = check_experts(ref_experts)
+        for k, x in enumerate(ref_experts):
+            check_logits(f"ref_experts[{k}]", x, like=experts[0])
+        if ref_weights is None:
+            ref_weights = weights
+        ref_w = weights_tensor(ref_weights, len(ref_experts), N, dev, validate=True, pending=pending)
+    t = param_tensor("temperature", temperature, N, dev, validate=True, pending=pending, ranges=OP_RANGES)
+    raise_pending(pending)
+    chunk = _chunk_rows(chunk_rows, V)
+    ref = [x.detach() for x in ref_experts]
+    return _ExpertsTokenStats.apply(targets, w, t.unsqueeze(1), ref_w, chunk, len(experts), *experts, *ref)
 
 
 def tailored_token_stats_reference(base: torch.Tensor, adapter: torch.Tensor, targets: torch.Tensor, *,
@@ -214,6 +288,32 @@ def tailored_token_stats_reference(base: torch.Tensor, adapter: torch.Tensor, ta
     p = logp.exp()
     logprob = logp.gather(1, targets.unsqueeze(1)).squeeze(1)
     live = p > 0  # masked tokens: 0 * log 0 = 0 (a where on the factor keeps gradients finite)
+    entropy = -(p * torch.where(live, logp, 0.0)).sum(-1)
+    kl = (p * torch.where(live, logp - logr, 0.0)).sum(-1)
+    return logprob, entropy, kl
+
+
+def experts_token_stats_reference(experts, weights, targets: torch.Tensor, *, temperature=1.0, ref_experts=None,
+                                  ref_weights=None):
+    """The plain PyTorch formula of :func:`experts_token_stats` (autograd through full ``[N, V]``
+    tensors, the mix of :func:`ipa_fast.reference.mix_experts`): the oracle for tests."""
+    experts = check_experts(experts)
+    N, V = experts[0].shape
+    dev = experts[0].device
+    targets, pending = _check_targets(targets, N, V, dev)
+    w = weights_tensor(weights, len(experts), N, dev, validate=True, pending=pending)
+    if ref_experts is None:
+        ref_experts, ref_w = [experts[0]], torch.ones(N, 1, dtype=torch.float32, device=dev)
+    else:
+        ref_w = weights_tensor(weights if ref_weights is None else ref_weights, len(ref_experts), N, dev,
+                               validate=True, pending=pending)
+    t = param_tensor("temperature", temperature, N, dev, validate=True, pending=pending, ranges=OP_RANGES)
+    raise_pending(pending)
+    logp = torch.log_softmax(mix_experts(experts, w) / t.unsqueeze(1), dim=-1)
+    logr = torch.log_softmax(mix_experts([x.detach() for x in ref_experts], ref_w) / t.unsqueeze(1), dim=-1)
+    p = logp.exp()
+    logprob = logp.gather(1, targets.unsqueeze(1)).squeeze(1)
+    live = p > 0
     entropy = -(p * torch.where(live, logp, 0.0)).sum(-1)
     kl = (p * torch.where(live, logp - logr, 0.0)).sum(-1)
     return logprob, entropy, kl

@@ -1,7 +1,8 @@
 // The fused tailored sampler on CPU. Per row (semantics: ipa_fast/reference.py):
 //
-//   pass A  (reads the inputs once)  z = (b + alpha*a) / T into a row buffer; block and chunk
-//           maxima; NaN / +inf detection.
+//   pass A  (reads the inputs once)  z = (sum_k w_k * l_k) / T into a row buffer, per chunk:
+//           the first two experts fused, each further one added in place (the chunk stays in
+//           L1), the last step dividing and taking block and chunk maxima and NaN / +inf.
 //   pass B  (row buffer, cache-hot)  w = exp(z - max) into a second buffer; chunk sums in
 //           double lanes -> total and logsumexp.
 //   finish  candidates that can survive the filters (the top-k bound from block maxima; for
@@ -160,7 +161,7 @@ inline __m256 exp8(__m256 x) {
 // Per-row parameters and per-thread scratch.
 
 struct RowParams {
-  float alpha, temperature, top_p, min_p;
+  float temperature, top_p, min_p;
   int64_t top_k;
   uint64_t seed, offset;
   bool ok, greedy;
@@ -168,7 +169,6 @@ struct RowParams {
 
 RowParams row_params(const SamplerArgs& a, int64_t row) {
   RowParams p;
-  p.alpha = a.alpha[row];
   p.temperature = a.temperature[row];
   p.top_k = a.top_k[row];
   p.top_p = a.top_p[row];
@@ -245,10 +245,16 @@ FinishScratch& thread_finish_scratch() {
 
 // ------------------------------------------------------------------------------------------
 // Pass A: z for one chunk of a row, block maxima, chunk maximum, NaN / +inf flag.
+//
+// One step of the left-to-right mix over a chunk: FIRST steps start from their experts
+// (x = w0*l0 + w1*l1, or w0*l0 alone when D1 < 0, or 0 when D0 < 0: every weight is 0),
+// later steps add one expert to z (x = z + w0*l0). The FINAL step divides by T and takes the
+// block / chunk maxima and the NaN / +inf flag. Products and sums round separately (no FMA:
+// the build uses -ffp-contract=off), as the reference does.
 
-template <int DB, int DA>
-void pass_a_chunk_impl(const void* b, const void* a, int64_t vocab, int64_t chunk, float alpha, float temperature,
-                       float* z, float* block_max, float* chunk_max, uint8_t* chunk_bad) {
+template <int D0, int D1, bool FIRST, bool FINAL>
+void mix_step(const void* l0, float w0, const void* l1, float w1, int64_t vocab, int64_t chunk, float temperature,
+              float* z, float* block_max, float* chunk_max, uint8_t* chunk_bad) {
   const int64_t c0 = chunk * kChunk, c1 = std::min(vocab, c0 + kChunk);
   const bool divide = temperature != 1.0f;  // x / 1 == x exactly
   float cmax = -kInf;
@@ -259,65 +265,159 @@ void pass_a_chunk_impl(const void* b, const void* a, int64_t vocab, int64_t chun
     float bmax = -kInf;
 #ifdef IPA_FAST_AVX2
     __m256 vmax = _mm256_set1_ps(-kInf), vbad = _mm256_setzero_ps();
-    const __m256 valpha = _mm256_set1_ps(alpha), vt = _mm256_set1_ps(temperature), vinf = _mm256_set1_ps(kInf);
+    const __m256 vw0 = _mm256_set1_ps(w0), vw1 = _mm256_set1_ps(w1), vt = _mm256_set1_ps(temperature),
+                 vinf = _mm256_set1_ps(kInf);
     for (; i + 8 <= b1; i += 8) {
-      __m256 x = load8<DB>(b, i);
-      if constexpr (DA >= 0) x = _mm256_add_ps(x, _mm256_mul_ps(valpha, load8<DA>(a, i)));
-      if (divide) x = _mm256_div_ps(x, vt);
+      __m256 x;
+      if constexpr (!FIRST) {
+        x = _mm256_add_ps(_mm256_loadu_ps(z + i), _mm256_mul_ps(vw0, load8<D0>(l0, i)));
+      } else if constexpr (D0 < 0) {
+        x = _mm256_setzero_ps();
+      } else {
+        x = _mm256_mul_ps(vw0, load8<D0>(l0, i));
+        if constexpr (D1 >= 0) x = _mm256_add_ps(x, _mm256_mul_ps(vw1, load8<D1>(l1, i)));
+      }
+      if constexpr (FINAL) {
+        if (divide) x = _mm256_div_ps(x, vt);
+        vmax = _mm256_max_ps(vmax, x);
+        vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(x, vinf, _CMP_NLT_UQ));  // NaN or +inf
+      }
       _mm256_storeu_ps(z + i, x);
-      vmax = _mm256_max_ps(vmax, x);
-      vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(x, vinf, _CMP_NLT_UQ));  // NaN or +inf
     }
-    bmax = hmax8(vmax);
-    bad |= _mm256_movemask_ps(vbad) != 0;
+    if constexpr (FINAL) {
+      bmax = hmax8(vmax);
+      bad |= _mm256_movemask_ps(vbad) != 0;
+    }
 #endif
     for (; i < b1; ++i) {
-      float x = load1<DB>(b, i);
-      if constexpr (DA >= 0) x = x + alpha * load1<DA>(a, i);
-      if (divide) x = x / temperature;
+      float x;
+      if constexpr (!FIRST) {
+        x = z[i] + w0 * load1<D0>(l0, i);
+      } else if constexpr (D0 < 0) {
+        x = 0.0f;
+      } else {
+        x = w0 * load1<D0>(l0, i);
+        if constexpr (D1 >= 0) x = x + w1 * load1<D1>(l1, i);
+      }
+      if constexpr (FINAL) {
+        if (divide) x = x / temperature;
+        bmax = x > bmax ? x : bmax;
+        bad |= !(x < kInf);
+      }
       z[i] = x;
-      bmax = x > bmax ? x : bmax;
-      bad |= !(x < kInf);
     }
-    block_max[b0 / kBlock] = bmax;
-    cmax = bmax > cmax ? bmax : cmax;
+    if constexpr (FINAL) {
+      block_max[b0 / kBlock] = bmax;
+      cmax = bmax > cmax ? bmax : cmax;
+    }
   }
-  chunk_max[chunk] = cmax;
-  chunk_bad[chunk] = bad;
+  if constexpr (FINAL) {
+    chunk_max[chunk] = cmax;
+    chunk_bad[chunk] = bad;
+  }
 }
 
-template <int DB>
-void pass_a_dispatch_adapter(const void* b, const void* a, int da, int64_t vocab, int64_t chunk, float alpha,
-                             float temperature, float* z, float* bm, float* cm, uint8_t* cb) {
-  switch (a ? da : -1) {
-    case kFloat32: return pass_a_chunk_impl<DB, kFloat32>(b, a, vocab, chunk, alpha, temperature, z, bm, cm, cb);
-    case kFloat16: return pass_a_chunk_impl<DB, kFloat16>(b, a, vocab, chunk, alpha, temperature, z, bm, cm, cb);
-    case kBFloat16: return pass_a_chunk_impl<DB, kBFloat16>(b, a, vocab, chunk, alpha, temperature, z, bm, cm, cb);
-    default: return pass_a_chunk_impl<DB, -1>(b, nullptr, vocab, chunk, alpha, temperature, z, bm, cm, cb);
+struct MixStep {
+  const void* l0;
+  float w0;
+  const void* l1;
+  float w1;
+  int64_t vocab, chunk;
+  float t;
+  float* z;
+  float *bm, *cm;
+  uint8_t* cb;
+};
+
+template <int D0, int D1, bool FIRST, bool FINAL>
+void run_step(const MixStep& s) {
+  mix_step<D0, D1, FIRST, FINAL>(s.l0, s.w0, s.l1, s.w1, s.vocab, s.chunk, s.t, s.z, s.bm, s.cm, s.cb);
+}
+
+template <int D0, bool FIRST, bool FINAL>
+void step_d1(const MixStep& s, int d1) {
+  switch (d1) {
+    case kFloat32: return run_step<D0, kFloat32, FIRST, FINAL>(s);
+    case kFloat16: return run_step<D0, kFloat16, FIRST, FINAL>(s);
+    case kBFloat16: return run_step<D0, kBFloat16, FIRST, FINAL>(s);
+    default: return run_step<D0, -1, FIRST, FINAL>(s);
+  }
+}
+
+// d0 / d1: the steps' expert dtypes (-1: none). Later steps (FIRST false) take one expert.
+template <bool FIRST, bool FINAL>
+void step_d0(const MixStep& s, int d0, int d1) {
+  if constexpr (FIRST) {
+    switch (d0) {
+      case kFloat32: return step_d1<kFloat32, true, FINAL>(s, d1);
+      case kFloat16: return step_d1<kFloat16, true, FINAL>(s, d1);
+      case kBFloat16: return step_d1<kBFloat16, true, FINAL>(s, d1);
+      default: return run_step<-1, -1, true, FINAL>(s);  // every weight 0: z = 0
+    }
+  } else {
+    switch (d0) {
+      case kFloat16: return run_step<kFloat16, -1, false, FINAL>(s);
+      case kBFloat16: return run_step<kBFloat16, -1, false, FINAL>(s);
+      default: return run_step<kFloat32, -1, false, FINAL>(s);
+    }
   }
 }
 
 size_t dtype_size(int dt) { return dt == kFloat32 ? 4 : 2; }
 
+float expert_weight(const SamplerArgs& args, int64_t row, int k) {
+  if (args.unit_first && k == 0) return 1.0f;
+  return args.weights[row * args.weight_stride + k - args.unit_first];
+}
+
 void pass_a_chunk(const SamplerArgs& args, int64_t row, const RowParams& p, int64_t chunk, RowBuffers& rb) {
   const int64_t V = args.vocab;
-  const void* b = static_cast<const char*>(args.base) + row * V * dtype_size(args.base_dtype);
-  // alpha == 0 ignores the adapter (no 0 * -inf NaN), as the reference does.
-  const void* a = (args.adapter && p.alpha != 0.0f)
-                      ? static_cast<const char*>(args.adapter) + row * V * dtype_size(args.adapter_dtype)
-                      : nullptr;
-  const float t = p.greedy ? 1.0f : p.temperature;
-  float* z = rb.z.data();
-  switch (args.base_dtype) {
-    case kFloat16:
-      return pass_a_dispatch_adapter<kFloat16>(b, a, args.adapter_dtype, V, chunk, p.alpha, t, z, rb.block_max.data(),
-                                               rb.chunk_max.data(), rb.chunk_bad.data());
-    case kBFloat16:
-      return pass_a_dispatch_adapter<kBFloat16>(b, a, args.adapter_dtype, V, chunk, p.alpha, t, z, rb.block_max.data(),
-                                                rb.chunk_max.data(), rb.chunk_bad.data());
-    default:
-      return pass_a_dispatch_adapter<kFloat32>(b, a, args.adapter_dtype, V, chunk, p.alpha, t, z, rb.block_max.data(),
-                                               rb.chunk_max.data(), rb.chunk_bad.data());
+  // The experts with a non-zero weight, in order: a weight of 0 ignores its expert (no 0 * -inf
+  // NaN), as the reference does. Skipping its +0 term changes at most the sign of a zero z.
+  int n = 0;
+  int active[2] = {-1, -1};
+  int last = -1;
+  for (int k = 0; k < args.num_experts; ++k)
+    if (expert_weight(args, row, k) != 0.0f) {
+      if (n < 2) active[n] = k;
+      last = k;
+      ++n;
+    }
+  MixStep s{};
+  s.vocab = V;
+  s.chunk = chunk;
+  s.t = p.greedy ? 1.0f : p.temperature;
+  s.z = rb.z.data();
+  s.bm = rb.block_max.data();
+  s.cm = rb.chunk_max.data();
+  s.cb = rb.chunk_bad.data();
+  auto row_ptr = [&](int k) {
+    return static_cast<const void*>(static_cast<const char*>(args.experts[k]) +
+                                    row * args.expert_strides[k] * static_cast<int64_t>(dtype_size(args.expert_dtypes[k])));
+  };
+  const int d0 = active[0] >= 0 ? args.expert_dtypes[active[0]] : -1;
+  const int d1 = active[1] >= 0 ? args.expert_dtypes[active[1]] : -1;
+  if (active[0] >= 0) {
+    s.l0 = row_ptr(active[0]);
+    s.w0 = expert_weight(args, row, active[0]);
+  }
+  if (active[1] >= 0) {
+    s.l1 = row_ptr(active[1]);
+    s.w1 = expert_weight(args, row, active[1]);
+  }
+  if (n <= 2) return step_d0<true, true>(s, d0, d1);
+  step_d0<true, false>(s, d0, d1);
+  s.l1 = nullptr;
+  for (int k = active[1] + 1; k <= last; ++k) {
+    const float w = expert_weight(args, row, k);
+    if (w == 0.0f) continue;
+    s.l0 = row_ptr(k);
+    s.w0 = w;
+    if (k == last) {
+      step_d0<false, true>(s, args.expert_dtypes[k], -1);
+    } else {
+      step_d0<false, false>(s, args.expert_dtypes[k], -1);
+    }
   }
 }
 

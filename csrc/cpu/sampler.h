@@ -1,5 +1,5 @@
-// The fused tailored sampler, C++ CPU kernel: mix -> top-k / top-p / min-p -> one draw ->
-// log-probs, for every row of a [B, V] pair of logits. Framework-free (no torch headers):
+// The fused tailored sampler, C++ CPU kernel: mix of K experts -> top-k / top-p / min-p -> one
+// draw -> log-probs, for every row of K [B, V] logits tensors. Framework-free (no torch headers):
 // pointers and dtype codes come from csrc/bindings_cpu.cpp. Semantics: ipa_fast/reference.py.
 #pragma once
 #include <cstdint>
@@ -17,14 +17,21 @@ constexpr int64_t kChunk = 2048;
 constexpr int64_t kBlock = 256;
 
 struct SamplerArgs {
-  const void* base = nullptr;     // [B, V], contiguous
-  int base_dtype = kFloat32;
-  const void* adapter = nullptr;  // [B, V], contiguous, or null
-  int adapter_dtype = kFloat32;
+  // K >= 1 experts: expert k's row r starts at experts[k] + r * expert_strides[k] elements of
+  // dtype expert_dtypes[k]; its columns are adjacent.
+  int num_experts = 0;
+  const void* const* experts = nullptr;
+  const int* expert_dtypes = nullptr;
+  const int64_t* expert_strides = nullptr;
+  // Expert k's weight in row r: weights[r * weight_stride + k - unit_first], and 1 for k = 0
+  // when unit_first is 1 (how sample(base, adapter, alpha) passes alpha as a [B] tensor).
+  // z = sum_k w_k * l_k in float32, left to right; w_k == 0 skips expert k (ipa_fast/reference.py).
+  const float* weights = nullptr;
+  int64_t weight_stride = 0;
+  int unit_first = 0;
   int64_t batch = 0;
   int64_t vocab = 0;
   // per-row parameters, each [B]
-  const float* alpha = nullptr;
   const float* temperature = nullptr;
   const int64_t* top_k = nullptr;
   const float* top_p = nullptr;
