@@ -26,9 +26,11 @@ def _ptr(t: str) -> str:
     return "*" + t
 
 
-def sampler_cases(dtype: str, has_adapter: bool):
-    """(kernel, argument types, constexprs, options) for the four sampler kernels."""
-    types = dict(base_ptr=_ptr(dtype), adapter_ptr=_ptr(dtype), alpha_ptr="*fp32", temp_ptr="*fp32", V="i32",
+def sampler_cases(dtype: str, k: int, first: int = 0):
+    """(kernel, argument types, constexprs, options) for the four sampler kernels over ``k``
+    experts (a tuple of pointers and of row strides); ``first`` = 1 is the two-expert entry."""
+    types = dict(X=tuple(_ptr(dtype) for _ in range(k)), ST=tuple("i64" for _ in range(k)), W="*fp32", WS="i32",
+                 temp_ptr="*fp32", V="i32",
                  S="i32", ch_m_ptr="*fp32", ch_se_ptr="*fp32", ch_idx_ptr="*i32", ch_bad_ptr="*i32",
                  ch_fin_ptr="*i32", ch_hist_ptr="*i32", topk_ptr="*i64", topp_ptr="*fp32", minp_ptr="*fp32",
                  ch_shift_ptr="*i32", ch_off_ptr="*i32", row_m_ptr="*fp32", row_lse_ptr="*fp32",
@@ -36,24 +38,24 @@ def sampler_cases(dtype: str, has_adapter: bool):
                  lp_ptr="*fp32", flp_ptr="*fp32", valid_ptr="*i1", CAP="i32", cand_z_ptr="*fp32",
                  cand_i_ptr="*i32", seed_ptr="*i64", off_ptr="*i64")
     chunk = st.chunk_size(128256)
-    hist = dict(HAS_ADAPTER=has_adapter, CHUNK=chunk, NB=st.NB, R=st.R)
+    hist = dict(K=k, FIRST=first, CHUNK=chunk, NB=st.NB, R=st.R)
     return [
         (st._stats_kernel, types, hist, dict(num_warps=4)),
         (st._merge_kernel, types, dict(SP=64, NB=st.NB, R=st.R), dict(num_warps=4)),
         (st._gather_kernel, types, hist, dict(num_warps=4)),
-        (st._finish_kernel, types, dict(HAS_ADAPTER=has_adapter, CHUNK=chunk, SP=64, BLOCK=st.BLOCK, NPIV=st.NPIV,
+        (st._finish_kernel, types, dict(K=k, FIRST=first, CHUNK=chunk, SP=64, BLOCK=st.BLOCK, NPIV=st.NPIV,
                                                   PAIR=st.PAIR, PCH=st.PCH),
          dict(num_warps=8)),
     ]
 
 
 def log_softmax_cases(dtype: str):
-    fwd = dict(base_ptr=_ptr(dtype), adapter_ptr=_ptr(dtype), alpha_ptr="*fp32", temp_ptr="*fp32",
+    fwd = dict(X=(_ptr(dtype), _ptr(dtype)), ST=("i64", "i64"), W="*fp32", WS="i32", temp_ptr="*fp32",
                out_ptr="*fp32", lse_ptr="*fp32", V="i32")
     bwd = dict(grad_ptr="*fp32", out_ptr="*fp32", alpha_ptr="*fp32", temp_ptr="*fp32", gbase_ptr="*fp32",
                gadapter_ptr="*fp32", V="i32")
-    c = dict(HAS_ADAPTER=True, BLOCK=lst.BLOCK)
-    return [(lst._forward_kernel, fwd, c, dict(num_warps=8)), (lst._backward_kernel, bwd, c, dict(num_warps=8))]
+    return [(lst._forward_kernel, fwd, dict(K=2, FIRST=1, BLOCK=lst.BLOCK), dict(num_warps=8)),
+            (lst._backward_kernel, bwd, dict(HAS_ADAPTER=True, BLOCK=lst.BLOCK), dict(num_warps=8))]
 
 
 def compile_one(fn, types, constexprs, options, arch: int):
@@ -83,7 +85,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--quiet", action="store_true", help="no ptxas register report")
     args = ap.parse_args(argv)
-    cases = sampler_cases("fp32", True) + sampler_cases("bf16", False)[::2] + log_softmax_cases("bf16")
+    cases = sampler_cases("fp32", 2, 1) + sampler_cases("bf16", 1, 1)[::2] + sampler_cases("bf16", 3)[::3] + \
+        log_softmax_cases("bf16")
     for arch in args.arch:
         for fn, types, constexprs, options in cases:
             kernel = compile_one(fn, types, constexprs, options, arch)

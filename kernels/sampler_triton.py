@@ -7,7 +7,7 @@ Kernels (every reduction has a fixed shape that depends on V only, never on B, s
 result is batch-invariant):
 
 1. ``_stats_kernel``   grid (B, S): each program reads one CHUNK of a row, mixes
-   ``z = (base + alpha*adapter) / T`` in float32 (IEEE division, no FMA contraction) and writes
+   ``z = (sum_k w_k * l_k) / T`` over the K experts (a tuple of pointers) in float32 (IEEE division, no FMA contraction) and writes
    the chunk's max, sum of ``exp(z - max)``, lowest argmax, NaN/+inf and finite counts, and a
    histogram of ``floor(z * R)`` counted down from the chunk max (NB bins of 1/R nat; the last
    bin collects everything further down, ``-inf`` included). Bins sit on an absolute grid, so
@@ -56,12 +56,25 @@ def chunk_size(V: int) -> int:
 
 
 @triton.jit
-def _mixed_z(base_ptr, adapter_ptr, row_off, offs, mask, alpha, t, HAS_ADAPTER: tl.constexpr):
-    """float32 ``(base + alpha*adapter) / t`` for one block of a row; -inf outside ``mask``."""
-    x = tl.load(base_ptr + row_off + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    if HAS_ADAPTER:
-        a = tl.load(adapter_ptr + row_off + offs, mask=mask, other=0.0).to(tl.float32)
-        x = x + tl.where(alpha == 0.0, 0.0, alpha * a)
+def _mixed_z(X, ST, W, WS, r, offs, mask, t, K: tl.constexpr, FIRST: tl.constexpr):
+    """float32 ``(sum_k w_k * l_k) / t`` for one block of row ``r``; -inf outside ``mask``.
+
+    The mix of :func:`ipa_fast.reference.mix_experts`: expert k's row starts at ``X[k] + r*ST[k]``;
+    its weight is ``W[r*WS + k - FIRST]`` (and 1 for k = 0 when FIRST = 1: the two-expert entry
+    passes alpha as a [B] column). Terms ``w_k * l_k`` (0 where w_k == 0, so an ignored expert's
+    -inf or NaN never enters) summed left to right, no FMA (the launches disable fusion)."""
+    x = tl.zeros(offs.shape, tl.float32)
+    for k in tl.static_range(K):
+        v = tl.load(X[k] + r * ST[k] + offs, mask=mask, other=0.0).to(tl.float32)
+        if k < FIRST:
+            term = v                                   # weight 1: 1 * v == v
+        else:
+            wk = tl.load(W + r * WS + (k - FIRST))
+            term = tl.where(wk == 0.0, 0.0, wk * v)
+        if k == 0:
+            x = term
+        else:
+            x = x + term
     z = tl.math.div_rn(x, t) + 0.0  # + 0.0 turns -0.0 into +0.0 so the integer keys order like floats
     return tl.where(mask, z, float("-inf"))
 
@@ -90,16 +103,15 @@ def _row_temperature(t):
 
 
 @triton.jit
-def _stats_kernel(base_ptr, adapter_ptr, alpha_ptr, temp_ptr, V, S,
+def _stats_kernel(X, ST, W, WS, temp_ptr, V, S,
                   ch_m_ptr, ch_se_ptr, ch_idx_ptr, ch_bad_ptr, ch_fin_ptr, ch_hist_ptr,
-                  HAS_ADAPTER: tl.constexpr, CHUNK: tl.constexpr, NB: tl.constexpr, R: tl.constexpr):
+                  K: tl.constexpr, FIRST: tl.constexpr, CHUNK: tl.constexpr, NB: tl.constexpr, R: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     offs = c * CHUNK + tl.arange(0, CHUNK)
     mask = offs < V
-    alpha = tl.load(alpha_ptr + r)
     t = _row_temperature(tl.load(temp_ptr + r))
-    z = _mixed_z(base_ptr, adapter_ptr, r * V, offs, mask, alpha, t, HAS_ADAPTER)
+    z = _mixed_z(X, ST, W, WS, r, offs, mask, t, K, FIRST)
     bad = mask & ((z != z) | (z == float("inf")))
     zf = tl.where(bad, float("-inf"), z)
     m_c = tl.max(zf, axis=0)
@@ -117,7 +129,7 @@ def _stats_kernel(base_ptr, adapter_ptr, alpha_ptr, temp_ptr, V, S,
 
 
 @triton.jit
-def _merge_kernel(alpha_ptr, temp_ptr, topk_ptr, topp_ptr, minp_ptr, V, S,
+def _merge_kernel(temp_ptr, topk_ptr, topp_ptr, minp_ptr, V, S,
                   ch_m_ptr, ch_se_ptr, ch_idx_ptr, ch_bad_ptr, ch_fin_ptr, ch_hist_ptr,
                   ch_shift_ptr, ch_off_ptr, row_m_ptr, row_lse_ptr, row_se_ptr, row_mode_ptr,
                   row_j_ptr, row_n_ptr, tok_ptr, lp_ptr, flp_ptr, valid_ptr,
@@ -191,9 +203,9 @@ def _merge_kernel(alpha_ptr, temp_ptr, topk_ptr, topp_ptr, minp_ptr, V, S,
 
 
 @triton.jit
-def _gather_kernel(base_ptr, adapter_ptr, alpha_ptr, temp_ptr, V, S,
+def _gather_kernel(X, ST, W, WS, temp_ptr, V, S,
                    ch_m_ptr, ch_shift_ptr, ch_off_ptr, row_mode_ptr, row_j_ptr, cand_z_ptr, cand_i_ptr,
-                   CAP, HAS_ADAPTER: tl.constexpr, CHUNK: tl.constexpr, NB: tl.constexpr, R: tl.constexpr):
+                   CAP, K: tl.constexpr, FIRST: tl.constexpr, CHUNK: tl.constexpr, NB: tl.constexpr, R: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     mode = tl.load(row_mode_ptr + r)
@@ -205,9 +217,8 @@ def _gather_kernel(base_ptr, adapter_ptr, alpha_ptr, temp_ptr, V, S,
         base_pos = tl.load(ch_off_ptr + slot)
         offs = c * CHUNK + tl.arange(0, CHUNK)
         mask = offs < V
-        alpha = tl.load(alpha_ptr + r)
         t = _row_temperature(tl.load(temp_ptr + r))
-        z = _mixed_z(base_ptr, adapter_ptr, r * V, offs, mask, alpha, t, HAS_ADAPTER)
+        z = _mixed_z(X, ST, W, WS, r, offs, mask, t, K, FIRST)
         d = _bin(z, m_c, NB, R)
         cand = mask & (d < NB - 1) & (d + shift <= J)
         pos = base_pos + tl.cumsum(cand.to(tl.int32), axis=0) - 1
@@ -217,13 +228,13 @@ def _gather_kernel(base_ptr, adapter_ptr, alpha_ptr, temp_ptr, V, S,
 
 
 @triton.jit
-def _source(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, start, n,
-            FROM_ROW: tl.constexpr, HAS_ADAPTER: tl.constexpr, BLOCK: tl.constexpr):
+def _source(X, ST, W, WS, r, V, t, cand_z_ptr, cand_i_ptr, CAP, start, n,
+            FROM_ROW: tl.constexpr, K: tl.constexpr, FIRST: tl.constexpr, BLOCK: tl.constexpr):
     """One block of the row (ROW) or of its candidate buffer (CAND): z, vocabulary index, in-range."""
     offs = start + tl.arange(0, BLOCK)
     ok = offs < n
     if FROM_ROW:
-        z = _mixed_z(base_ptr, adapter_ptr, r * V, offs, ok, alpha, t, HAS_ADAPTER)
+        z = _mixed_z(X, ST, W, WS, r, offs, ok, t, K, FIRST)
         idx = offs
     else:
         z = tl.load(cand_z_ptr + r * CAP + offs, mask=ok, other=float("-inf"))
@@ -232,14 +243,14 @@ def _source(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, 
 
 
 @triton.jit
-def _gt_stats(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n, m, piv,
-              FROM_ROW: tl.constexpr, HAS_ADAPTER: tl.constexpr, BLOCK: tl.constexpr):
+def _gt_stats(X, ST, W, WS, r, V, t, cand_z_ptr, cand_i_ptr, CAP, n, m, piv,
+              FROM_ROW: tl.constexpr, K: tl.constexpr, FIRST: tl.constexpr, BLOCK: tl.constexpr):
     """For each pivot key in ``piv``: (count, float64 mass) of the tokens whose key is > it."""
     cnt = tl.zeros(piv.shape, tl.int64)
     mass = tl.zeros(piv.shape, tl.float64)
     for start in range(0, n, BLOCK):
-        z, idx, ok = _source(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, start, n,
-                             FROM_ROW, HAS_ADAPTER, BLOCK)
+        z, idx, ok = _source(X, ST, W, WS, r, V, t, cand_z_ptr, cand_i_ptr, CAP, start, n,
+                             FROM_ROW, K, FIRST, BLOCK)
         gt = ok[:, None] & (_key(z)[:, None] > piv[None, :])
         w = tl.exp(z - m).to(tl.float64)
         cnt += tl.sum(gt.to(tl.int64), axis=0)
@@ -248,8 +259,8 @@ def _gt_stats(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP
 
 
 @triton.jit
-def _search(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n, m, lo, hi, k, bound,
-            USE_MASS: tl.constexpr, FROM_ROW: tl.constexpr, HAS_ADAPTER: tl.constexpr, BLOCK: tl.constexpr,
+def _search(X, ST, W, WS, r, V, t, cand_z_ptr, cand_i_ptr, CAP, n, m, lo, hi, k, bound,
+            USE_MASS: tl.constexpr, FROM_ROW: tl.constexpr, K: tl.constexpr, FIRST: tl.constexpr, BLOCK: tl.constexpr,
             NPIV: tl.constexpr):
     """Smallest key in (lo, hi] with count_gt < k (or mass_gt < bound); the predicate holds at hi.
 
@@ -260,8 +271,8 @@ def _search(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, 
     for _ in range(10):
         if hi - lo > 1:
             piv = lo + ((hi - lo) * (i + 1)) // (NPIV + 1)
-            cnt, mass = _gt_stats(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n, m, piv,
-                                  FROM_ROW, HAS_ADAPTER, BLOCK)
+            cnt, mass = _gt_stats(X, ST, W, WS, r, V, t, cand_z_ptr, cand_i_ptr, CAP, n, m, piv,
+                                  FROM_ROW, K, FIRST, BLOCK)
             if USE_MASS:
                 ok = mass < bound
             else:
@@ -272,20 +283,20 @@ def _search(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, 
 
 
 @triton.jit
-def _thresholds_pairwise(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n, m, se, k, p, k_on,
-                         p_on, FROM_ROW: tl.constexpr, HAS_ADAPTER: tl.constexpr, PAIR: tl.constexpr,
+def _thresholds_pairwise(X, ST, W, WS, r, V, t, cand_z_ptr, cand_i_ptr, CAP, n, m, se, k, p, k_on,
+                         p_on, FROM_ROW: tl.constexpr, K: tl.constexpr, FIRST: tl.constexpr, PAIR: tl.constexpr,
                          PCH: tl.constexpr):
     """(key_k, key_t) for n <= PAIR tokens in one go: every token's count and float64 mass of the
     tokens strictly above it (a PAIR x PCH tile at a time), then the smallest qualifying keys."""
-    z, idx, ok = _source(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, 0, n,
-                         FROM_ROW, HAS_ADAPTER, PAIR)
+    z, idx, ok = _source(X, ST, W, WS, r, V, t, cand_z_ptr, cand_i_ptr, CAP, 0, n,
+                         FROM_ROW, K, FIRST, PAIR)
     key = _key(z)
     w = tl.where(ok, tl.exp(z - m), 0.0).to(tl.float64)
     cnt = tl.zeros((PAIR,), tl.int32)
     mass = tl.zeros((PAIR,), tl.float64)
     for j0 in tl.static_range(0, PAIR, PCH):
-        zj, idxj, okj = _source(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, j0, n,
-                                FROM_ROW, HAS_ADAPTER, PCH)
+        zj, idxj, okj = _source(X, ST, W, WS, r, V, t, cand_z_ptr, cand_i_ptr, CAP, j0, n,
+                                FROM_ROW, K, FIRST, PCH)
         gt = okj[None, :] & (_key(zj)[None, :] > key[:, None])
         cnt += tl.sum(gt.to(tl.int32), axis=1)
         mass += tl.sum(tl.where(gt, tl.exp(zj - m).to(tl.float64)[None, :], 0.0), axis=1)
@@ -299,46 +310,46 @@ def _thresholds_pairwise(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand
 
 
 @triton.jit
-def _threshold_and_draw(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n, m, lse, se,
+def _threshold_and_draw(X, ST, W, WS, r, V, t, cand_z_ptr, cand_i_ptr, CAP, n, m, lse, se,
                         k, p, mp, u, tok_ptr, lp_ptr, flp_ptr, valid_ptr,
-                        FROM_ROW: tl.constexpr, HAS_ADAPTER: tl.constexpr, BLOCK: tl.constexpr,
+                        FROM_ROW: tl.constexpr, K: tl.constexpr, FIRST: tl.constexpr, BLOCK: tl.constexpr,
                         NPIV: tl.constexpr, PAIR: tl.constexpr, PCH: tl.constexpr):
     k_on = (k > 0) & (k < V)
     p_on = p < 1.0
     if n <= PAIR:
-        key_k, key_t = _thresholds_pairwise(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n,
-                                            m, se, k, p, k_on, p_on, FROM_ROW, HAS_ADAPTER, PAIR, PCH)
+        key_k, key_t = _thresholds_pairwise(X, ST, W, WS, r, V, t, cand_z_ptr, cand_i_ptr, CAP, n,
+                                            m, se, k, p, k_on, p_on, FROM_ROW, K, FIRST, PAIR, PCH)
     else:
         # lowest key present: the search never probes below it (candidates see only their range)
         kmin = tl.full((), 2147483647, tl.int64)
         for start in range(0, n, BLOCK):
-            z, idx, ok = _source(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, start, n,
-                                 FROM_ROW, HAS_ADAPTER, BLOCK)
+            z, idx, ok = _source(X, ST, W, WS, r, V, t, cand_z_ptr, cand_i_ptr, CAP, start, n,
+                                 FROM_ROW, K, FIRST, BLOCK)
             kmin = tl.minimum(kmin, tl.min(tl.where(ok, _key(z), 2147483647), axis=0))
         key_max = _key(m)
         # top-k: the smallest key with fewer than k tokens strictly above it (the k-th largest value)
         key_k = kmin
         if k_on:
-            key_k = _search(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n, m, kmin - 1,
-                            key_max, k, 0.0, False, FROM_ROW, HAS_ADAPTER, BLOCK, NPIV)
+            key_k = _search(X, ST, W, WS, r, V, t, cand_z_ptr, cand_i_ptr, CAP, n, m, kmin - 1,
+                            key_max, k, 0.0, False, FROM_ROW, K, FIRST, BLOCK, NPIV)
         # top-p over the top-k survivors, value-based: the smallest key (>= key_k) whose mass strictly
         # above is < p * (top-k mass)
         key_t = key_k
         if p_on:
             if k_on:
                 one = tl.full((1,), 0, tl.int64) + (key_k - 1)
-                cnt, above = _gt_stats(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n, m,
-                                       one, FROM_ROW, HAS_ADAPTER, BLOCK)
+                cnt, above = _gt_stats(X, ST, W, WS, r, V, t, cand_z_ptr, cand_i_ptr, CAP, n, m,
+                                       one, FROM_ROW, K, FIRST, BLOCK)
                 total_k = tl.sum(above, axis=0)
             else:
                 total_k = se.to(tl.float64)   # every token survives top-k; candidates may not cover them
-            key_t = _search(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n, m, key_k - 1,
-                            key_max, k, p.to(tl.float64) * total_k, True, FROM_ROW, HAS_ADAPTER, BLOCK, NPIV)
+            key_t = _search(X, ST, W, WS, r, V, t, cand_z_ptr, cand_i_ptr, CAP, n, m, key_k - 1,
+                            key_max, k, p.to(tl.float64) * total_k, True, FROM_ROW, K, FIRST, BLOCK, NPIV)
     # kept = {key >= key_t} and min-p per token; total kept mass, then the draw in index order
     total = tl.full((), 0.0, tl.float64)
     for start in range(0, n, BLOCK):
-        z, idx, ok = _source(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, start, n,
-                             FROM_ROW, HAS_ADAPTER, BLOCK)
+        z, idx, ok = _source(X, ST, W, WS, r, V, t, cand_z_ptr, cand_i_ptr, CAP, start, n,
+                             FROM_ROW, K, FIRST, BLOCK)
         w = tl.exp(z - m)
         keep = ok & (_key(z) >= key_t) & (w >= mp)
         total += tl.sum(tl.where(keep, w, 0.0).to(tl.float64), axis=0)
@@ -349,8 +360,8 @@ def _threshold_and_draw(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_
     last = tl.full((), -1, tl.int32)
     z_last = tl.full((), float("-inf"), tl.float32)
     for start in range(0, n, BLOCK):
-        z, idx, ok = _source(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, start, n,
-                             FROM_ROW, HAS_ADAPTER, BLOCK)
+        z, idx, ok = _source(X, ST, W, WS, r, V, t, cand_z_ptr, cand_i_ptr, CAP, start, n,
+                             FROM_ROW, K, FIRST, BLOCK)
         w = tl.exp(z - m)
         keep = ok & (_key(z) >= key_t) & (w >= mp) & (w > 0.0)
         wk = tl.where(keep, w, 0.0).to(tl.float64)
@@ -377,10 +388,10 @@ def _threshold_and_draw(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_
 
 
 @triton.jit
-def _finish_kernel(base_ptr, adapter_ptr, alpha_ptr, temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, off_ptr,
+def _finish_kernel(X, ST, W, WS, temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, off_ptr,
                    V, S, ch_m_ptr, ch_se_ptr, row_m_ptr, row_lse_ptr, row_se_ptr, row_mode_ptr, row_n_ptr,
                    cand_z_ptr, cand_i_ptr, tok_ptr, lp_ptr, flp_ptr, valid_ptr, CAP,
-                   HAS_ADAPTER: tl.constexpr, CHUNK: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
+                   K: tl.constexpr, FIRST: tl.constexpr, CHUNK: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
                    NPIV: tl.constexpr, PAIR: tl.constexpr, PCH: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     mode = tl.load(row_mode_ptr + r)
@@ -393,7 +404,6 @@ def _finish_kernel(base_ptr, adapter_ptr, alpha_ptr, temp_ptr, topk_ptr, topp_pt
         m = tl.load(row_m_ptr + r)
         lse = tl.load(row_lse_ptr + r)
         se = tl.load(row_se_ptr + r)
-        alpha = tl.load(alpha_ptr + r)
         t = _row_temperature(tl.load(temp_ptr + r))
         if mode == MODE_ALL:
             # no filter: chunk masses from the stats pass pick the chunk, one chunk is scanned
@@ -410,7 +420,7 @@ def _finish_kernel(base_ptr, adapter_ptr, alpha_ptr, temp_ptr, topk_ptr, topp_pt
             prev = tl.sum(tl.where(cs < c, cmass, 0.0), axis=0)
             offs = c * CHUNK + tl.arange(0, CHUNK)
             mask = offs < V
-            z = _mixed_z(base_ptr, adapter_ptr, r * V, offs, mask, alpha, t, HAS_ADAPTER)
+            z = _mixed_z(X, ST, W, WS, r, offs, mask, t, K, FIRST)
             w = tl.exp(z - m)
             pos = w > 0.0
             inc = prev + tl.cumsum(tl.where(pos, w, 0.0).to(tl.float64), axis=0)
@@ -428,25 +438,36 @@ def _finish_kernel(base_ptr, adapter_ptr, alpha_ptr, temp_ptr, topk_ptr, topp_pt
             mp = tl.load(minp_ptr + r)
             if mode == MODE_CAND:
                 n = tl.load(row_n_ptr + r)
-                _threshold_and_draw(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, n, m, lse,
-                                    se, k, p, mp, u, tok_ptr, lp_ptr, flp_ptr, valid_ptr, False, HAS_ADAPTER, BLOCK,
+                _threshold_and_draw(X, ST, W, WS, r, V, t, cand_z_ptr, cand_i_ptr, CAP, n, m, lse,
+                                    se, k, p, mp, u, tok_ptr, lp_ptr, flp_ptr, valid_ptr, False, K, FIRST, BLOCK,
                                     NPIV, PAIR, PCH)
             else:
-                _threshold_and_draw(base_ptr, adapter_ptr, r, V, alpha, t, cand_z_ptr, cand_i_ptr, CAP, V, m, lse,
-                                    se, k, p, mp, u, tok_ptr, lp_ptr, flp_ptr, valid_ptr, True, HAS_ADAPTER, BLOCK,
+                _threshold_and_draw(X, ST, W, WS, r, V, t, cand_z_ptr, cand_i_ptr, CAP, V, m, lse,
+                                    se, k, p, mp, u, tok_ptr, lp_ptr, flp_ptr, valid_ptr, True, K, FIRST, BLOCK,
                                     NPIV, PAIR, PCH)
 
 
-def sample(base, adapter, *, alpha, temperature, top_k, top_p, min_p, seed, offset):
-    """Backend entry point (see :mod:`ipa_fast.dispatch`): no host sync, no data-dependent shapes."""
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` read in place when its columns are adjacent (any row stride), else a copy."""
+    return x if x.shape[1] == 1 or x.stride(1) == 1 else x.contiguous()
+
+
+def _launch(experts, weights, first: int, temperature, top_k, top_p, min_p, seed, offset):
+    experts = [_rows(x) for x in experts]
+    base = experts[0]
     B, V = base.shape
     dev = base.device
+    X = tuple(experts)
+    ST = tuple(int(x.stride(0)) for x in experts)
+    W = weights.contiguous()
+    WS = int(W.shape[1]) if W.dim() == 2 else 1
+    if W.numel() == 0:   # K = 1 with the implicit unit weight: any valid pointer
+        W = temperature
+    mix = dict(K=len(experts), FIRST=first)
     chunk = chunk_size(V)
     S = triton.cdiv(V, chunk)
     SP = triton.next_power_of_2(S)
     cap = min(CAP, V)
-    has_adapter = adapter is not None
-    adapter_arg = adapter if has_adapter else base
     f32 = torch.empty(B * (2 * S + 3), dtype=torch.float32, device=dev)
     ch_m, ch_se = f32[:B * S], f32[B * S:2 * B * S]
     row_m, row_lse, row_se = f32[2 * B * S:].view(3, B)
@@ -462,16 +483,28 @@ def sample(base, adapter, *, alpha, temperature, top_k, top_p, min_p, seed, offs
     valid = torch.empty(B, dtype=torch.bool, device=dev)
 
     opts = dict(enable_fp_fusion=False)   # z and masses as the reference rounds them: no FMA
-    _stats_kernel[(B, S)](base, adapter_arg, alpha, temperature, V, S, ch_m, ch_se, ch_idx, ch_bad, ch_fin,
-                          ch_hist, HAS_ADAPTER=has_adapter, CHUNK=chunk, NB=NB, R=R, num_warps=4, **opts)
-    _merge_kernel[(B,)](alpha, temperature, top_k, top_p, min_p, V, S, ch_m, ch_se, ch_idx, ch_bad, ch_fin,
+    _stats_kernel[(B, S)](X, ST, W, WS, temperature, V, S, ch_m, ch_se, ch_idx, ch_bad, ch_fin,
+                          ch_hist, **mix, CHUNK=chunk, NB=NB, R=R, num_warps=4, **opts)
+    _merge_kernel[(B,)](temperature, top_k, top_p, min_p, V, S, ch_m, ch_se, ch_idx, ch_bad, ch_fin,
                         ch_hist, ch_shift, ch_off, row_m, row_lse, row_se, row_mode, row_j, row_n,
                         tokens, logprobs, filtered, valid, cap, SP=SP, NB=NB, R=R, num_warps=4, **opts)
-    _gather_kernel[(B, S)](base, adapter_arg, alpha, temperature, V, S, ch_m, ch_shift, ch_off, row_mode, row_j,
-                           cand_z, cand_i, cap, HAS_ADAPTER=has_adapter, CHUNK=chunk, NB=NB, R=R, num_warps=4,
-                           **opts)
-    _finish_kernel[(B,)](base, adapter_arg, alpha, temperature, top_k, top_p, min_p, seed, offset, V, S,
+    _gather_kernel[(B, S)](X, ST, W, WS, temperature, V, S, ch_m, ch_shift, ch_off, row_mode, row_j,
+                           cand_z, cand_i, cap, **mix, CHUNK=chunk, NB=NB, R=R, num_warps=4, **opts)
+    _finish_kernel[(B,)](X, ST, W, WS, temperature, top_k, top_p, min_p, seed, offset, V, S,
                          ch_m, ch_se, row_m, row_lse, row_se, row_mode, row_n, cand_z, cand_i,
-                         tokens, logprobs, filtered, valid, cap, HAS_ADAPTER=has_adapter, CHUNK=chunk, SP=SP,
+                         tokens, logprobs, filtered, valid, cap, **mix, CHUNK=chunk, SP=SP,
                          BLOCK=BLOCK, NPIV=NPIV, PAIR=PAIR, PCH=PCH, num_warps=8, **opts)
     return tokens, logprobs, filtered, valid
+
+
+def sample(base, adapter, *, alpha, temperature, top_k, top_p, min_p, seed, offset):
+    """Backend entry point (see :mod:`ipa_fast.dispatch`): no host sync, no data-dependent shapes.
+    The two-expert case: expert 0 (base) has weight 1, alpha is expert 1's weight column."""
+    experts = [base] if adapter is None else [base, adapter]
+    return _launch(experts, alpha, 1, temperature, top_k, top_p, min_p, seed, offset)
+
+
+def sample_experts(experts, weights, *, temperature, top_k, top_p, min_p, seed, offset):
+    """K-expert entry point: ``weights`` [B, K] float32; each expert is read in place through its
+    pointer and row stride (a tuple of K pointers: one kernel specialisation per K and dtypes)."""
+    return _launch(experts, weights, 0, temperature, top_k, top_p, min_p, seed, offset)

@@ -2,7 +2,8 @@
 // B = 1 spreads over many SMs; every merge runs in a fixed order that depends on V only, so a
 // row's result never depends on B (batch invariance).
 //
-// Semantics are ipa_fast/reference.py's (docs/DESIGN.md §2); z = (base + alpha*adapter) / T in float32 with
+// Semantics are ipa_fast/reference.py's (docs/DESIGN.md §2); z = (sum_k w_k * l_k) / T over K <= kMaxExperts
+// experts (read in place: a pointer and a row stride each, in the by-value kernel arguments) in float32 with
 // IEEE division, built with --fmad=false. Grid (B, S) for the chunk kernels, S = ceil(V / kChunk):
 //   1. chunk_stats  per chunk: max, sum exp(z - max), lowest argmax, NaN/+inf and finite counts.
 //   2. chunk_hist   filtered rows: counts of floor(z*R) below floor(m*R) (m = the row max) in NB
@@ -71,15 +72,19 @@ __device__ __forceinline__ int64_t order_key(float z) {
 
 template <typename T>
 struct Row {
-  const T* base;
-  const T* adapter;  // nullptr: no adapter
-  float alpha, t;
+  const T* e[kMaxExperts];  // the row of each expert with a non-zero weight, in order
+  float w[kMaxExperts];
+  int n;                    // how many (0: every weight is 0, z = 0)
+  float t;
   int64_t vocab;
   __device__ __forceinline__ float z(int64_t i) const {
-    float x = load_f(base, i);
-    if (adapter != nullptr) {
-      const float a = load_f(adapter, i);
-      x = x + (alpha == 0.0f ? 0.0f : alpha * a);
+    float x = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kMaxExperts; ++k) {  // static indices keep e / w in registers
+      if (k < n) {
+        const float term = w[k] * load_f(e[k], i);  // 1 * l == l: the base of sample() stays exact
+        x = k == 0 ? term : x + term;
+      }
     }
     return __fdiv_rn(x, t) + 0.0f;  // + 0.0f turns -0.0 into +0.0 so integer keys order like floats
   }
@@ -232,10 +237,25 @@ __device__ __forceinline__ RowParams row_params(const SampleArgs& a, int64_t r) 
 
 template <typename T>
 __device__ __forceinline__ Row<T> make_row(const SampleArgs& a, int64_t r, float temperature) {
-  const int64_t V = a.vocab;
-  return Row<T>{reinterpret_cast<const T*>(a.base) + r * V,
-                a.adapter ? reinterpret_cast<const T*>(a.adapter) + r * V : nullptr,
-                reinterpret_cast<const float*>(a.alpha)[r], temperature > 0.0f ? temperature : 1.0f, V};
+  Row<T> row{};
+  row.n = 0;
+  row.t = temperature > 0.0f ? temperature : 1.0f;
+  row.vocab = a.vocab;
+  const float* weights = reinterpret_cast<const float*>(a.weights);
+#pragma unroll
+  for (int k = 0; k < kMaxExperts; ++k) {
+    if (k < a.num_experts) {
+      // a weight of 0 ignores its expert (no 0 * -inf NaN); skipping its +0 term changes at most
+      // the sign of a zero z, which the + 0.0f in z() removes
+      const float wk = (a.unit_first && k == 0) ? 1.0f : weights[r * a.weight_stride + k - a.unit_first];
+      if (wk != 0.0f) {
+        row.e[row.n] = reinterpret_cast<const T*>(a.experts[k]) + r * a.expert_strides[k];
+        row.w[row.n] = wk;
+        ++row.n;
+      }
+    }
+  }
+  return row;
 }
 
 // 1. per chunk: max, sum exp(z - max), lowest argmax, NaN/+inf and finite counts
@@ -618,6 +638,11 @@ const char* check_args(const SampleArgs& args) {
   if (args.workspace_f32 == 0 || args.workspace_i32 == 0) return "launch_sample: no workspace";
   if (args.dtype != kFloat32 && args.dtype != kFloat16 && args.dtype != kBFloat16)
     return "launch_sample: dtype must be float32, float16 or bfloat16";
+  if (args.num_experts < 1 || args.num_experts > kMaxExperts) return "launch_sample: 1 to kMaxExperts experts";
+  if (args.unit_first != 0 && args.unit_first != 1) return "launch_sample: unit_first must be 0 or 1";
+  for (int k = 0; k < args.num_experts; ++k)
+    if (args.experts[k] == 0) return "launch_sample: null expert pointer";
+  if (args.weights == 0 && !(args.unit_first == 1 && args.num_experts == 1)) return "launch_sample: no weights";
   return nullptr;
 }
 

@@ -8,11 +8,22 @@ namespace cuda {
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// Experts a launch reads in place (more are folded by the Python wrapper first).
+constexpr int kMaxExperts = 8;
+
 struct SampleArgs {
-  int dtype;              // of base and adapter (the wrapper casts mixed dtypes to float32)
+  int dtype;              // of every expert (the wrapper casts mixed dtypes to float32)
   int64_t batch, vocab;
-  uintptr_t base, adapter;  // [B, V] row-major; adapter 0 = none
-  uintptr_t alpha, temperature, top_p, min_p;  // [B] float32
+  // K experts: expert k's row r starts at experts[k] + r * expert_strides[k] elements. Its weight
+  // in row r is weights[r * weight_stride + k - unit_first] (1 for k = 0 when unit_first is 1).
+  // z = sum_k w_k * l_k in float32, left to right; w_k == 0 skips expert k (ipa_fast/reference.py).
+  int num_experts;
+  uintptr_t experts[kMaxExperts];
+  int64_t expert_strides[kMaxExperts];
+  uintptr_t weights;  // float32
+  int64_t weight_stride;
+  int unit_first;
+  uintptr_t temperature, top_p, min_p;         // [B] float32
   uintptr_t top_k, seed, offset;               // [B] int64 (seed and offset read as uint64)
   uintptr_t tokens;                            // [B] int64 out
   uintptr_t logprobs, filtered_logprobs;       // [B] float32 out
