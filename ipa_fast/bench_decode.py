@@ -233,7 +233,15 @@ def _time_interleaved(fns, timer, repeats, expect):
 
 
 def run(args) -> dict:
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args) -> dict:
     n_new = args.new_tokens or (8 if args.quick else 32)
     repeats = args.repeats or (1 if args.quick else 3)
     batches = args.batch or [1, 16]
@@ -243,10 +251,10 @@ def run(args) -> dict:
     results = []
     t_start = time.perf_counter()
     try:
+        for fn in method_fns(base, adapter, tok, bench_prompts(tok, args.prompts, 1)[0], 2, **knobs).values():
+            fn()  # warm-up: one prompt, 2 tokens, each method
         for B in batches:
             rows, prompts_desc = bench_prompts(tok, args.prompts, B)
-            for fn in method_fns(base, adapter, tok, rows, 2, **knobs).values():
-                fn()  # warm-up (2 tokens)
             fns = method_fns(base, adapter, tok, rows, n_new, **knobs)
             times = _time_interleaved(fns, timer, repeats, B * n_new)
             t_ref = times["hf-base"][0]
@@ -286,7 +294,7 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["results"]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     w = 0.8 / len(METHODS)
     for j, k in enumerate(METHODS):
         xs = [i + (j - (len(METHODS) - 1) / 2) * w for i in range(len(rows))]
@@ -296,8 +304,9 @@ def plot(result: dict, path: str) -> None:
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xticks(range(len(rows)), [f"B={r['batch']}" for r in rows])
     ax.set_ylabel("tokens/s vs (a)")
-    ax.set_title(f"decode, {result['new_tokens']} new tokens, {result['torch_threads']} threads", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    n = result["torch_threads"]
+    ax.set_title(f"decode, {result['new_tokens']} new tokens/row, {n} torch thread{'s' * (n != 1)}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     fig.tight_layout()
     from pathlib import Path
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,71 @@
+"""``ipa-fast bench decode`` on tiny models: every method yields exactly N tokens per row (EOS
+masked), the result's shape, the one-line error without the embedded base."""
+import json
+
+import pytest
+import torch
+
+from ipa_fast import bench_decode
+from tiny_models import make_tiny_pair
+
+
+def _eos_loving(base, eos):
+    """Make ``base`` put almost all mass on EOS: without masking every method would stop at once."""
+    def hook(module, args, out):
+        out.logits[..., eos] += 1e4
+        return out
+    return base.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_every_method_gives_exactly_n_tokens(one_thread, B):
+    base, adapter, tok = make_tiny_pair(seed=3)
+    rows = [tok(t)["input_ids"] for t in ["the cat", "a dog runs in the park", "Hello"][:B]]
+    h = _eos_loving(base, tok.eos_token_id)
+    try:
+        fns = bench_decode.method_fns(base, adapter, tok, rows, 5, top_k=0, top_p=0.9, alpha=1.0)
+        assert set(fns) == set(bench_decode.METHODS)
+        for name, fn in fns.items():
+            assert fn() == B * 5, name
+        new = bench_decode.hf_generate(base, rows, 5, pad_id=tok.pad_token_id, eos_ids=[tok.eos_token_id])
+        assert new.shape == (B, 5) and not bool((new == tok.eos_token_id).any())
+        ids, lp = bench_decode.naive_generate(base, adapter, rows, 5, pad_id=tok.pad_token_id, top_k=0,
+                                              eos_ids=[tok.eos_token_id])
+        assert not bool((ids[:, -5:] == tok.eos_token_id).any()) and bool((lp <= 0).all())
+    finally:
+        h.remove()
+
+
+def test_run_result_and_plot(monkeypatch, tmp_path, capsys):
+    from ipa_fast.cli import main
+
+    monkeypatch.setattr(bench_decode, "bench_models", lambda tiny: (*make_tiny_pair(seed=4), "tiny pair"))
+    n = torch.get_num_threads()
+    rc = main(["bench", "decode", "--tiny", "--prompts", "detox", "--batch", "1", "--batch", "2", "--new-tokens", "3",
+               "--repeats", "1", "--threads", "1", "--json", str(tmp_path / "d.json"), "--plot", str(tmp_path / "d.png")])
+    assert rc == 0 and torch.get_num_threads() == n  # the thread count is restored
+    res = json.loads((tmp_path / "d.json").read_text())
+    assert [r["batch"] for r in res["results"]] == [1, 2] and res["new_tokens"] == 3 and res["torch_threads"] == 1
+    for r in res["results"]:
+        assert r["hf-base"]["ratio_vs_hf_base"] == pytest.approx(1.0)
+        for k in bench_decode.METHODS:
+            assert r[k]["tok_s"] > 0 and 0 <= r[k]["outside_forward"] <= 1
+    assert (tmp_path / "d.png").stat().st_size > 0
+    assert "(b) TailoredLM" in capsys.readouterr().out
+
+
+def test_missing_base_is_one_line_naming_setup(monkeypatch, tmp_path, capsys):
+    from ipa_fast.cli import main
+
+    monkeypatch.setenv("IPA_FAST_HOME", str(tmp_path / "empty"))
+    assert main(["bench", "decode", "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ipa-fast setup" in err and "--tiny" in err
+
+
+def test_bad_flags_refused(capsys):
+    from ipa_fast.cli import main
+
+    for argv in (["--threads", "0"], ["--top-p", "0"], ["--prompts", "nope"], ["--batch", "-1"]):
+        assert main(["bench", "decode", *argv]) == 2
+    assert "error" in capsys.readouterr().err
