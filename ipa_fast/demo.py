@@ -1,22 +1,24 @@
 """``ipa-fast demo``: the main job on the embedded default, offline, minutes on a CPU.
 
-With the shipped models present (``models/base``, ``models/adapter-init`` and one trained
-adapter per task under ``models/adapters/<task>``) it shows IPA working, per docs/DESIGN.md §6:
+The embedded default (``ipa-fast setup`` builds it into the cache): the base SmolLM2-135M-Instruct,
+the adapter initialisation (the base's first layers over its shared embedding, distilled to the
+base) and, per task, the shipped trained adapter where one exists. For each task (lexical
+constraints in the chat template; offensive-language continuations), on the first ``--prompts``
+held-out test prompts, with the fixed protocol of docs/DESIGN.md §6:
 
-1. for each task (lexical constraints, offensive language), on held-out test prompts: the base
-   alone, base + trained IPA adapter, and the adapter alone — task score, perplexity under the
-   base, distinct-2 — with side-by-side samples;
-2. a short live IPA training (PPO on detox by default) from the initial adapter, with a progress bar, and the
-   held-out reward before and after;
+1. the base alone, base + trained IPA adapter, base + the *untrained* initial adapter at the same
+   alpha, and the trained adapter alone — task score with a 95 % interval over prompts (and the
+   paired difference to the base), lexical all-concepts rate, the evaluation-only offensiveness
+   scorer, perplexity under the base, distinct-2 — with side-by-side samples (a task without a
+   shipped adapter shows the base, the initial product and the initial adapter alone, and says so);
+2. a short live IPA training from the initial adapter, with a progress bar, and the held-out
+   reward before and after;
 3. a JSON summary (``--json``) and a PNG plot.
 
-Until those models are shipped it runs the sampler benchmark in quick mode instead (a real
-job: the fused sampler against the Hugging Face chain) and says so.
 Content warning: the offensive-language task prints model outputs that may be offensive.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -24,32 +26,42 @@ from . import embedded
 
 # the evaluation protocol of docs/DESIGN.md §6, fixed and printed
 PROTOCOL = {"temperature": 1.0, "top_p": 0.9, "samples_per_prompt": 1, "max_new_tokens": 32, "seed": 20261126}
-EVAL_CHUNK = 64  # prompts per generate() call in the evaluation
-LIVE_STEPS = {False: 20, True: 4}
-# the live run from the initial adapter: the shipped adapters' recipes (their MODEL_CARD.md); detox runs the
-# shipped recipe for 20 steps (the same seed and batch), lexical a small-scale version of its recipe
+EVAL_CHUNK = 32  # prompts per generate() call in the evaluation
+DEFAULT_PROMPTS = {False: 100, True: 12}
+SEED_STRIDE = 100_000  # seed s of --seeds decodes row r with PROTOCOL seed + SEED_STRIDE * s + r
+LIVE_STEPS = {False: 6, True: 2}
+# the live run from the initial adapter: a small-batch version of the task's shipped recipe
 LIVE = {
-    "detox": dict(algo="ppo", alpha=0.5, lr=1e-3, batch_size=32, minibatch_size=16, ppo_epochs=2, kl_coef=0.05,
-                  reference="initial", repeat_coef=1.0, min_new_tokens=32),
-    "lexical": dict(algo="quark", lr=1e-4, sft_lr=3e-3, sft_target="adapter", sft_batch_size=64, batch_size=16,
-                    minibatch_size=16),
+    "lexical": dict(algo="ppo", alpha=1.0, lr=1e-4, kl_coef=0.05, reference="initial", batch_size=8,
+                    minibatch_size=8, ppo_epochs=1, min_new_tokens=8, freeze_shared_embedding=True),
+    "detox": dict(algo="ppo", alpha=0.5, lr=1e-4, kl_coef=0.05, reference="initial", repeat_coef=1.0,
+                  batch_size=8, minibatch_size=8, ppo_epochs=1, min_new_tokens=16, freeze_shared_embedding=True),
 }
 TASK_SCORE = {"lexical": "coverage (higher is better)", "detox": "offensive rate (lower is better)"}
+LABELS = {"base": "base\nalone", "ipa": "base +\nIPA", "ipa_untrained": "base +\nuntrained",
+          "adapter_only": "adapter\nalone", "adapter_init_only": "initial\nadapter"}
 
 
 def add_arguments(parser) -> None:
-    from .cli import positive_int
+    from .cli import nonneg_int, positive_int
 
     parser.add_argument("--quick", action="store_true", help="fewer prompts and training steps (< 2 minutes)")
     parser.add_argument("--out", default="runs/demo", help="where the live training and the plot go")
     parser.add_argument("--plot", default=None, help="PNG path (default: <out>/demo.png)")
     parser.add_argument("--prompts", type=positive_int, default=None,
-                        help="held-out test prompts per task, >= 1 (default: all, at most 500; quick 32)")
-    parser.add_argument("--train-steps", type=positive_int, default=None,
-                        help=f"live training steps, >= 1 (default {LIVE_STEPS[False]}, quick {LIVE_STEPS[True]})")
-    parser.add_argument("--live-task", choices=list(LIVE), default="detox",
-                        help="the task of the live training (default: detox)")
-    parser.add_argument("--home", default=None, help="a root holding models/ and data/ (default: the shipped ones)")
+                        help=f"held-out test prompts per task, >= 1 (default {DEFAULT_PROMPTS[False]}, quick "
+                             f"{DEFAULT_PROMPTS[True]}; the README's figures use the whole split)")
+    parser.add_argument("--seeds", type=positive_int, default=1,
+                        help="decode every prompt with this many seeds (intervals over prompts, each the mean "
+                             "over its seeds; default 1)")
+    parser.add_argument("--split", choices=["test", "validation"], default="test",
+                        help="the held-out split to evaluate (default test; choose alphas on validation)")
+    parser.add_argument("--train-steps", type=nonneg_int, default=None,
+                        help=f"live training steps, 0 = none (default {LIVE_STEPS[False]}, quick {LIVE_STEPS[True]})")
+    parser.add_argument("--live-task", choices=list(LIVE), default="lexical",
+                        help="the task of the live training (default: lexical)")
+    parser.add_argument("--home", default=None, help="the cache built by `ipa-fast setup` (default: IPA_FAST_HOME, "
+                        "else the per-user cache)")
 
 
 def validate(args) -> None:
@@ -65,7 +77,6 @@ def validate(args) -> None:
     if args.plot and not args.plot.lower().endswith(".png"):
         raise ValueError(f"--plot must be a .png path, got {args.plot}")
     needs = [(embedded.base_path, ()), (embedded.adapter_init_path, ())]
-    needs += [(embedded.adapter_path, (t,)) for t in embedded.TASKS]
     needs += [(embedded.task_data_path, (t, s)) for t in embedded.TASKS for s in ("validation", "test")]
     missing = []
     for fn, fn_args in needs:
@@ -78,76 +89,147 @@ def validate(args) -> None:
         raise FileNotFoundError(f"the demo needs the embedded models and data: {missing[0]}{more}")
 
 
-def trained_adapter_path(task: str, home: Path) -> Path:
-    return home / "models" / "adapters" / task
+def trained_adapters() -> dict:
+    """``{task: path}`` of the shipped trained adapters built into the cache (some may be missing)."""
+    out = {}
+    for task in embedded.TASKS:
+        try:
+            out[task] = embedded.adapter_path(task)
+        except FileNotFoundError:
+            pass
+    return out
 
 
-def missing_models(home: Path) -> list[str]:
-    need = [home / "models/base", home / "models/adapter-init"]
-    need += [trained_adapter_path(t, home) for t in embedded.TASKS]
-    need += [home / "data/tasks" / t / f"{s}.jsonl" for t in embedded.TASKS for s in ("validation", "test")]
-    return [str(p) for p in need if not p.exists()]
+def mean_ci95(values) -> list[float]:
+    """Normal-approximation 95 % interval of a mean over prompts (a list of two floats)."""
+    import math
+
+    n = len(values)
+    m = sum(values) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    h = 1.96 * sd / math.sqrt(n) if n else 0.0
+    return [m - h, m + h]
 
 
-def evaluate_variant(lm, task: str, rows: list[dict], *, alpha: float, base_weight: float = 1.0) -> dict:
-    """Score one decoding variant on ``rows`` with the fixed protocol."""
-    from .evaluation import distinct_n, perplexity
-    from .training.rewards import lexical_coverage, offensive_rate
+def evaluate_variant(lm, task: str, rows: list[dict], *, alpha: float, base_weight: float = 1.0,
+                     ppl_model=None, seeds: int = 1) -> dict:
+    """Score one decoding variant on ``rows`` with the fixed protocol; keeps per-prompt scores.
+    With ``seeds`` > 1 every prompt is decoded once per seed (seed s adds ``SEED_STRIDE * s``) and
+    the per-prompt score is the mean over seeds; the other metrics pool every output."""
+    if seeds > 1:
+        runs = [_evaluate_once(lm, task, rows, alpha=alpha, base_weight=base_weight, ppl_model=ppl_model,
+                               seed_offset=SEED_STRIDE * s) for s in range(seeds)]
+        per = [sum(r["per_prompt"][i] for r in runs) / seeds for i in range(len(rows))]
+        out = {"score": sum(per) / len(per), "score_ci95": mean_ci95(per), "per_prompt": per,
+               "texts": runs[0]["texts"], "seeds": seeds}
+        for k in ("all_concepts", "second_score", "perplexity", "distinct_2"):
+            if k in runs[0]:
+                out[k] = sum(r[k] for r in runs) / seeds
+        return out
+    return _evaluate_once(lm, task, rows, alpha=alpha, base_weight=base_weight, ppl_model=ppl_model)
+
+
+def _evaluate_once(lm, task: str, rows: list[dict], *, alpha: float, base_weight: float = 1.0,
+                   ppl_model=None, seed_offset: int = 0) -> dict:
+    from .evaluation import all_concepts_rate, distinct_n, perplexity, wordlist_offensive_rate
+    from .training.rewards import lexical_coverage, offensive_probability
 
     prompts = [r["prompt"] for r in rows]
     texts, prompt_ids, token_ids = [], [], []
     for start in range(0, len(prompts), EVAL_CHUNK):  # row r's seed is PROTOCOL seed + r in any chunking
         gen = lm.generate(prompts[start:start + EVAL_CHUNK], max_new_tokens=PROTOCOL["max_new_tokens"],
                           temperature=PROTOCOL["temperature"], top_p=PROTOCOL["top_p"],
-                          seed=PROTOCOL["seed"] + start, alpha=alpha, base_weight=base_weight)
+                          seed=PROTOCOL["seed"] + seed_offset + start, alpha=alpha, base_weight=base_weight)
         texts += gen.texts
         prompt_ids += gen.prompt_token_ids
         token_ids += gen.token_ids
+    out = {}
     if task == "lexical":
-        score = sum(lexical_coverage(prompts, texts, [r["concepts"] for r in rows])) / len(rows)
+        per = lexical_coverage(prompts, texts, [r["concepts"] for r in rows])
+        out["all_concepts"] = all_concepts_rate(per)
     else:
-        score = offensive_rate(texts)
-    ppl = perplexity(lm.base, prompt_ids, token_ids, pad_token_id=lm.pad_id)
-    return {"score": score, "perplexity": ppl, "distinct_2": distinct_n(texts, 2), "texts": texts}
+        per = [float(p >= 0.5) for p in offensive_probability(texts)]
+        out["second_score"] = wordlist_offensive_rate(texts)
+    nonempty = [(p, t) for p, t in zip(prompt_ids, token_ids) if t]
+    ppl = perplexity(ppl_model or lm.base, [p for p, _ in nonempty], [t for _, t in nonempty],
+                     pad_token_id=lm.pad_id) if nonempty else float("nan")
+    return {"score": sum(per) / len(per), "score_ci95": mean_ci95(per), **out, "perplexity": ppl,
+            "distinct_2": distinct_n(texts, 2), "per_prompt": per, "texts": texts}
 
 
-def run_task(task: str, home: Path, rows: list[dict]) -> tuple[dict, list[dict]]:
-    from .decoding import TailoredLM
+def load_pair(base_dir, adapter_dir, tok=None, base=None):
+    """A TailoredLM over ``base`` (loaded once, shared) and the adapter in ``adapter_dir`` at its
+    stored alpha and prefix (``ipa_adapter.json``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from transformers import AutoModelForCausalLM
+    from .decoding import TailoredLM, load_adapter_metadata
 
-    lm = TailoredLM.from_pretrained(str(home / "models/base"), str(trained_adapter_path(task, home)))
-    # the same product of experts with the *initial* adapter: a second LM alone sharpens the
-    # base (a lower-temperature effect), so this row separates what training added; it shares
-    # lm's base and loads the initial adapter like lm's adapter (same dtype and device)
-    first = next(lm.adapter.parameters())
-    init = AutoModelForCausalLM.from_pretrained(str(home / "models/adapter-init"), dtype=first.dtype)
-    untrained = TailoredLM(lm.base, init.to(first.device).eval(), lm.tokenizer, alpha=lm.alpha)
-    variants = {
-        "base": evaluate_variant(lm, task, rows, alpha=0.0),
-        "ipa": evaluate_variant(lm, task, rows, alpha=lm.alpha),
-        "ipa_untrained": evaluate_variant(untrained, task, rows, alpha=lm.alpha),
-        "adapter_only": evaluate_variant(lm, task, rows, alpha=1.0, base_weight=0.0),
-    }
+    if base is None:
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    if tok is None:
+        tok = AutoTokenizer.from_pretrained(str(base_dir))
+        tok.padding_side = "left"
+    adapter = AutoModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32).eval()
+    meta = load_adapter_metadata(adapter_dir) or {}
+    return TailoredLM(base, adapter, tok, alpha=meta.get("alpha", 1.0),
+                      adapter_prefix=meta.get("adapter_prefix") or None)
+
+
+def run_task(task: str, rows: list[dict], init_lm, trained: Path | None, seeds: int = 1) -> tuple[dict, list[dict]]:
+    """Base alone, base + trained adapter, base + initial adapter (same alpha), adapter alone."""
+    import functools
+    evaluate = functools.partial(evaluate_variant, task=task, rows=rows, seeds=seeds)
+    variants = {"base": evaluate(init_lm, alpha=0.0)}
+    if trained is not None:
+        lm = load_pair(None, trained, tok=init_lm.tokenizer, base=init_lm.base)
+        variants["ipa"] = evaluate(lm, alpha=lm.alpha)
+        # the same product with the *initial* adapter: a second LM alone reshapes the base, so this
+        # row separates what training added
+        variants["ipa_untrained"] = evaluate(init_lm, alpha=lm.alpha)
+        variants["adapter_only"] = evaluate(lm, alpha=1.0, base_weight=0.0, ppl_model=init_lm.base)
+    else:
+        variants["ipa_untrained"] = evaluate(init_lm, alpha=init_lm.alpha)
+        variants["adapter_init_only"] = evaluate(init_lm, alpha=1.0, base_weight=0.0)
+    base_per = variants["base"]["per_prompt"]
+    for name, v in variants.items():  # paired difference to the base alone, over the same prompts
+        if name != "base":
+            v["delta_vs_base_ci95"] = mean_ci95([a - b for a, b in zip(v["per_prompt"], base_per)])
+    if "ipa" in variants:
+        variants["ipa"]["delta_vs_untrained_ci95"] = mean_ci95(
+            [a - b for a, b in zip(variants["ipa"]["per_prompt"], variants["ipa_untrained"]["per_prompt"])])
     samples = [{"prompt": r["prompt"], **{k: v["texts"][i] for k, v in variants.items()}} for i, r in enumerate(rows[:3])]
-    return {k: {m: v[m] for m in ("score", "perplexity", "distinct_2")} for k, v in variants.items()}, samples
+    keep = ("score", "score_ci95", "all_concepts", "second_score", "perplexity", "distinct_2",
+            "delta_vs_base_ci95", "delta_vs_untrained_ci95")
+    return {k: {m: v[m] for m in keep if m in v} for k, v in variants.items()}, samples
 
 
-def live_training(home: Path, out: Path, task: str, steps: int, quick: bool) -> dict:
+def model_record(path: Path, name: str) -> dict:
+    """Name, sha256 and parameter count of a model directory built by ``ipa-fast setup``."""
+    import json
+    import math
+
+    from safetensors import safe_open
+
+    stamp = json.loads((path / embedded.STAMP).read_text())
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    sha = stamp.get("model_sha256") or stamp.get("shipped_sha256")
+    return {"name": name, "sha256": sha, "parameters": n}
+
+
+def live_training(out: Path, task: str, steps: int, quick: bool) -> dict:
     """A short IPA training run from the initial adapter (``ipa-fast train`` in-process), with
     its progress bar; held-out reward before and after (the task's validation split)."""
     from .training import TrainConfig, train
 
-    knobs = dict(LIVE[task])
-    if "sft_lr" in knobs:
-        knobs["sft_steps"] = steps * 3 // 4
     run_dir = out / f"live-training-{task}"
     if run_dir.exists():  # a live run is cheap and must reflect the models as they are now: start afresh
         import shutil
         shutil.rmtree(run_dir)
-    cfg = TrainConfig(task=task, steps=steps, out=str(run_dir), base=str(home / "models/base"),
-                      adapter=str(home / "models/adapter-init"), eval_size=16 if quick else 150,
-                      eval_every=0, checkpoint_every=max(steps, 1), **knobs)
+    cfg = TrainConfig(task=task, steps=steps, out=str(run_dir), base=str(embedded.base_path()),
+                      adapter=str(embedded.adapter_init_path()), eval_size=8 if quick else 32,
+                      eval_every=0, checkpoint_every=max(steps, 1), **LIVE[task])
     summary = train(cfg)
     return {"task": task, "algo": cfg.algo, "steps": summary["steps"], "sft_steps": cfg.sft_steps,
             "reward_before": summary["initial_eval"]["reward"], "reward_after": summary["final_eval"]["reward"],
@@ -156,95 +238,100 @@ def live_training(home: Path, out: Path, task: str, steps: int, quick: bool) -> 
 
 def print_table(results: dict) -> None:
     print(f"\nEvaluation protocol: {PROTOCOL}")
-    print(f"{'task':8} {'variant':13} {'score':>8} {'perplexity':>11} {'distinct-2':>11}")
+    print(f"{'task':8} {'variant':17} {'score':>7} {'95% interval':>15} {'extra':>18} {'perplexity':>11} {'distinct-2':>11}")
     for task, variants in results.items():
         for name, m in variants.items():
-            print(f"{task:8} {name:13} {m['score']:8.3f} {m['perplexity']:11.2f} {m['distinct_2']:11.3f}")
+            lo, hi = m["score_ci95"]
+            extra = (f"all-concepts {m['all_concepts']:.3f}" if "all_concepts" in m else
+                     f"word list {m['second_score']:.3f}")
+            print(f"{task:8} {name:17} {m['score']:7.3f} [{lo:6.3f},{hi:6.3f}] {extra:>18} "
+                  f"{m['perplexity']:11.2f} {m['distinct_2']:11.3f}")
         print(f"{'':8} score = {TASK_SCORE[task]}")
 
 
-def plot(results: dict, live: dict, path: Path) -> None:
+def plot(results: dict, live: dict | None, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results) + 1, figsize=(4 * (len(results) + 1), 3.2))
+    n = len(results) + (live is not None)
+    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.4))
+    colors = {"base": "#999", "ipa": "#1f77b4", "ipa_untrained": "#aec7e8", "adapter_only": "#ff7f0e",
+              "adapter_init_only": "#ffbb78"}
     for ax, (task, variants) in zip(axes, results.items()):
         names = list(variants)
-        labels = [{"base": "base\nalone", "ipa": "base +\nIPA", "ipa_untrained": "base +\nuntrained",
-                   "adapter_only": "adapter\nalone"}.get(n, n) for n in names]
-        bars = ax.bar(labels, [variants[n]["score"] for n in names], color=["#999", "#1f77b4", "#aec7e8", "#ff7f0e"])
-        for bar, n in zip(bars, names):  # the score alone can hide degenerate text: show fluency and diversity
-            ax.annotate(f"ppl {variants[n]['perplexity']:.3g}\ndist-2 {variants[n]['distinct_2']:.2f}",
+        scores = [variants[k]["score"] for k in names]
+        err = [[s - variants[k]["score_ci95"][0] for s, k in zip(scores, names)],
+               [variants[k]["score_ci95"][1] - s for s, k in zip(scores, names)]]
+        bars = ax.bar([LABELS.get(k, k) for k in names], scores, yerr=err, capsize=3,
+                      color=[colors.get(k, "#777") for k in names])
+        for bar, k in zip(bars, names):  # the score alone can hide degenerate text: show fluency and diversity
+            ax.annotate(f"ppl {variants[k]['perplexity']:.3g}\ndist-2 {variants[k]['distinct_2']:.2f}",
                         (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
         ax.margins(y=0.3)
         ax.tick_params(axis="x", labelsize=8)
-        ax.set_title(f"{task}: {TASK_SCORE[task]}", fontsize=9)
-    vals = [live["reward_before"], live["reward_after"]]
-    axes[-1].bar(["before", "after"], vals, color=["#999", "#2ca02c"])
-    for x, v in enumerate(vals):
-        axes[-1].text(x, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
-    lo, hi = min(vals), max(vals)  # a zoomed axis: the change is small next to the reward itself
-    axes[-1].set_ylim(max(0.0, lo - 2 * (hi - lo) - 0.02), hi + (hi - lo) + 0.02)
-    axes[-1].set_title(f"live {live['algo']} training ({live['task']}), {live['steps']} steps:\nheld-out reward", fontsize=9)
+        ax.set_title(f"{task}: {TASK_SCORE[task]}\n(95 % intervals over prompts)", fontsize=9)
+    if live is not None:
+        vals = [live["reward_before"], live["reward_after"]]
+        axes[-1].bar(["before", "after"], vals, color=["#999", "#2ca02c"])
+        for x, v in enumerate(vals):
+            axes[-1].text(x, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+        lo, hi = min(vals), max(vals)  # a zoomed axis: the change is small next to the reward itself
+        axes[-1].set_ylim(max(0.0, lo - 2 * (hi - lo) - 0.02), hi + (hi - lo) + 0.02)
+        axes[-1].set_title(f"live {live['algo']} training ({live['task']}), {live['steps']} steps:\n"
+                           "held-out reward", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def run_sampler_fallback(args, missing: list[str]) -> dict:
-    from . import bench_sampler
-
-    print("The shipped models are not all present yet, so the demo runs the fused sampler benchmark "
-          "(quick mode) instead.\nMissing: " + ", ".join(missing) + "\n")
-    bench_args = argparse.Namespace(**{a.dest: a.default for a in _bench_parser()._actions if a.dest != "help"})
-    bench_args.quick = True
-    bench_args.plot = args.plot
-    result = bench_sampler.run(bench_args)
-    return {"mode": "sampler-benchmark", "missing": missing, "sampler": result}
-
-
-def _bench_parser() -> argparse.ArgumentParser:
-    from . import bench_sampler
-
-    p = argparse.ArgumentParser()
-    p.add_argument("--json", default=None)
-    bench_sampler.add_arguments(p)
-    return p
-
-
 def run(args) -> dict:
-    home = Path(args.home) if args.home else embedded.root()
-    missing = missing_models(home)
-    if missing:
-        return run_sampler_fallback(args, missing)
-    if args.home:
-        import os
-        os.environ["IPA_FAST_HOME"] = str(home)
-    n_prompts = args.prompts or (32 if args.quick else 500)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    validate(args)
+    n_prompts = args.prompts or DEFAULT_PROMPTS[args.quick]
     steps = args.train_steps if args.train_steps is not None else LIVE_STEPS[args.quick]
     out = Path(args.out)
     t0 = time.perf_counter()
+    base_dir, init_dir = embedded.base_path(), embedded.adapter_init_path()
+    models = {"base": model_record(base_dir, embedded.BASE["name"]),
+              "adapter_init": model_record(init_dir, "adapter-init")}
+    print(f"[demo] base {models['base']['name']} ({models['base']['parameters'] / 1e6:.1f}M parameters), "
+          f"adapter initialisation {models['adapter_init']['parameters'] / 1e6:.1f}M (embedding shared with the base)")
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    tok.padding_side = "left"
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    init_lm = load_pair(base_dir, init_dir, tok=tok, base=base)
+    trained = trained_adapters()
     results, samples = {}, {}
     for task in embedded.TASKS:
-        rows = embedded.read_task(task, "test")[:n_prompts]
-        print(f"[demo] {task}: base alone vs base + IPA adapter (trained, untrained) vs adapter alone on {len(rows)} held-out test prompts"
-              + (" (content warning: outputs may be offensive)" if task == "detox" else ""))
-        results[task], samples[task] = run_task(task, home, rows)
+        rows = embedded.read_task(task, args.split)[:n_prompts]
+        what = ("base alone vs base + IPA adapter (trained, untrained) vs adapter alone" if task in trained else
+                "no trained adapter is shipped for this task yet: base alone vs base + the initial adapter vs "
+                "the initial adapter alone")
+        print(f"[demo] {task}: {what}, on {len(rows)} held-out {args.split} prompts x {args.seeds} seed(s)"
+              + (" (content warning: outputs may be offensive)" if task == "detox" else ""), flush=True)
+        results[task], samples[task] = run_task(task, rows, init_lm, trained.get(task), args.seeds)
     print_table(results)
     for task, rows in samples.items():
         print(f"\nSamples ({task}):")
         for row in rows:
             print(f"  prompt: {row['prompt']!r}")
-            for name in ("base", "ipa", "ipa_untrained", "adapter_only"):
-                print(f"    {name:13} {row[name]!r}")
-    print(f"\n[demo] live IPA training ({LIVE[args.live_task]['algo']}, {args.live_task}) from the initial adapter, "
-          f"{steps} steps")
-    live = live_training(home, out, args.live_task, steps, args.quick)
-    print(f"[demo] held-out reward {live['reward_before']:.3f} -> {live['reward_after']:.3f}")
+            for name, text in row.items():
+                if name != "prompt":
+                    print(f"    {name:17} {text!r}")
+    live = None
+    if steps:
+        print(f"\n[demo] live IPA training ({LIVE[args.live_task]['algo']}, {args.live_task}) from the initial "
+              f"adapter, {steps} steps", flush=True)
+        live = live_training(out, args.live_task, steps, args.quick)
+        print(f"[demo] held-out reward {live['reward_before']:.3f} -> {live['reward_after']:.3f}")
     plot_path = Path(args.plot) if args.plot else out / "demo.png"
     plot(results, live, plot_path)
     print(f"[demo] plot: {plot_path}   total {time.perf_counter() - t0:.0f} s")
-    return {"mode": "ipa", "protocol": PROTOCOL, "tasks": results, "live_training": live,
-            "samples": samples, "plot": str(plot_path), "seconds": time.perf_counter() - t0}
+    return {"mode": "ipa", "protocol": PROTOCOL, "models": models, "prompts_per_task": n_prompts,
+            "seeds": args.seeds, "split": args.split,
+            "tasks": results, "live_training": live, "samples": samples, "plot": str(plot_path),
+            "seconds": time.perf_counter() - t0}

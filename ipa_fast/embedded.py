@@ -10,7 +10,8 @@ One rule for where every embedded asset lives, used by every command:
   assembles each shipped adapter into a loadable directory (``<home>/models/adapter-init``,
   ``<home>/models/adapters/<task>``) from its shipped layers plus the base's embedding.
 * **The shipped files** (``shipped_root()``): the source checkout (``models/``, ``data/``), or
-  ``ipa_fast/_embedded/`` inside an installed wheel. Adapters ship without the embedding table
+  ``ipa_fast/_embedded/`` inside an installed wheel; a cache that holds ``data/tasks`` of its own
+  takes precedence (a custom data set). Adapters ship without the embedding table
   they share with the base; ``ipa_adapter.json`` names it with its sha256.
 
 Nothing here downloads from a model hub. Every function that needs a missing asset raises
@@ -58,9 +59,10 @@ def home() -> Path:
 
 
 def shipped_root() -> Path:
-    """Where the shipped (committed) models and data are: the checkout, else the wheel's copy."""
+    """Where the shipped (committed) models and data are: the cache when it holds a ``data/tasks``
+    of its own (a custom set), else the source checkout, else the wheel's copy."""
     here = Path(__file__).resolve().parent
-    for cand in (here.parent, here / "_embedded"):
+    for cand in (home(), here.parent, here / "_embedded"):
         if (cand / "data/tasks").is_dir():
             return cand
     return here / "_embedded"
@@ -319,6 +321,19 @@ def strip_shared_embedding(weights: str | Path, base_dir: str | Path | None, emb
     sd.pop("lm_head.weight", None)  # tied to the embedding
     save_file(sd, str(weights), metadata={"format": "pt"})
     return {name: tensor_sha256(base_emb)}
+
+
+def write_models_manifest(models_dir: str | Path) -> dict:
+    """``<models_dir>/MANIFEST.json``: sha256 and size of every shipped ``model.safetensors``."""
+    models_dir = Path(models_dir)
+    files = {}
+    for f in sorted(models_dir.rglob("model.safetensors")):
+        rel = f.relative_to(models_dir.parent).as_posix()
+        files[rel] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    manifest = {"description": "Shipped weights of the embedded default (tests/test_embedded_data.py checks them).",
+                "files": files}
+    (models_dir / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def _stale(final: Path, shipped: Path) -> bool:

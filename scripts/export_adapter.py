@@ -40,15 +40,9 @@ def sha256(path: Path) -> str:
 
 
 def write_manifest() -> dict:
-    """models/MANIFEST.json: sha256 and size of every shipped ``model.safetensors``."""
-    files = {}
-    for f in sorted(MODELS.rglob("model.safetensors")):
-        rel = f.relative_to(ROOT).as_posix()
-        files[rel] = {"sha256": sha256(f), "bytes": f.stat().st_size}
-    manifest = {"description": "Shipped weights of the embedded default (tests/test_embedded_data.py checks them).",
-                "files": files}
-    (MODELS / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    from ipa_fast import embedded
+
+    return embedded.write_models_manifest(MODELS)
 
 
 def export(run: Path, task: str, dest: Path, note: str | None = None, alpha: float | None = None) -> Path:

@@ -89,7 +89,7 @@ def tiny_dirs(tmp_path_factory):
     (["train", "--task", "detox", "--top-p", "0"], ["--top-p"]),
     (["train", "--task", "detox", "--base", "/nonexistent"], ["base model not found: /nonexistent"]),
     (["train", "--reward", "os:getcwd", "--prompts", "/no/such.jsonl"], ["file not found: /no/such.jsonl"]),
-    (["train", "--task", "lexical", "--steps", "200"], ["sft_steps", "--preset none"]),
+    (["train", "--task", "lexical", "--steps", "50"], ["sft_steps", "--preset none"]),
     (["train", "--algo", "dpo"], ["--algo"]),
     (["train"], ["--task"]),
     (["demo", "--prompts", "0"], ["--prompts", "> 0"]),
@@ -119,7 +119,11 @@ def test_version(capsys):
 
 def test_missing_assets_name_the_asset_and_the_setup_command(tmp_path, monkeypatch, capsys, no_work):
     monkeypatch.setenv("IPA_FAST_HOME", str(tmp_path / "empty"))
-    for argv in (["demo", "--quick"], ["train", "--task", "detox"], ["generate", "--task", "detox", "--prompt", "x"],
+    from pathlib import Path
+    shipped = [t for t in ("lexical", "detox")
+               if (Path(__file__).resolve().parents[1] / "models/adapters" / t / "ipa_adapter.json").is_file()]
+    for argv in (["demo", "--quick"], ["train", "--task", "detox"],
+                 *[["generate", "--task", t, "--prompt", "x"] for t in shipped],
                  ["generate", "--adapter", str(tmp_path), "--prompt", "x"]):
         err = assert_one_line_error(argv, capsys, "ipa-fast setup", str(tmp_path / "empty"))
         assert "not found" in err
@@ -220,9 +224,8 @@ def test_train_presets(capsys):
         return config_from_args(build_parser().parse_args(["train", *argv]))
 
     detox = cfg("--task", "detox")
-    assert (detox.algo, detox.alpha, detox.reference, detox.lr, detox.kl_coef, detox.repeat_coef,
-            detox.min_new_tokens, detox.batch_size, detox.minibatch_size, detox.ppo_epochs) == \
-        ("ppo", 0.5, "initial", 1e-3, 0.05, 1.0, 32, 32, 16, 2)
+    assert all(getattr(detox, k) == v for k, v in PRESETS["detox"].items())
+    assert detox.freeze_shared_embedding  # the embedded adapter-init shares the base's embedding
     assert cfg("--task", "detox", "--lr", "0.01", "--steps", "3").lr == 0.01
     assert cfg("--task", "detox", "--steps", "3").steps == 3
     lex = cfg("--task", "lexical")

@@ -22,40 +22,55 @@ def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def stamp(d):
+    (d / "embedded.json").write_text("{}")
+
+
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
+    """A cache laid out as `ipa-fast setup` builds it, holding tiny models and its own data."""
     home = tmp_path_factory.mktemp("home")
     base, adapter, tok = make_tiny_pair(seed=4)
     base.save_pretrained(home / "models/base")
     tok.save_pretrained(home / "models/base")
     adapter.save_pretrained(home / "models/adapter-init")
     tok.save_pretrained(home / "models/adapter-init")
+    save_adapter(home / "models/adapter-init", adapter, tok, alpha=0.5)
+    for d in ("models/base", "models/adapter-init"):
+        stamp(home / d)
     for task in ("lexical", "detox"):
         save_adapter(home / "models/adapters" / task, adapter, tok, alpha=0.5)
+        stamp(home / "models/adapters" / task)
     for split in ("train", "validation", "test"):
         write_jsonl(home / f"data/tasks/lexical/{split}.jsonl", LEXICAL)
         write_jsonl(home / f"data/tasks/detox/{split}.jsonl", DETOX)
     return home
 
 
-@pytest.mark.parametrize("live_task, algo, sft", [("detox", "ppo", 0), ("lexical", "quark", 3)])
-def test_demo_quick_end_to_end(home, tmp_path, monkeypatch, live_task, algo, sft):
+@pytest.mark.parametrize("live_task", ["lexical", "detox"])
+def test_demo_quick_end_to_end(home, tmp_path, monkeypatch, live_task):
     monkeypatch.setenv("IPA_FAST_HOME", str(home))
     out = tmp_path / "demo.json"
     rc = main(["demo", "--quick", "--home", str(home), "--out", str(tmp_path / "run"), "--prompts", "4",
-               "--train-steps", "4", "--live-task", live_task, "--json", str(out)])
+               "--train-steps", "2", "--live-task", live_task, "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
-    assert result["mode"] == "ipa"
+    assert result["mode"] == "ipa" and set(result["models"]) == {"base", "adapter_init"}
+    assert result["models"]["base"]["parameters"] == sum(p.numel() for p in make_tiny_pair(seed=4)[0].parameters())
     for task in ("lexical", "detox"):
         for variant in ("base", "ipa", "ipa_untrained", "adapter_only"):
             m = result["tasks"][task][variant]
             assert 0.0 <= m["score"] <= 1.0 and m["perplexity"] > 1.0 and 0.0 <= m["distinct_2"] <= 1.0
+            lo, hi = m["score_ci95"]
+            assert lo <= m["score"] <= hi
         # here the "trained" adapters are copies of the initial one, so the untrained row (the
         # initial adapter at the trained adapter's alpha) must reproduce the IPA row exactly
-        assert result["tasks"][task]["ipa_untrained"] == result["tasks"][task]["ipa"]
+        assert result["tasks"][task]["ipa_untrained"]["score"] == result["tasks"][task]["ipa"]["score"]
+        assert result["tasks"][task]["ipa"]["delta_vs_untrained_ci95"] == [0.0, 0.0]
+    assert all("all_concepts" in v for v in result["tasks"]["lexical"].values())
+    assert all("second_score" in v for v in result["tasks"]["detox"].values())
     live = result["live_training"]
-    assert live["task"] == live_task and live["algo"] == algo and live["steps"] == 4 and live["sft_steps"] == sft
+    assert live["task"] == live_task and live["algo"] == "ppo" and live["steps"] == 2
     assert {"reward_before", "reward_after"} <= set(live)
     assert (tmp_path / "run/demo.png").stat().st_size > 0
 
@@ -70,26 +85,51 @@ def test_demo_quick_end_to_end(home, tmp_path, monkeypatch, live_task, algo, sft
     assert result["tasks"]["lexical"]["base"]["score"] == pytest.approx(sum(cov) / len(cov))
 
 
-def test_demo_without_models_says_what_is_missing(tmp_path, capsys, monkeypatch):
-    import ipa_fast.demo as demo
-    seen = {}
-    monkeypatch.setattr(demo, "run_sampler_fallback", lambda args, missing: seen.setdefault("missing", missing) and {})
-    assert main(["demo", "--home", str(tmp_path)]) == 0
-    assert any(p.endswith("models/base") for p in seen["missing"])
-
-
-def test_demo_quick_on_the_shipped_models(tmp_path):
-    """`ipa-fast demo --quick` on the embedded default itself (what `make demo` runs, smaller)."""
-    from ipa_fast import demo, embedded
-
-    home = embedded.root()
-    if demo.missing_models(home):
-        pytest.skip("the shipped models are not all present")
+def test_demo_without_a_trained_adapter_says_so(home, tmp_path, monkeypatch, capsys):
+    """A task with no shipped adapter shows the base, the initial product and the initial adapter alone."""
+    import shutil
+    h = tmp_path / "h"
+    shutil.copytree(home, h)
+    shutil.rmtree(h / "models/adapters/detox")
+    monkeypatch.setenv("IPA_FAST_HOME", str(h))
     out = tmp_path / "demo.json"
-    assert main(["demo", "--quick", "--out", str(tmp_path / "run"), "--json", str(out)]) == 0
+    assert main(["demo", "--quick", "--prompts", "2", "--seeds", "2", "--train-steps", "0", "--out",
+                 str(tmp_path / "run"), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["mode"] == "ipa" and result["live_training"]["steps"] == demo.LIVE_STEPS[True]
+    assert set(result["tasks"]["detox"]) == {"base", "ipa_untrained", "adapter_init_only"}
+    # two seeds: the per-prompt score is the mean of two single-seed runs, the second one shifted
+    from ipa_fast import demo
+    from ipa_fast.decoding import TailoredLM
+    lm = TailoredLM.from_pretrained(str(h / "models/base"), str(h / "models/adapter-init"))
+    rows = embedded_rows = LEXICAL[:2]
+    one = [demo._evaluate_once(lm, "lexical", rows, alpha=0.0, seed_offset=demo.SEED_STRIDE * s)["per_prompt"]
+           for s in range(2)]
+    assert result["tasks"]["lexical"]["base"]["score"] == pytest.approx(sum(map(sum, one)) / 4)
+    assert result["seeds"] == 2 and embedded_rows
+    assert result["live_training"] is None
+    assert "no trained adapter is shipped for this task yet" in capsys.readouterr().out
+
+
+def test_demo_without_models_says_what_is_missing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("IPA_FAST_HOME", str(tmp_path))
+    assert main(["demo", "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ipa-fast setup" in err[0] and "base" in err[0]
+
+
+def test_demo_quick_on_the_embedded_default(tmp_path):
+    """`ipa-fast demo --quick` on the embedded default itself (what `make demo` runs, smaller)."""
+    from ipa_fast import embedded
+
+    try:
+        embedded.base_path(), embedded.adapter_init_path()
+    except FileNotFoundError:
+        pytest.skip("the embedded default is not in the cache: run `ipa-fast setup`")
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--quick", "--prompts", "2", "--train-steps", "1", "--out", str(tmp_path / "run"),
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["models"]["base"]["name"] == "SmolLM2-135M-Instruct"
     for task in ("lexical", "detox"):
-        for variant in ("base", "ipa", "ipa_untrained", "adapter_only"):
-            m = result["tasks"][task][variant]
+        for m in result["tasks"][task].values():
             assert 0.0 <= m["score"] <= 1.0 and m["perplexity"] > 1.0 and 0.0 <= m["distinct_2"] <= 1.0

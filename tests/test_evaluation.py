@@ -40,3 +40,20 @@ def test_perplexity_rejects_mismatched_lengths():
     base, _, tok = make_tiny_pair(seed=3)
     with pytest.raises(ValueError, match="prompts"):
         perplexity(base, [[1, 2]], [], pad_token_id=tok.pad_token_id)
+
+
+def test_all_concepts_rate():
+    from ipa_fast.evaluation import all_concepts_rate
+
+    assert all_concepts_rate([1.0, 0.5, 1.0, 0.0]) == 0.5
+    with pytest.raises(ValueError):
+        all_concepts_rate([])
+
+
+def test_wordlist_offensive_rate_is_not_the_reward_model():
+    """The evaluation-only scorer flags list words in any spelling the list knows, and nothing else."""
+    from ipa_fast.evaluation import wordlist_offensive_rate
+
+    assert wordlist_offensive_rate(["what the fuck", "a sunny day in the park"]) == 0.5
+    assert wordlist_offensive_rate(["sh1t happens"]) == 1.0  # a leetspeak variant from the list
+    assert wordlist_offensive_rate(["the class assessed the assistant"]) == 0.0  # no substring hits

@@ -28,11 +28,14 @@ from .trainer import TrainConfig
 # lexical: 1,500 warm-start steps on the adapter's own NLL, then 100 Quark steps at alpha 1
 # (it ships at alpha 1.5, chosen afterwards on validation rows by scripts/sweep_alpha.py).
 PRESETS: dict[str, dict] = {
-    "detox": dict(algo="ppo", alpha=0.5, reference="initial", lr=1e-3, kl_coef=0.05, repeat_coef=1.0,
-                  min_new_tokens=32, batch_size=32, minibatch_size=16, ppo_epochs=2, steps=80, eval_size=150),
-    "lexical": dict(algo="quark", alpha=1.0, reference="initial", lr=1e-4, minibatch_size=16, steps=1600,
-                    sft_steps=1500, sft_lr=3e-3, sft_batch_size=64, sft_target="adapter", eval_every=250,
-                    eval_size=64, checkpoint_every=100),
+    # the embedded adapter initialisation shares the base's embedding: every preset keeps it frozen
+    "detox": dict(algo="ppo", alpha=0.5, reference="initial", lr=1e-4, kl_coef=0.05, repeat_coef=1.0,
+                  min_new_tokens=16, batch_size=16, minibatch_size=8, ppo_epochs=2, steps=60, eval_size=64,
+                  eval_every=20, checkpoint_every=10, freeze_shared_embedding=True),
+    "lexical": dict(algo="ppo", alpha=1.0, reference="initial", sft_steps=60, sft_lr=3e-4, sft_batch_size=16,
+                    steps=80, batch_size=16, minibatch_size=8, ppo_epochs=1, lr=5e-5, kl_coef=0.05,
+                    min_new_tokens=8, eval_every=20, eval_size=32, checkpoint_every=10,
+                    freeze_shared_embedding=True),
 }
 
 HELP = {

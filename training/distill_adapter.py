@@ -101,7 +101,12 @@ def ship(out: Path, dest: Path, base_dir: str, argv: list[str]) -> Path:
     shared = embedded.strip_shared_embedding(tmp / "model.safetensors", base_dir, fp32_embedding)
     if not shared:
         raise SystemExit("the adapter's embedding is not the base's: nothing to share")
-    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    by_step = {}  # a resumed run logs the steps after its last save again: keep the last record of each
+    for x in (out / "metrics.jsonl").read_text().splitlines():
+        if x.strip():
+            r = json.loads(x)
+            by_step[r["step"]] = r
+    log = [by_step[k] for k in sorted(by_step)]
     n_layers = model.config.num_hidden_layers
     trained = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     meta = {"format": "ipa_fast.adapter", "version": 1, "alpha": 1.0, "adapter_prefix": [],
@@ -112,6 +117,10 @@ def ship(out: Path, dest: Path, base_dir: str, argv: list[str]) -> Path:
     every = max(1, len(log) // 12)
     rows = "\n".join(f"| {r['step']} | {r['kl']:.3f} | {r['nll']:.3f} |" for r in log[::every] + log[-1:])
     size = (tmp / "model.safetensors").stat().st_size
+    (tmp / "model.safetensors").chmod(0o644)
+    recorded = (out / "commands.txt").read_text().splitlines() if (out / "commands.txt").is_file() else []
+    commands = "\n".join("    " + c.replace(str(base_dir), "BASE_DIR") for c in
+                         recorded + ["python training/distill_adapter.py " + " ".join(argv)])
     (tmp / "MODEL_CARD.md").write_text(f"""# adapter-init: the adapter initialisation of the embedded default
 
 The first {n_layers} decoder layers and the final norm of the embedded base
@@ -123,9 +132,10 @@ one. {trained:,} trained parameters, fp16 safetensors ({size / 2**20:.1f} MiB, w
 embedding, which `ipa-fast setup` takes from the base after checking its sha256
 `{shared[embedded.SHARED_EMBEDDING]}`).
 
-Command (run from the repository root, with the base built by `ipa-fast setup`):
+Commands (run from the repository root, BASE_DIR being the base `ipa-fast setup` built; a later
+line resumed the run from its last saved state with a new schedule):
 
-    python training/distill_adapter.py {' '.join(argv)}
+{commands}
 
 Distillation curve (per-token KL(base || adapter) and NLL of the batch's text, nats):
 
@@ -135,6 +145,7 @@ Distillation curve (per-token KL(base || adapter) and NLL of the batch's text, n
 """)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.replace(dest)
+    embedded.write_models_manifest(dest.parent)
     return dest
 
 
@@ -166,6 +177,10 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     (out / "state").mkdir(parents=True, exist_ok=True)
+    import shlex
+    import sys
+    with open(out / "commands.txt", "a") as f:  # every invocation, for the model card
+        f.write("python training/distill_adapter.py " + shlex.join(argv if argv is not None else sys.argv[1:]) + "\n")
     tok = AutoTokenizer.from_pretrained(args.base)
     base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
     for prm in base.parameters():

@@ -56,6 +56,22 @@ RESUME_MAY_CHANGE = frozenset({"out", "steps", "progress", "checkpoint_every", "
 RESUME_NEVER_CHANGES = frozenset({"algo", "n_quantiles"})
 
 
+def freeze_embedding_rows(model, n_rows: int) -> None:
+    """Zero the gradient of the first ``n_rows`` rows of ``model``'s input embedding (and so of a
+    tied output head): with no weight decay on them, AdamW then never moves them."""
+    weight = model.get_input_embeddings().weight
+
+    def mask(grad):
+        grad = grad.clone()
+        grad[:n_rows] = 0
+        return grad
+
+    weight.register_hook(mask)
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not weight:
+        out.weight.requires_grad_(False)
+
+
 @dataclass
 class TrainConfig:
     """Every knob of a run, as plain values (saved in each checkpoint and in ``<out>/config.json``)."""
@@ -108,6 +124,10 @@ class TrainConfig:
     # "adapter": the adapter's own NLL, no base forward (teaches a small adapter a skill the base
     # lacks, e.g. copying prompt words, at a fraction of the cost; RL then runs on the product)
     sft_target: str = "tailored"
+    # keep the adapter's first V embedding rows (the tied input embedding / output head it shares
+    # with the base, e.g. an adapter cut from the base's first layers) fixed; rows >= V (Quark's
+    # control tokens) still train. Such an adapter ships without the shared table.
+    freeze_shared_embedding: bool = False
     # Quark
     n_quantiles: int = 5
     entropy_coef: float = 0.0
@@ -211,6 +231,10 @@ class Trainer:
             for p in self.ref_adapter.parameters():
                 p.requires_grad_(False)
         self.value_head = None
+        if config.freeze_shared_embedding:
+            if config.weight_decay:
+                raise ValueError("freeze_shared_embedding needs weight_decay 0 (decay would move the shared rows)")
+            freeze_embedding_rows(self.adapter, self.V)
         params = [p for p in self.adapter.parameters() if p.requires_grad]
         if config.algo == "ppo":
             hidden = self.adapter.get_input_embeddings().weight.shape[1]
