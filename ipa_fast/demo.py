@@ -30,13 +30,19 @@ EVAL_CHUNK = 32  # prompts per generate() call in the evaluation
 DEFAULT_PROMPTS = {False: 100, True: 12}
 SEED_STRIDE = 100_000  # seed s of --seeds decodes row r with PROTOCOL seed + SEED_STRIDE * s + r
 LIVE_STEPS = {False: 6, True: 2}
-# the live run from the initial adapter: a small-batch version of the task's shipped recipe
-LIVE = {
-    "lexical": dict(algo="ppo", alpha=1.0, lr=1e-4, kl_coef=0.05, reference="initial", batch_size=8,
-                    minibatch_size=8, ppo_epochs=1, min_new_tokens=8, freeze_shared_embedding=True),
-    "detox": dict(algo="ppo", alpha=0.5, lr=1e-4, kl_coef=0.05, reference="initial", repeat_coef=1.0,
-                  batch_size=8, minibatch_size=8, ppo_epochs=1, min_new_tokens=16, freeze_shared_embedding=True),
-}
+# the live run from the initial adapter: the task's shipped recipe (`ipa-fast train --task T`'s preset)
+# with a small batch and no warm start, so that a few steps fit the demo's budget on a CPU
+LIVE_RUN_KNOBS = ("algo", "alpha", "reference", "lr", "kl_coef", "repeat_coef", "min_new_tokens", "ppo_epochs",
+                  "freeze_shared_embedding")
+LIVE_SMALL = dict(batch_size=8, minibatch_size=8)
+
+
+def live_recipe(task: str) -> dict:
+    from .training.cli import PRESETS
+
+    return {**{k: v for k, v in PRESETS[task].items() if k in LIVE_RUN_KNOBS}, **LIVE_SMALL}
+
+
 TASK_SCORE = {"lexical": "coverage (higher is better)", "detox": "offensive rate (lower is better)"}
 LABELS = {"base": "base\nalone", "ipa": "base +\nIPA", "ipa_untrained": "base +\nuntrained",
           "adapter_only": "adapter\nalone", "adapter_init_only": "initial\nadapter"}
@@ -58,7 +64,7 @@ def add_arguments(parser) -> None:
                         help="the held-out split to evaluate (default test; choose alphas on validation)")
     parser.add_argument("--train-steps", type=nonneg_int, default=None,
                         help=f"live training steps, 0 = none (default {LIVE_STEPS[False]}, quick {LIVE_STEPS[True]})")
-    parser.add_argument("--live-task", choices=list(LIVE), default="lexical",
+    parser.add_argument("--live-task", choices=list(embedded.TASKS), default="lexical",
                         help="the task of the live training (default: lexical)")
     parser.add_argument("--home", default=None, help="the cache built by `ipa-fast setup` (default: IPA_FAST_HOME, "
                         "else the per-user cache)")
@@ -229,7 +235,7 @@ def live_training(out: Path, task: str, steps: int, quick: bool) -> dict:
         shutil.rmtree(run_dir)
     cfg = TrainConfig(task=task, steps=steps, out=str(run_dir), base=str(embedded.base_path()),
                       adapter=str(embedded.adapter_init_path()), eval_size=8 if quick else 32,
-                      eval_every=0, checkpoint_every=max(steps, 1), **LIVE[task])
+                      eval_every=0, checkpoint_every=max(steps, 1), **live_recipe(task))
     summary = train(cfg)
     return {"task": task, "algo": cfg.algo, "steps": summary["steps"], "sft_steps": cfg.sft_steps,
             "reward_before": summary["initial_eval"]["reward"], "reward_after": summary["final_eval"]["reward"],
@@ -324,7 +330,7 @@ def run(args) -> dict:
                     print(f"    {name:17} {text!r}")
     live = None
     if steps:
-        print(f"\n[demo] live IPA training ({LIVE[args.live_task]['algo']}, {args.live_task}) from the initial "
+        print(f"\n[demo] live IPA training ({live_recipe(args.live_task)['algo']}, {args.live_task}) from the initial "
               f"adapter, {steps} steps", flush=True)
         live = live_training(out, args.live_task, steps, args.quick)
         print(f"[demo] held-out reward {live['reward_before']:.3f} -> {live['reward_after']:.3f}")

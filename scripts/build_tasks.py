@@ -215,14 +215,15 @@ def load_base(base_dir: str):
 @functools.lru_cache(maxsize=None)
 def base_alone(base_dir: str):
     """A ``TailoredLM`` over the base, decoded with alpha 0 (the base alone, as the demo's "base"
-    row); its adapter slot holds models/adapter-init, which never enters the draw. Built once."""
+    row); its adapter slot holds the embedded adapter-init, which never enters the draw. Built once."""
     import torch
     from transformers import AutoModelForCausalLM
 
     tok, model = load_base(base_dir)  # puts the repository on sys.path
     from ipa_fast.decoding import TailoredLM
 
-    init = AutoModelForCausalLM.from_pretrained(str(ROOT / "models/adapter-init"), dtype=torch.float32).eval()
+    from ipa_fast import embedded
+    init = AutoModelForCausalLM.from_pretrained(str(embedded.adapter_init_path()), dtype=torch.float32).eval()
     return TailoredLM(model, init, tok)
 
 
@@ -456,10 +457,14 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=1, help="detox-check: samples per prompt")
     ap.add_argument("--splits", default="train,validation,test",
                     help="detox: the splits to (re)build; the others are kept")
-    ap.add_argument("--base", default=str(ROOT / "models/base"))
+    ap.add_argument("--base", default=None,
+                    help="the base that selects the detox prompts (default: the embedded base, `ipa-fast setup`)")
     ap.add_argument("--chat-base", default=None,
                     help="lexical: render each prompt as an instruction in this model's chat template")
     args = ap.parse_args(argv)
+    if args.base is None and args.stage != "lexical":
+        from ipa_fast import embedded
+        args.base = str(embedded.base_path())
     if args.stage == "lexical":
         build_lexical(args.chat_base)
     elif args.stage == "detox":

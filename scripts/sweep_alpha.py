@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--alphas", default="0,1", help="comma-separated alphas (0 = the base alone)")
     ap.add_argument("--split", default="validation", choices=["validation", "test"])
     ap.add_argument("--rows", type=int, default=200)
-    ap.add_argument("--base", default=str(ROOT / "models/base"))
+    ap.add_argument("--base", default=None, help="default: the embedded base (`ipa-fast setup`)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     try:
@@ -53,6 +53,9 @@ def main(argv=None) -> int:
         ap.error("--alphas must be >= 0 and --rows >= 1")
     import torch
     torch.set_num_threads(1)
+    if args.base is None:
+        from ipa_fast import embedded
+        args.base = str(embedded.base_path())
     res = sweep(args.adapter, args.task, alphas, args.split, args.rows, args.base)
     if args.json:
         Path(args.json).write_text(json.dumps({"task": args.task, "split": args.split, "rows": args.rows,

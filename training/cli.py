@@ -32,7 +32,7 @@ PRESETS: dict[str, dict] = {
     "detox": dict(algo="ppo", alpha=0.5, reference="initial", lr=1e-4, kl_coef=0.05, repeat_coef=1.0,
                   min_new_tokens=16, batch_size=16, minibatch_size=8, ppo_epochs=2, steps=60, eval_size=64,
                   eval_every=20, checkpoint_every=10, freeze_shared_embedding=True),
-    "lexical": dict(algo="ppo", alpha=1.0, reference="initial", sft_steps=60, sft_lr=3e-4, sft_batch_size=16,
+    "lexical": dict(algo="ppo", alpha=0.5, reference="initial", sft_steps=60, sft_lr=3e-4, sft_batch_size=16,
                     steps=80, batch_size=16, minibatch_size=8, ppo_epochs=1, lr=5e-5, kl_coef=0.05,
                     min_new_tokens=8, eval_every=20, eval_size=32, checkpoint_every=10,
                     freeze_shared_embedding=True),
