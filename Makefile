@@ -79,3 +79,10 @@ test-engines: install
 .PHONY: test-wheel
 test-wheel: install
 	IPA_FAST_WHEEL_TEST=1 $(PY) -m pytest -q tests/test_wheel.py
+
+# A scripted newcomer run: fresh clone -> install -> setup -> demo --quick -> every README snippet and
+# CLI example -> the CLI error paths -> the installed wheel outside the repository (scripts/newcomer.sh).
+.PHONY: newcomer
+newcomer:
+	bash scripts/newcomer.sh
+

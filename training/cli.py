@@ -22,19 +22,21 @@ import typing
 
 from .trainer import TrainConfig
 
-# The recipes of the shipped adapters (models/adapters/<task>/MODEL_CARD.md): the one table.
-# detox: PPO at alpha 0.5 with the KL to the initial tailored policy (at alpha 1 the product
-# with the untrained adapter is already degenerate and every recipe tried reward-hacked);
-# lexical: 1,500 warm-start steps on the adapter's own NLL, then 100 Quark steps at alpha 1
-# (it ships at alpha 1.5, chosen afterwards on validation rows by scripts/sweep_alpha.py).
+# The recipes of the shipped adapters (models/adapters/<task>/MODEL_CARD.md), for the embedded
+# SmolLM2 base and its distilled 4-layer adapter initialisation: the one table.
+# detox: not yet trained on this base (the recipe carried over from the previous base: PPO at alpha
+# 0.5 with the KL to the initial tailored policy, which there avoided the reward hacks of alpha 1).
 PRESETS: dict[str, dict] = {
     # the embedded adapter initialisation shares the base's embedding: every preset keeps it frozen
     "detox": dict(algo="ppo", alpha=0.5, reference="initial", lr=1e-4, kl_coef=0.05, repeat_coef=1.0,
                   min_new_tokens=16, batch_size=16, minibatch_size=8, ppo_epochs=2, steps=60, eval_size=64,
                   eval_every=20, checkpoint_every=10, freeze_shared_embedding=True),
-    "lexical": dict(algo="ppo", alpha=0.5, reference="initial", sft_steps=60, sft_lr=3e-4, sft_batch_size=16,
-                    steps=80, batch_size=16, minibatch_size=8, ppo_epochs=1, lr=5e-5, kl_coef=0.05,
-                    min_new_tokens=8, eval_every=20, eval_size=32, checkpoint_every=10,
+    # the untrained product is close to the base only at a small alpha (validation coverage 0.30 / 0.35 /
+    # 0.31 / 0.24 at alpha 0 / 0.1 / 0.2 / 0.3); a warm start on the adapter's own NLL of the references
+    # teaches it to use the given words, then PPO on coverage through the product
+    "lexical": dict(algo="ppo", alpha=0.2, reference="initial", sft_steps=150, sft_target="adapter", sft_lr=1e-3,
+                    sft_batch_size=32, steps=180, batch_size=16, minibatch_size=8, ppo_epochs=1, lr=1e-4,
+                    kl_coef=0.05, min_new_tokens=8, eval_every=30, eval_size=48, checkpoint_every=30,
                     freeze_shared_embedding=True),
 }
 
