@@ -231,6 +231,30 @@ def tailored_token_stats(base: torch.Tensor, adapter: torch.Tensor, targets: tor
     return _ExpertsTokenStats.apply(targets, w, t, ref_w, chunk, 2, base, adapter, *ref)
 
 
+def _prepare_experts(experts, weights, targets, temperature, ref_experts, ref_weights):
+    """Check and normalise the K-expert op's arguments (one host sync for every value check):
+    ``(experts, targets, w [N, K], t [N], ref_experts, ref_w [N, K_ref])``; the reference is the
+    first expert alone when ``ref_experts`` is None, and takes ``weights`` when ``ref_weights`` is."""
+    experts = check_experts(experts)
+    N, V = experts[0].shape
+    dev = experts[0].device
+    targets, pending = _check_targets(targets, N, V, dev)
+    w = weights_tensor(weights, len(experts), N, dev, validate=True, pending=pending)
+    if ref_experts is None:
+        if ref_weights is not None:
+            raise ValueError("ref_weights needs ref_experts")
+        ref_experts, ref_w = [experts[0]], torch.ones(N, 1, dtype=torch.float32, device=dev)
+    else:
+        ref_experts = check_experts(ref_experts)
+        for k, x in enumerate(ref_experts):
+            check_logits(f"ref_experts[{k}]", x, like=experts[0])
+        ref_w = weights_tensor(weights if ref_weights is None else ref_weights, len(ref_experts), N, dev,
+                               validate=True, pending=pending)
+    t = param_tensor("temperature", temperature, N, dev, validate=True, pending=pending, ranges=OP_RANGES)
+    raise_pending(pending)
+    return experts, targets, w, t, ref_experts, ref_w
+
+
 def experts_token_stats(experts, weights, targets: torch.Tensor, *, temperature=1.0, ref_experts=None,
                         ref_weights=None, chunk_rows: int | None = None):
     """:func:`tailored_token_stats` for K weighted experts: ``(logprob, entropy, kl)``, each
@@ -248,25 +272,9 @@ def experts_token_stats(experts, weights, targets: torch.Tensor, *, temperature=
     trained expert. ``tailored_token_stats(base, adapter, targets, alpha=a)`` is
     ``experts_token_stats([base.detach(), adapter], [1, a], targets)``.
     """
-    experts = check_experts(experts)
-    N, V = experts[0].shape
-    dev = experts[0].device
-    targets, pending = _check_targets(targets, N, V, dev)
-    w = weights_tensor(weights, len(experts), N, dev, validate=True, pending=pending)
-    if ref_experts is None:
-        if ref_weights is not None:
-            raise ValueError("ref_weights needs ref_experts")
-        ref_experts, ref_w = [experts[0]], torch.ones(N, 1, dtype=torch.float32, device=dev)
-    else:
-        ref_experts = check_experts(ref_experts)
-        for k, x in enumerate(ref_experts):
-            check_logits(f"ref_experts[{k}]", x, like=experts[0])
-        if ref_weights is None:
-            ref_weights = weights
-        ref_w = weights_tensor(ref_weights, len(ref_experts), N, dev, validate=True, pending=pending)
-    t = param_tensor("temperature", temperature, N, dev, validate=True, pending=pending, ranges=OP_RANGES)
-    raise_pending(pending)
-    chunk = _chunk_rows(chunk_rows, V)
+    experts, targets, w, t, ref_experts, ref_w = _prepare_experts(experts, weights, targets, temperature,
+                                                                  ref_experts, ref_weights)
+    chunk = _chunk_rows(chunk_rows, experts[0].shape[1])
     ref = [x.detach() for x in ref_experts]
     return _ExpertsTokenStats.apply(targets, w, t.unsqueeze(1), ref_w, chunk, len(experts), *experts, *ref)
 
@@ -297,18 +305,8 @@ def experts_token_stats_reference(experts, weights, targets: torch.Tensor, *, te
                                   ref_weights=None):
     """The plain PyTorch formula of :func:`experts_token_stats` (autograd through full ``[N, V]``
     tensors, the mix of :func:`ipa_fast.reference.mix_experts`): the oracle for tests."""
-    experts = check_experts(experts)
-    N, V = experts[0].shape
-    dev = experts[0].device
-    targets, pending = _check_targets(targets, N, V, dev)
-    w = weights_tensor(weights, len(experts), N, dev, validate=True, pending=pending)
-    if ref_experts is None:
-        ref_experts, ref_w = [experts[0]], torch.ones(N, 1, dtype=torch.float32, device=dev)
-    else:
-        ref_w = weights_tensor(weights if ref_weights is None else ref_weights, len(ref_experts), N, dev,
-                               validate=True, pending=pending)
-    t = param_tensor("temperature", temperature, N, dev, validate=True, pending=pending, ranges=OP_RANGES)
-    raise_pending(pending)
+    experts, targets, w, t, ref_experts, ref_w = _prepare_experts(experts, weights, targets, temperature,
+                                                                  ref_experts, ref_weights)
     logp = torch.log_softmax(mix_experts(experts, w) / t.unsqueeze(1), dim=-1)
     logr = torch.log_softmax(mix_experts([x.detach() for x in ref_experts], ref_w) / t.unsqueeze(1), dim=-1)
     p = logp.exp()

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from ipa_fast.training import checkpoint as ckpt
-from tests.tiny_models import make_tiny_pair, single_thread
+from tests.tiny_models import save_tiny_pair, single_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["the cat", "a dog", "we play", "birds sing", "she writes", "he cooks"]
@@ -34,10 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def assets(tmp_path_factory):
     """Tiny models, prompts and rewards on disk (the command line loads them from there)."""
     d = tmp_path_factory.mktemp("assets")
-    base, adapter, tok = make_tiny_pair(seed=0)
-    for name, m in (("base", base), ("adapter", adapter)):
-        m.save_pretrained(d / name)
-        tok.save_pretrained(d / name)
+    save_tiny_pair(d, seed=0)
     (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     (d / "rewards.py").write_text(textwrap.dedent("""
         import os, time

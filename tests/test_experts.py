@@ -246,35 +246,9 @@ def test_token_stats_two_expert_api_is_the_k2_case():
 
 def _emulated_cuda():
     """csrc/cuda/sampler.cu built as C++ with -DIPA_FAST_CPU_EMULATION (csrc/cuda/cpu_emulation.h)."""
-    import hashlib
-    import importlib.util
-    import shutil
-    import subprocess
-    import sysconfig
-    from pathlib import Path
+    from cuda_emulation import emulated_cuda_module
 
-    import pybind11
-    root = Path(__file__).resolve().parents[1]
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler for the CUDA-kernel emulation")
-    sources = [root / "csrc/cuda/sampler.cu", root / "csrc/bindings_cuda.cpp"]
-    headers = sorted((root / "csrc").rglob("*.h")) + sorted((root / "csrc").rglob("*.cuh"))
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources + headers)).hexdigest()[:16]
-    out_dir = root / "build" / "cuda-emulation" / digest
-    so = out_dir / ("_C_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
-    if not so.exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-DIPA_FAST_CPU_EMULATION", f"-I{root / 'csrc'}",
-               f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", "-shared", "-fPIC",
-               "-x", "c++", str(sources[0]), "-x", "c++", str(sources[1]), "-o", str(so) + ".tmp", "-lpthread"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr[-4000:]
-        Path(str(so) + ".tmp").rename(so)
-    spec = importlib.util.spec_from_file_location("_C_cuda", so)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return emulated_cuda_module()
 
 
 def test_cuda_kernel_experts_emulated():

@@ -7,19 +7,14 @@ import pytest
 import torch
 
 from ipa_fast import TailoredLM
-from tiny_models import make_tiny_pair
+from tiny_models import save_tiny_pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pair")
-    base, adapter, tok = make_tiny_pair(seed=3)
-    for name, model in (("base", base), ("adapter", adapter)):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    return root / "base", root / "adapter"
+    return save_tiny_pair(tmp_path_factory.mktemp("pair"), seed=3)
 
 
 def dtypes(lm):

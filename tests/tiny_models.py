@@ -134,3 +134,17 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def save_tiny_pair(directory, seed: int = 0):
+    """``make_tiny_pair(seed=seed)`` saved as ``<directory>/base`` and ``<directory>/adapter`` (each
+    with the tokenizer); returns the two paths."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    base, adapter, tok = make_tiny_pair(seed=seed)
+    for name, model in (("base", base), ("adapter", adapter)):
+        model.save_pretrained(directory / name)
+        tok.save_pretrained(directory / name)
+    return directory / "base", directory / "adapter"
+
