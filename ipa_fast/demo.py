@@ -27,7 +27,7 @@ from . import embedded
 # the evaluation protocol of docs/DESIGN.md §6, fixed and printed
 PROTOCOL = {"temperature": 1.0, "top_p": 0.9, "samples_per_prompt": 1, "max_new_tokens": 32, "seed": 20261126}
 EVAL_CHUNK = 32  # prompts per generate() call in the evaluation
-DEFAULT_PROMPTS = {False: 100, True: 12}
+DEFAULT_PROMPTS = {False: 100, True: 8}
 SEED_STRIDE = 100_000  # seed s of --seeds decodes row r with PROTOCOL seed + SEED_STRIDE * s + r
 LIVE_STEPS = {False: 6, True: 2}
 # the live run from the initial adapter: the task's shipped recipe (`ipa-fast train --task T`'s preset)
@@ -194,8 +194,9 @@ def run_task(task: str, rows: list[dict], init_lm, trained: Path | None, seeds: 
         # row separates what training added
         variants["ipa_untrained"] = evaluate(init_lm, alpha=lm.alpha)
         variants["adapter_only"] = evaluate(lm, alpha=1.0, base_weight=0.0, ppl_model=init_lm.base)
-    else:
-        variants["ipa_untrained"] = evaluate(init_lm, alpha=init_lm.alpha)
+    else:  # the product at the alpha the task's recipe trains at (`ipa-fast train --task T`'s preset)
+        from .training.cli import PRESETS
+        variants["ipa_untrained"] = evaluate(init_lm, alpha=PRESETS[task].get("alpha", init_lm.alpha))
         variants["adapter_init_only"] = evaluate(init_lm, alpha=1.0, base_weight=0.0)
     base_per = variants["base"]["per_prompt"]
     for name, v in variants.items():  # paired difference to the base alone, over the same prompts
@@ -218,10 +219,14 @@ def model_record(path: Path, name: str) -> dict:
     from safetensors import safe_open
 
     stamp = json.loads((path / embedded.STAMP).read_text())
+    meta = json.loads((path / "ipa_adapter.json").read_text()) if (path / "ipa_adapter.json").is_file() else {}
+    shared = set(meta.get("shared_with_base", {}))
     with safe_open(str(path / "model.safetensors"), "pt") as f:
-        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        sizes = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
     sha = stamp.get("model_sha256") or stamp.get("shipped_sha256")
-    return {"name": name, "sha256": sha, "parameters": n}
+    # parameters: all the model computes with; own_parameters: without the tensors shared with the base
+    return {"name": name, "sha256": sha, "parameters": sum(sizes.values()),
+            "own_parameters": sum(v for k, v in sizes.items() if k not in shared)}
 
 
 def live_training(out: Path, task: str, steps: int, quick: bool) -> dict:
@@ -305,7 +310,9 @@ def run(args) -> dict:
     models = {"base": model_record(base_dir, embedded.BASE["name"]),
               "adapter_init": model_record(init_dir, "adapter-init")}
     print(f"[demo] base {models['base']['name']} ({models['base']['parameters'] / 1e6:.1f}M parameters), "
-          f"adapter initialisation {models['adapter_init']['parameters'] / 1e6:.1f}M (embedding shared with the base)")
+          f"adapter initialisation {models['adapter_init']['own_parameters'] / 1e6:.1f}M of its own "
+          f"(+ the base's {(models['adapter_init']['parameters'] - models['adapter_init']['own_parameters']) / 1e6:.1f}M "
+          "embedding, shared)")
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     tok.padding_side = "left"
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()

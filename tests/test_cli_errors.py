@@ -89,7 +89,7 @@ def tiny_dirs(tmp_path_factory):
     (["train", "--task", "detox", "--top-p", "0"], ["--top-p"]),
     (["train", "--task", "detox", "--base", "/nonexistent"], ["base model not found: /nonexistent"]),
     (["train", "--reward", "os:getcwd", "--prompts", "/no/such.jsonl"], ["file not found: /no/such.jsonl"]),
-    (["train", "--task", "lexical", "--steps", "50"], ["sft_steps", "--preset none"]),
+    (["train", "--task", "lexical", "--sft-steps", "70"], ["sft_steps", "--preset none"]),
     (["train", "--algo", "dpo"], ["--algo"]),
     (["train"], ["--task"]),
     (["demo", "--prompts", "0"], ["--prompts", "> 0"]),
