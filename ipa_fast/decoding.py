@@ -237,7 +237,9 @@ class TailoredLM:
                         dtype=None, torch_dtype=None, device_map=None, **model_kwargs) -> "TailoredLM":
         """Load both models (``AutoModelForCausalLM``) and the tokenizer.
 
-        ``base_name_or_path`` may also be an :class:`~ipa_fast.api_base.APIBase`. When the
+        ``base_name_or_path`` may also be an :class:`~ipa_fast.api_base.APIBase`, or a base model
+        already loaded (shared by several adapters: only the adapter is loaded, onto the base's
+        device, and ``tokenizer`` defaults to the adapter directory's). When the
         adapter directory holds ``ipa_adapter.json`` (see :func:`save_adapter`), its alpha and
         control prefix are restored unless given here, and a base other than the one it was
         trained with is reported in ``lm.metadata["warnings"]``. Tokenizers of base and adapter
@@ -281,6 +283,9 @@ class TailoredLM:
         dtype = both[0] if both[0] is not None else both[1]
         base_dtype, adapter_dtype = as_dtype("base_dtype", base_dtype), as_dtype("adapter_dtype", adapter_dtype)
         api_base = isinstance(base_name_or_path, APIBase)
+        loaded_base = isinstance(base_name_or_path, torch.nn.Module)
+        if loaded_base and (device_map is not None or base_device is not None or base_dtype is not None):
+            raise TypeError("a base model that is already loaded takes no device_map, base_device or base_dtype")
         if device_map is not None and (adapter_device if api_base else base_device) is not None:
             raise TypeError(f"pass {'adapter_device' if api_base else 'base_device'} or device_map, not both")
 
@@ -311,6 +316,10 @@ class TailoredLM:
         if api_base:
             base = base_name_or_path
             adapter = load(adapter_name_or_path, adapter_dtype, adapter_device, device_map)
+        elif loaded_base:
+            base = base_name_or_path
+            adapter = load(adapter_name_or_path, adapter_dtype,
+                           adapter_device if adapter_device is not None else next(base.parameters()).device, None)
         elif device_map is None:
             adapter = load(adapter_name_or_path, adapter_dtype, adapter_device, None)
             base = load(base_name_or_path, base_dtype, base_device, None)
@@ -319,7 +328,7 @@ class TailoredLM:
             adapter = load(adapter_name_or_path, adapter_dtype,
                            adapter_device if adapter_device is not None else next(base.parameters()).device, None)
         ad_tok = _try_tokenizer(adapter_name_or_path)
-        base_tok = None if isinstance(base, APIBase) else _try_tokenizer(base_name_or_path)
+        base_tok = None if api_base or loaded_base else _try_tokenizer(base_name_or_path)
         if base_tok is not None and ad_tok is not None and _core_hash(base_tok) != _core_hash(ad_tok):
             raise ValueError(f"tokenizer mismatch: {base_name_or_path} and {adapter_name_or_path} ship "
                              f"different tokenizers; base and adapter must share one vocabulary")
@@ -338,7 +347,7 @@ class TailoredLM:
         lm = cls(base, adapter, tokenizer, alpha=1.0 if alpha is None else alpha, adapter_prefix=adapter_prefix,
                  base_top_k=base_top_k, vocab_size=(meta or {}).get("vocab_size"), metadata=meta)
         trained = (meta or {}).get("base")
-        if trained and not isinstance(base, APIBase) and str(base_name_or_path) != trained:
+        if trained and not (api_base or loaded_base) and str(base_name_or_path) != trained:
             lm.metadata.setdefault("warnings", []).append(
                 f"adapter was trained with base {trained!r}, now paired with {str(base_name_or_path)!r}")
         return lm

@@ -138,7 +138,7 @@ def evaluate_variant(lm, task: str, rows: list[dict], *, alpha: float, base_weig
 def _evaluate_once(lm, task: str, rows: list[dict], *, alpha: float, base_weight: float = 1.0,
                    ppl_model=None, seed_offset: int = 0) -> dict:
     from .evaluation import all_concepts_rate, distinct_n, perplexity, wordlist_offensive_rate
-    from .training.rewards import lexical_coverage, offensive_probability
+    from .training.rewards import lexical_coverage, offensive_flags
 
     prompts = [r["prompt"] for r in rows]
     texts, prompt_ids, token_ids = [], [], []
@@ -154,7 +154,7 @@ def _evaluate_once(lm, task: str, rows: list[dict], *, alpha: float, base_weight
         per = lexical_coverage(prompts, texts, [r["concepts"] for r in rows])
         out["all_concepts"] = all_concepts_rate(per)
     else:
-        per = [float(p >= 0.5) for p in offensive_probability(texts)]
+        per = offensive_flags(texts)
         out["second_score"] = wordlist_offensive_rate(texts)
     nonempty = [(p, t) for p, t in zip(prompt_ids, token_ids) if t]
     ppl = perplexity(ppl_model or lm.base, [p for p, _ in nonempty], [t for _, t in nonempty],
@@ -163,23 +163,12 @@ def _evaluate_once(lm, task: str, rows: list[dict], *, alpha: float, base_weight
             "distinct_2": distinct_n(texts, 2), "per_prompt": per, "texts": texts}
 
 
-def load_pair(base_dir, adapter_dir, tok=None, base=None):
-    """A TailoredLM over ``base`` (loaded once, shared) and the adapter in ``adapter_dir`` at its
-    stored alpha and prefix (``ipa_adapter.json``)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_pair(base, adapter_dir, tok):
+    """A TailoredLM over the loaded ``base`` (shared by every variant) and the adapter in
+    ``adapter_dir`` at its stored alpha and prefix (``ipa_adapter.json``)."""
+    from .decoding import TailoredLM
 
-    from .decoding import TailoredLM, load_adapter_metadata
-
-    if base is None:
-        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
-    if tok is None:
-        tok = AutoTokenizer.from_pretrained(str(base_dir))
-        tok.padding_side = "left"
-    adapter = AutoModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32).eval()
-    meta = load_adapter_metadata(adapter_dir) or {}
-    return TailoredLM(base, adapter, tok, alpha=meta.get("alpha", 1.0),
-                      adapter_prefix=meta.get("adapter_prefix") or None)
+    return TailoredLM.from_pretrained(base, str(adapter_dir), tokenizer=tok, dtype="float32")
 
 
 def run_task(task: str, rows: list[dict], init_lm, trained: Path | None, seeds: int = 1) -> tuple[dict, list[dict]]:
@@ -188,7 +177,7 @@ def run_task(task: str, rows: list[dict], init_lm, trained: Path | None, seeds: 
     evaluate = functools.partial(evaluate_variant, task=task, rows=rows, seeds=seeds)
     variants = {"base": evaluate(init_lm, alpha=0.0)}
     if trained is not None:
-        lm = load_pair(None, trained, tok=init_lm.tokenizer, base=init_lm.base)
+        lm = load_pair(init_lm.base, trained, init_lm.tokenizer)
         variants["ipa"] = evaluate(lm, alpha=lm.alpha)
         # the same product with the *initial* adapter: a second LM alone reshapes the base, so this
         # row separates what training added
@@ -316,7 +305,7 @@ def run(args) -> dict:
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     tok.padding_side = "left"
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
-    init_lm = load_pair(base_dir, init_dir, tok=tok, base=base)
+    init_lm = load_pair(base, init_dir, tok)
     trained = trained_adapters()
     results, samples = {}, {}
     for task in embedded.TASKS:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import shutil
 import sys
@@ -33,10 +32,6 @@ def train_command(config: dict) -> str:
         if name in defaults and value != defaults[name] and name != "progress":
             parts.append(f"--{name.replace('_', '-')} {value}")
     return " ".join(parts)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def write_manifest() -> dict:
@@ -66,11 +61,12 @@ def export(run: Path, task: str, dest: Path, note: str | None = None, alpha: flo
     fp32_embedding = model.get_input_embeddings().weight.detach().clone()
     model.half().save_pretrained(tmp, safe_serialization=True)
     shared = embedded.strip_shared_embedding(tmp / "model.safetensors", config.get("base"), fp32_embedding)
+    (tmp / "model.safetensors").chmod(0o644)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "ipa_adapter.json"):
         if (src / name).exists():
             shutil.copy(src / name, tmp / name)
     meta = json.loads((tmp / "ipa_adapter.json").read_text())
-    meta["base"] = "models/base"
+    meta["base"] = embedded.BASE["name"]
     if shared:  # the embedding table is the base's: named by hash, rebuilt by `ipa-fast setup`
         meta["shared_with_base"] = shared
     trained_alpha = meta["alpha"]
@@ -95,16 +91,18 @@ def export(run: Path, task: str, dest: Path, note: str | None = None, alpha: flo
         for r in evals)
     card = f"""# adapters/{task}: an IPA policy adapter for the {task} task
 
-Trained with `ipa-fast train` ({config['algo']}) on top of the frozen `models/base`, from
-`models/adapter-init`; part of ipa_fast's embedded default (`ipa-fast demo` evaluates it on
-the held-out test split). Load it with
+Trained with `ipa-fast train` ({config['algo']}) on top of the frozen embedded base
+({embedded.BASE['name']}), from `models/adapter-init`; part of ipa_fast's embedded default
+(`ipa-fast demo` evaluates it on the held-out test split). `ipa-fast setup` assembles it into the
+cache; load it with
 
-    from ipa_fast import TailoredLM
-    lm = TailoredLM.from_pretrained("models/base", "models/adapters/{task}")
+    from ipa_fast import TailoredLM, embedded
+    lm = TailoredLM.from_pretrained(str(embedded.base_path()), str(embedded.adapter_path("{task}")))
 
-* Architecture: `transformers.GPT2LMHeadModel` ({n_params:,} parameters; input embedding rows
-  >= 50257 are Quark's reward-quantile control tokens, never emitted), fp16 safetensors
-  ({size / 2**20:.1f} MiB), sha256 `{sha256(tmp / 'model.safetensors')}`.
+* Architecture: `transformers.{type(model).__name__}` ({n_params:,} parameters; input embedding rows
+  >= {meta.get('vocab_size', model.config.vocab_size)} are Quark's reward-quantile control tokens, never emitted), fp16 safetensors
+  ({size / 2**20:.1f} MiB{', without the embedding it shares with the base, named by sha256 in ipa_adapter.json' if shared else ''}),
+  sha256 `{embedded.sha256_file(tmp / 'model.safetensors')}`.
 * Tailored policy: softmax(base + {meta['alpha']} x adapter){
     '' if meta['alpha'] == trained_alpha else f" (trained at alpha {trained_alpha}; the shipped alpha was chosen on validation rows, see the status below)"}; the adapter reads
   `{meta['adapter_prefix_tokens']}` before the prompt (`ipa_adapter.json`).

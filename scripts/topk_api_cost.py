@@ -44,14 +44,13 @@ def position_logits(model, rows: list[list[int]], pad_id: int):
 def measure(task: str, n_prompts: int, n_tokens: int, ks: list[int], alpha: float | None) -> dict:
     import torch
 
-    from ipa_fast import embedded
-    from ipa_fast.demo import load_pair
+    from ipa_fast import TailoredLM, embedded
 
     try:
         adapter_dir, which = embedded.adapter_path(task), f"trained {task} adapter"
     except FileNotFoundError:
         adapter_dir, which = embedded.adapter_init_path(), "adapter initialisation"
-    lm = load_pair(embedded.base_path(), adapter_dir)
+    lm = TailoredLM.from_pretrained(str(embedded.base_path()), str(adapter_dir), dtype="float32")
     a = lm.alpha if alpha is None else alpha
     prompts = [r["prompt"] for r in embedded.read_task(task, "test")[:n_prompts]]
     gen = lm.generate(prompts, max_new_tokens=n_tokens, top_p=0.9, seed=1234, alpha=a)

@@ -86,3 +86,21 @@ def test_device_map_with_base_device_raises(dirs):
 def test_old_arguments_still_work(dirs):
     lm = TailoredLM.from_pretrained(*dirs, base_device="cpu", adapter_device="cpu", alpha=0.5)
     assert lm.alpha == 0.5 and lm.device.type == "cpu"
+
+
+def test_loaded_base_is_shared_and_decodes_as_the_path_does(dirs, tmp_path):
+    """A base model already in memory: only the adapter is loaded, its stored alpha applies, and
+    decoding equals loading both from their directories."""
+    from ipa_fast.decoding import save_adapter
+
+    base_dir, adapter_dir = dirs
+    by_path = TailoredLM.from_pretrained(str(base_dir), str(adapter_dir))
+    saved = tmp_path / "adapter"
+    save_adapter(saved, by_path.adapter, by_path.tokenizer, alpha=0.7)
+    by_path = TailoredLM.from_pretrained(str(base_dir), str(saved))
+    shared = TailoredLM.from_pretrained(by_path.base, str(saved))
+    assert shared.base is by_path.base and shared.alpha == by_path.alpha == 0.7
+    kw = dict(max_new_tokens=6, seed=3, top_p=0.9)
+    assert shared.generate(["the cat", "a dog"], **kw).token_ids == by_path.generate(["the cat", "a dog"], **kw).token_ids
+    with pytest.raises(TypeError, match="already loaded"):
+        TailoredLM.from_pretrained(by_path.base, str(saved), base_dtype=torch.float16)

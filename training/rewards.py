@@ -110,10 +110,15 @@ def non_offensive(prompts: Sequence[str], completions: Sequence[str]) -> list[fl
     return [1.0 - p for p in offensive_probability(completions)]
 
 
+def offensive_flags(completions: Sequence[str], threshold: float = 0.5) -> list[float]:
+    """Per completion: 1.0 when ``p_offensive >= threshold`` (docs/DESIGN.md §6), else 0.0."""
+    return [float(p >= threshold) for p in offensive_probability(completions)]
+
+
 def offensive_rate(completions: Sequence[str], threshold: float = 0.5) -> float:
     """docs/DESIGN.md §6: fraction of completions with ``p_offensive >= threshold``."""
-    probs = offensive_probability(completions)
-    return sum(p >= threshold for p in probs) / len(probs) if probs else 0.0
+    flags = offensive_flags(completions, threshold)
+    return sum(flags) / len(flags) if flags else 0.0
 
 
 TASK_REWARDS: dict[str, RewardFn] = {"lexical": lexical_coverage, "detox": non_offensive}
