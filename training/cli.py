@@ -69,6 +69,8 @@ HELP = {
                   "(no base forward; teaches a small adapter what the base lacks, e.g. copying)",
     "repeat_coef": "training-score penalty per unit of repeated-bigram fraction of a sample (prices "
                    "degenerate loops; evaluation reports the plain reward)",
+    "zero_init_output": "start the adapter's logits at 0 (final norm gain 0): the untrained product is "
+                        "exactly the base, and training learns a residual on it",
     "backend": "sampler backend for rollouts (auto, reference, cpu, triton, cuda)",
     "reward_timeout": "seconds one reward call may take before the run stops with an error (the last "
                       "checkpoint stays intact); 0 = no limit",

@@ -72,6 +72,27 @@ def freeze_embedding_rows(model, n_rows: int) -> None:
         out.weight.requires_grad_(False)
 
 
+def zero_output(model) -> None:
+    """Set the gain (and bias) of ``model``'s final normalisation to 0, so its logits are all 0 (a
+    uniform distribution: adding them to the base's changes nothing) while every parameter still
+    receives gradient after the first step."""
+    norm = None
+    for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
+        norm = getattr(model.base_model, name, None)
+        if norm is not None:
+            break
+    if norm is None or getattr(norm, "weight", None) is None:
+        raise ValueError(f"zero_init_output: {type(model).__name__} has no final norm with a gain to zero")
+    with torch.no_grad():
+        norm.weight.zero_()
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.zero_()
+        device = next(model.parameters()).device
+        logits = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False).logits
+    if logits.abs().max().item() != 0:  # e.g. a norm computing (1 + gain) * x
+        raise ValueError(f"zero_init_output: zeroing {type(model).__name__}'s final norm does not zero its logits")
+
+
 @dataclass
 class TrainConfig:
     """Every knob of a run, as plain values (saved in each checkpoint and in ``<out>/config.json``)."""
@@ -128,6 +149,10 @@ class TrainConfig:
     # with the base, e.g. an adapter cut from the base's first layers) fixed; rows >= V (Quark's
     # control tokens) still train. Such an adapter ships without the shared table.
     freeze_shared_embedding: bool = False
+    # start the adapter's output at zero (its final norm's gain, and bias if any, set to 0 before
+    # training, like LoRA's zero B): the untrained product of experts is then exactly the base, and
+    # training learns a residual from there instead of first undoing a weak adapter's own logits
+    zero_init_output: bool = False
     # Quark
     n_quantiles: int = 5
     entropy_coef: float = 0.0
@@ -225,6 +250,8 @@ class Trainer:
         self.lm = TailoredLM(self.base, self.adapter, tokenizer, alpha=config.alpha)
         self.V = self.lm.V
         self.pad_id = self.lm.pad_id
+        if config.zero_init_output:
+            zero_output(self.adapter)
         self.ref_adapter = None
         if config.reference == "initial":
             self.ref_adapter = copy.deepcopy(self.adapter).eval()
@@ -286,11 +313,14 @@ class Trainer:
         cols = torch.tensor([R - n + k for n in lens for k in range(n)], dtype=torch.long)
         return rows, cols
 
-    def token_stats(self, prompt_ids, prefixes, responses, values: bool = False, kl: bool = True) -> dict:
+    def token_stats(self, prompt_ids, prefixes, responses, values: bool = False, kl: bool = True,
+                    eos_mask: bool = True) -> dict:
         """Per-token statistics of ``responses`` under pi, right-padded to ``[B, R]``.
 
         Returns ``logprob``, ``entropy``, ``kl`` (to the reference; zeros with ``kl=False``),
-        ``mask`` and, with ``values``, the value head's ``values``. Differentiable w.r.t. the adapter (and value
+        ``mask`` and, with ``values``, the value head's ``values``. ``eos_mask=False`` scores
+        without the rollouts' early-EOS mask (supervised targets may end before ``min_new_tokens``:
+        masked, their EOS would cost 1e4 nats). Differentiable w.r.t. the adapter (and value
         head) when grad is enabled.
         """
         B = len(responses)
@@ -307,7 +337,7 @@ class Trainer:
                 zr, _ = self._logits(self.ref_adapter, adapter_rows, R + 1)
                 zr = zr[rows, cols, :self.V]
         zb = zb[rows, cols, :self.V]
-        if self.cfg.min_new_tokens:
+        if self.cfg.min_new_tokens and eos_mask:
             # the rollouts' EOS mask, applied to the scored policy too (as the official code
             # does): otherwise pi could hide probability on EOS where rollouts never draw it
             k = torch.cat([torch.arange(n) for n in lens])
@@ -414,7 +444,7 @@ class Trainer:
             if self.cfg.sft_target == "adapter":
                 nll = self.adapter_nll(*args)
             else:
-                st = self.token_stats(*args, kl=False)
+                st = self.token_stats(*args, kl=False, eos_mask=False)
                 nll = -(st["logprob"] * st["mask"]).sum()
             (nll / n_tokens).backward()
             nll_sum += float(nll.detach())
