@@ -1,4 +1,4 @@
-"""Tailored decoding: a frozen base LM and a small adapter LM stepping in lock step.
+"""Tailored decoding: a frozen base LM and small expert LMs stepping in lock step.
 
     pi(x_t | x_<t)  ∝  p_base(x_t | x_<t) · p_adapter(x_t | adapter_prefix, x_<t)^alpha
 
@@ -6,11 +6,17 @@
     out = lm.generate(["The cat"], max_new_tokens=32, top_p=0.9, seed=0)
     out.texts, out.token_ids, out.logprobs, out.adapter_logprobs
 
-The loop (:meth:`TailoredLM.generate`) reads top to bottom: encode → left-pad → prefill both
-models (each with its own KV cache) → per step: trim logits to the shared vocabulary V, hard
-masks, one fused :func:`ipa_fast.sample` call, bookkeeping, one cached forward of each model.
-A row's randomness is keyed by (its seed, the unpadded position of the token being drawn), so
-its output does not depend on the batch it is in.
+More generally the base and K >= 1 experts, each with its own weight and prefix, are mixed as
+``z = base + sum_k w_k * expert_k`` (``TailoredLM(base, experts=[...], weights=[...])``; the
+adapter above is the case K = 1 with ``w_0 = alpha``). The presets :meth:`TailoredLM.ipa`,
+:meth:`~TailoredLM.compose`, :meth:`~TailoredLM.dexperts` and :meth:`~TailoredLM.proxy_tuning`
+name the usual formulas.
+
+The loop (:meth:`TailoredLM.generate`) reads top to bottom: encode → left-pad → prefill every
+model (each with its own KV cache) → per step: trim logits to the shared vocabulary V, hard
+masks, one fused :func:`ipa_fast.sample_experts` call (the mix happens in the kernel),
+bookkeeping, one cached forward of each model. A row's randomness is keyed by (its seed, the
+unpadded position of the token being drawn), so its output does not depend on the batch it is in.
 """
 from __future__ import annotations
 
@@ -21,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .ops import tailored_log_softmax
-from .sampling import sample
+from .ops import experts_log_softmax
+from .reference import RANGES, mix_experts
+from .sampling import sample_experts
 
 ADAPTER_META_FILE = "ipa_adapter.json"
 ADAPTER_META_VERSION = 1
@@ -118,26 +125,13 @@ class CachedLM:
         return out.logits[:, -1]
 
 
-class _ZeroLM:
-    """Zero logits in place of a base: ``base_weight=0`` decodes with the adapter alone."""
-
-    def __init__(self, vocab_size: int, device):
-        self.V, self.device = vocab_size, device
-
-    def prefill(self, rows, max_new_tokens):
-        self.B = len(rows)
-        return torch.zeros((self.B, self.V), device=self.device)
-
-    def step(self, tokens):
-        return torch.zeros((self.B, self.V), device=self.device)
-
-
 class SparseBase:
     """A local base reduced to its top-k log-probs per step, densified with ``-inf`` outside
     them: the in-process twin of an API-only base (docs/DESIGN.md §2.10 sparse base)."""
 
     def __init__(self, lm: CachedLM, top_k: int, vocab_size: int):
         self.lm, self.top_k, self.V = lm, top_k, vocab_size
+        self.vocab_size = vocab_size  # as the cached-LM protocol names it (a SparseBase may be an expert)
 
     def _sparse(self, logits: torch.Tensor) -> torch.Tensor:
         lp = torch.log_softmax(logits[:, :self.V].float(), dim=-1)
@@ -170,13 +164,15 @@ def _in_vocab(model) -> int:
     return model.get_input_embeddings().weight.shape[0]
 
 
-def shared_vocab_size(base, adapter, tokenizer, vocab_size: int | None = None) -> int:
+def shared_vocab_size(base, adapter, tokenizer, vocab_size: int | None = None, *,
+                      names: tuple[str, str] = ("the base", "the adapter")) -> int:
     """The shared output vocabulary V, or a ValueError naming the mismatch.
 
     V = ``len(tokenizer)`` trimmed to the base's output size: a padded embedding matrix (more
     outputs than the tokenizer has tokens) is trimmed; a tokenizer with extra *added* tokens the
     base cannot emit (e.g. Quark control tokens for the adapter) keeps them out of V. A base or
-    adapter with fewer outputs than the tokenizer's own vocabulary is refused.
+    adapter with fewer outputs than the tokenizer's own vocabulary is refused. ``names``: how
+    the messages call the two models.
     """
     nb, na = _out_vocab(base), _out_vocab(adapter)
     n_tok = len(tokenizer)
@@ -185,13 +181,20 @@ def shared_vocab_size(base, adapter, tokenizer, vocab_size: int | None = None) -
         vocab_size = min(n_tok, nb)
         if nb < n_core:
             raise ValueError(
-                f"vocabulary mismatch: the base has {nb} output logits but the tokenizer has "
-                f"{n_core} tokens; base and adapter must share the tokenizer's vocabulary")
+                f"vocabulary mismatch: {names[0]} has {nb} output logits but the tokenizer has "
+                f"{n_core} tokens; {names[0]} and {names[1]} must share the tokenizer's vocabulary")
     if nb < vocab_size or na < vocab_size:
         raise ValueError(
-            f"vocabulary mismatch: the shared vocabulary has {vocab_size} tokens but the base has "
-            f"{nb} output logits and the adapter {na}; base and adapter must share one tokenizer")
+            f"vocabulary mismatch: the shared vocabulary has {vocab_size} tokens but {names[0]} has "
+            f"{nb} output logits and {names[1]} {na}; {names[0]} and {names[1]} must share one tokenizer")
     return vocab_size
+
+
+def _is_cached_lm(model) -> bool:
+    """An object following the cached-LM protocol (``prefill(rows, max_new_tokens)``,
+    ``step(tokens)``, ``vocab_size``) rather than a Hugging Face model."""
+    return not isinstance(model, torch.nn.Module) and callable(getattr(model, "prefill", None)) \
+        and callable(getattr(model, "step", None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,43 +202,181 @@ def shared_vocab_size(base, adapter, tokenizer, vocab_size: int | None = None) -
 # ----------------------------------------------------------------------------------------------
 
 class TailoredLM:
-    """Product-of-experts decoding of a frozen ``base`` and an ``adapter`` over one tokenizer.
+    """Product-of-experts decoding of a frozen ``base`` and weighted experts over one tokenizer.
 
-    ``base``, ``adapter``: Hugging Face causal LMs (any architectures, dtypes and devices; the
-    adapter's logits are moved to the base's device for sampling), or ``base`` an
-    :class:`ipa_fast.api_base.APIBase`. ``adapter_prefix``: token ids (or a string) the adapter
-    sees before every prompt (e.g. a Quark reward token; ids >= V allowed: input-only rows of the
-    adapter's embedding). ``base_top_k``: reduce a local base to its top-k log-probs per step
-    (the sparse-base path API bases take). ``vocab_size``: override the shared vocabulary V.
+    ``TailoredLM(base, adapter, tokenizer, alpha=1.0, adapter_prefix=None)``: IPA,
+    ``z = base + alpha * adapter``. ``TailoredLM(base, experts=[...], weights=[...],
+    prefixes=[...], tokenizer=...)``: ``z = base + sum_k weights[k] * experts[k]`` (K >= 1
+    experts, one finite weight each, default 1; negative weights allowed); the first expert is
+    "the adapter" (``lm.adapter``, its log-probs are ``adapter_logprobs``, ``adapter_prefix`` in
+    :meth:`generate` / :meth:`score` overrides its prefix). The presets :meth:`ipa`,
+    :meth:`compose`, :meth:`dexperts` and :meth:`proxy_tuning` build the usual formulas.
+
+    ``base``, the adapter, the experts: Hugging Face causal LMs (any architectures, dtypes and
+    devices; logits are moved to the base's device for sampling) over the base's vocabulary, or
+    objects following the cached-LM protocol (``prefill(rows, max_new_tokens)`` and
+    ``step(tokens)`` returning ``[B, >= V]`` logits, and ``vocab_size``), e.g. an
+    :class:`ipa_fast.api_base.APIBase`. ``adapter_prefix`` / ``prefixes[k]``: token ids (or a
+    string) that expert sees before every prompt (e.g. a Quark reward token; ids >= V allowed:
+    input-only rows of its embedding). ``base_top_k``: reduce a local base to its top-k
+    log-probs per step (the sparse-base path API bases take). ``vocab_size``: override the
+    shared vocabulary V. An expert given as top-k log-probs (-inf elsewhere) needs a weight
+    >= 0: -inf times a negative weight is +inf, an invalid row.
     """
 
-    def __init__(self, base, adapter, tokenizer, alpha=1.0, adapter_prefix=None, *,
-                 base_top_k: int | None = None, vocab_size: int | None = None, metadata: dict | None = None):
+    def __init__(self, base, adapter=None, tokenizer=None, alpha=None, adapter_prefix=None, *,
+                 experts=None, weights=None, prefixes=None, base_top_k: int | None = None,
+                 vocab_size: int | None = None, metadata: dict | None = None):
         from .api_base import APIBase  # local import: api_base imports this module
 
-        self.base, self.adapter, self.tokenizer = base, adapter, tokenizer
-        self.alpha = alpha
-        self.is_api_base = isinstance(base, APIBase)
-        if self.is_api_base:  # the server's vocabulary is the tokenizer's: check the adapter alone
-            self.V = shared_vocab_size(adapter, adapter, tokenizer, vocab_size)
-            base.vocab_size = self.V
+        if experts is None:
+            if adapter is None:
+                raise ValueError("no adapter: pass TailoredLM(base, adapter, tokenizer) or experts=[...] with weights")
+            if weights is not None or prefixes is not None:
+                raise ValueError("weights= and prefixes= go with experts=[...]; a single adapter takes alpha= "
+                                 "and adapter_prefix=")
+            experts, weights, prefixes = [adapter], [1.0 if alpha is None else alpha], [adapter_prefix]
         else:
-            self.V = shared_vocab_size(base, adapter, tokenizer, vocab_size)
+            if adapter is not None or alpha is not None or adapter_prefix is not None:
+                raise ValueError("pass adapter= (with alpha=, adapter_prefix=) or experts= (with weights=, "
+                                 "prefixes=), not both")
+            if not isinstance(experts, (list, tuple)):
+                raise TypeError(f"experts must be a list of models, got {type(experts).__name__}")
+            if not experts:
+                raise ValueError("experts is empty: pass at least one expert model")
+            K = len(experts)
+            weights = [1.0] * K if weights is None else weights
+            prefixes = [None] * K if prefixes is None else prefixes
+            for name, values in (("weights", weights), ("prefixes", prefixes)):
+                if not isinstance(values, (list, tuple)) or len(values) != K:
+                    n = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+                    raise ValueError(f"{name} must be a list with one entry per expert: {K} experts, got {n}")
+        if tokenizer is None:
+            raise ValueError("no tokenizer: pass tokenizer=... (the one the base and the experts share)")
+        self.base, self.experts, self.tokenizer = base, list(experts), tokenizer
+        self.weights = [_finite_weight(f"weights[{k}]" if len(experts) > 1 else "alpha", w)
+                        for k, w in enumerate(weights)]
+        self.is_api_base = isinstance(base, APIBase)
+        self.V = self._shared_vocab(vocab_size)
+        for k, (m, w) in enumerate(zip(self.experts, self.weights)):
+            if isinstance(m, APIBase) and w < 0:
+                raise ValueError(f"{self._expert_name(k)} is an API model (top-k log-probs, -inf elsewhere) and "
+                                 f"needs a weight >= 0, got {w}: -inf times a negative weight is +inf")
         self.base_top_k = base_top_k
-        self.adapter_prefix = self._prefix_ids(adapter_prefix)
+        self.prefixes = [self._prefix_ids(p, k) for k, p in enumerate(prefixes)]
         self.metadata = dict(metadata or {})
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = 0 if pad is None else pad
-        self.device = base.device if self.is_api_base else next(base.parameters()).device
+        self.device = base.device if _is_cached_lm(base) else next(base.parameters()).device
+
+    # -- the experts ---------------------------------------------------------------------------
+
+    @property
+    def adapter(self):
+        """The first expert (the adapter of ``TailoredLM(base, adapter, tokenizer)``)."""
+        return self.experts[0]
+
+    @property
+    def alpha(self) -> float | None:
+        """The adapter's weight; None when there are several experts (see ``weights``)."""
+        return self.weights[0] if len(self.experts) == 1 else None
+
+    @alpha.setter
+    def alpha(self, value) -> None:
+        if len(self.experts) != 1:
+            raise ValueError(f"alpha is the weight of a single adapter; this TailoredLM has {len(self.experts)} "
+                             f"experts: set weights[k]")
+        self.weights[0] = _finite_weight("alpha", value)
+
+    @property
+    def adapter_prefix(self) -> list[int]:
+        """The first expert's prefix ids."""
+        return self.prefixes[0]
+
+    @adapter_prefix.setter
+    def adapter_prefix(self, value) -> None:
+        self.prefixes[0] = self._prefix_ids(value, 0)
+
+    def _expert_name(self, k: int) -> str:
+        return "the adapter" if len(self.experts) == 1 else f"experts[{k}]"
+
+    def _shared_vocab(self, vocab_size: int | None) -> int:
+        """V over the base and every expert (:func:`shared_vocab_size` on the Hugging Face models,
+        ``vocab_size`` >= V on cached-LM objects; an API model's vocabulary is the tokenizer's)."""
+        from .api_base import APIBase
+
+        models = [("the base", self.base)] + [(self._expert_name(k), m) for k, m in enumerate(self.experts)]
+        hf = []
+        for name, m in models:
+            if isinstance(m, torch.nn.Module) and callable(getattr(m, "get_output_embeddings", None)):
+                hf.append((name, m))
+            elif not _is_cached_lm(m):
+                raise TypeError(f"{name} must be a Hugging Face causal LM or an object with prefill(rows, "
+                                f"max_new_tokens) and step(tokens), got {type(m).__name__}")
+        if hf:
+            first_name, first = hf[0]
+            V = shared_vocab_size(first, first, self.tokenizer, vocab_size, names=(first_name, first_name))
+            for name, m in hf[1:]:
+                shared_vocab_size(first, m, self.tokenizer, V, names=(first_name, name))
+        else:
+            V = vocab_size or len(self.tokenizer)
+        for name, m in models:
+            if isinstance(m, APIBase):  # the server's vocabulary is the tokenizer's
+                m.vocab_size = V
+            elif _is_cached_lm(m):
+                n = getattr(m, "vocab_size", None)
+                if not isinstance(n, int) or n < V:
+                    raise ValueError(f"vocabulary mismatch: the shared vocabulary has {V} tokens but {name} "
+                                     f"has vocab_size {n!r}; every model must cover the shared vocabulary")
+        return V
+
+    # -- presets -------------------------------------------------------------------------------
+
+    @classmethod
+    def ipa(cls, base, adapter, tokenizer, *, alpha: float = 1.0, adapter_prefix=None, **kwargs) -> "TailoredLM":
+        """IPA (Lu et al. 2023): ``z = base + alpha * adapter``, i.e.
+        ``pi ∝ p_base · p_adapter^alpha``. The same as ``TailoredLM(base, adapter, tokenizer, alpha)``."""
+        return cls(base, adapter, tokenizer, alpha=alpha, adapter_prefix=adapter_prefix, **kwargs)
+
+    @classmethod
+    def compose(cls, base, adapters, tokenizer, *, weights=None, prefixes=None, **kwargs) -> "TailoredLM":
+        """Composition of adapters: ``z = base + sum_i weights[i] * adapters[i]``, i.e.
+        ``pi ∝ p_base · prod_i p_i^weights[i]`` (each adapter with its own prefix)."""
+        return cls(base, tokenizer=tokenizer, experts=adapters, weights=weights, prefixes=prefixes, **kwargs)
+
+    @classmethod
+    def dexperts(cls, base, expert, anti_expert, tokenizer, *, alpha: float = 1.0, prefixes=None,
+                 **kwargs) -> "TailoredLM":
+        """DExperts (Liu et al. 2021): ``z = base + alpha * (expert - anti_expert)``, i.e.
+        ``pi ∝ p_base · (p_expert / p_anti)^alpha``; experts ``[expert, anti_expert]`` with
+        weights ``[alpha, -alpha]`` (the anti-expert's logits must be finite)."""
+        a = _finite_weight("alpha", alpha)
+        return cls(base, tokenizer=tokenizer, experts=[expert, anti_expert], weights=[a, -a], prefixes=prefixes,
+                   **kwargs)
+
+    @classmethod
+    def proxy_tuning(cls, base, tuned, untuned, tokenizer, *, alpha: float = 1.0, prefixes=None,
+                     **kwargs) -> "TailoredLM":
+        """Proxy-tuning (Liu et al. 2024): a large ``base`` steered by a small ``tuned`` model
+        and its ``untuned`` starting point, ``z = base + alpha * (tuned - untuned)`` (alpha 1 in
+        the paper): :meth:`dexperts` with the tuned model as the expert and the untuned one as
+        the anti-expert."""
+        return cls.dexperts(base, tuned, untuned, tokenizer, alpha=alpha, prefixes=prefixes, **kwargs)
 
     # -- loading / saving ----------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, base_name_or_path, adapter_name_or_path, *, tokenizer=None,
-                        alpha: float | None = None, adapter_prefix=None, base_dtype=None, base_device=None,
+                        alpha=None, adapter_prefix=None, base_dtype=None, base_device=None,
                         adapter_dtype=None, adapter_device=None, base_top_k: int | None = None,
                         dtype=None, torch_dtype=None, device_map=None, **model_kwargs) -> "TailoredLM":
         """Load both models (``AutoModelForCausalLM``) and the tokenizer.
+
+        ``adapter_name_or_path``: one adapter, or a list of adapters to compose
+        (``z = base + sum_i alpha_i * adapter_i``, see :meth:`compose`); then ``alpha`` and
+        ``adapter_prefix`` are lists with one entry per adapter (or None), an entry of None
+        taking that adapter's saved value, ``lm.metadata["adapters"]`` holds each adapter's
+        ``ipa_adapter.json`` and the adapters load as the single one does.
 
         ``base_name_or_path`` may also be an :class:`~ipa_fast.api_base.APIBase`, or a base model
         already loaded (shared by several adapters: only the adapter is loaded, onto the base's
@@ -312,49 +453,86 @@ class TailoredLM:
                 model.to(device)
             return model
 
-        meta = load_adapter_metadata(adapter_name_or_path)
-        if api_base:
+        many = isinstance(adapter_name_or_path, (list, tuple))
+        paths = list(adapter_name_or_path) if many else [adapter_name_or_path]
+        if not paths:
+            raise ValueError("no adapters: pass an adapter directory or a list of them")
+        per_adapter = {}
+        for name, value in (("alpha", alpha), ("adapter_prefix", adapter_prefix)):
+            if not many or value is None:
+                per_adapter[name] = [value] * len(paths)
+            elif not isinstance(value, (list, tuple)) or len(value) != len(paths):
+                raise ValueError(f"{name} must be a list with one entry per adapter ({len(paths)}) when several "
+                                 f"adapters are loaded, got {value!r}")
+            else:
+                per_adapter[name] = list(value)
+
+        def load_adapter(path):
+            if api_base:
+                return load(path, adapter_dtype, adapter_device, device_map)
+            if loaded_base or device_map is not None:  # the adapter follows the base unless told where to go
+                return load(path, adapter_dtype,
+                            adapter_device if adapter_device is not None else next(base.parameters()).device, None)
+            return load(path, adapter_dtype, adapter_device, None)
+
+        metas = [load_adapter_metadata(p) for p in paths]
+        if api_base or loaded_base:
             base = base_name_or_path
-            adapter = load(adapter_name_or_path, adapter_dtype, adapter_device, device_map)
-        elif loaded_base:
-            base = base_name_or_path
-            adapter = load(adapter_name_or_path, adapter_dtype,
-                           adapter_device if adapter_device is not None else next(base.parameters()).device, None)
+            adapters = [load_adapter(p) for p in paths]
         elif device_map is None:
-            adapter = load(adapter_name_or_path, adapter_dtype, adapter_device, None)
+            adapters = [load_adapter(p) for p in paths]
             base = load(base_name_or_path, base_dtype, base_device, None)
-        else:  # the adapter follows the base unless told where to go
+        else:
             base = load(base_name_or_path, base_dtype, None, device_map)
-            adapter = load(adapter_name_or_path, adapter_dtype,
-                           adapter_device if adapter_device is not None else next(base.parameters()).device, None)
-        ad_tok = _try_tokenizer(adapter_name_or_path)
+            adapters = [load_adapter(p) for p in paths]
+        ad_toks = [_try_tokenizer(p) for p in paths]
         base_tok = None if api_base or loaded_base else _try_tokenizer(base_name_or_path)
-        if base_tok is not None and ad_tok is not None and _core_hash(base_tok) != _core_hash(ad_tok):
-            raise ValueError(f"tokenizer mismatch: {base_name_or_path} and {adapter_name_or_path} ship "
-                             f"different tokenizers; base and adapter must share one vocabulary")
+        named = ([(base_name_or_path, base_tok)] if base_tok is not None else []) + \
+            [(p, t) for p, t in zip(paths, ad_toks) if t is not None]
+        for other, tok in named[1:]:
+            if _core_hash(named[0][1]) != _core_hash(tok):
+                raise ValueError(f"tokenizer mismatch: {named[0][0]} and {other} ship different tokenizers; "
+                                 f"they must share one vocabulary")
         if tokenizer is None:
-            tokenizer = ad_tok or base_tok or getattr(base, "tokenizer", None)
+            tokenizer = next((t for t in ad_toks if t is not None), base_tok) or getattr(base, "tokenizer", None)
         if tokenizer is None:
             raise ValueError("no tokenizer found beside the base or the adapter; pass tokenizer=...")
         if isinstance(tokenizer, str):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        if meta:
-            if meta.get("tokenizer_hash") and meta["tokenizer_hash"] != tokenizer_hash(tokenizer):
-                raise ValueError(f"tokenizer mismatch: {adapter_name_or_path} was saved with tokenizer "
-                                 f"{meta['tokenizer_hash'][:12]}…, got {tokenizer_hash(tokenizer)[:12]}…")
-            alpha = meta.get("alpha", 1.0) if alpha is None else alpha
-            adapter_prefix = meta.get("adapter_prefix") if adapter_prefix is None else adapter_prefix
-        lm = cls(base, adapter, tokenizer, alpha=1.0 if alpha is None else alpha, adapter_prefix=adapter_prefix,
-                 base_top_k=base_top_k, vocab_size=(meta or {}).get("vocab_size"), metadata=meta)
-        trained = (meta or {}).get("base")
-        if trained and not (api_base or loaded_base) and str(base_name_or_path) != trained:
-            lm.metadata.setdefault("warnings", []).append(
-                f"adapter was trained with base {trained!r}, now paired with {str(base_name_or_path)!r}")
+        alphas, prefixes = per_adapter["alpha"], per_adapter["adapter_prefix"]
+        for k, (path, meta) in enumerate(zip(paths, metas)):
+            if meta:
+                if meta.get("tokenizer_hash") and meta["tokenizer_hash"] != tokenizer_hash(tokenizer):
+                    raise ValueError(f"tokenizer mismatch: {path} was saved with tokenizer "
+                                     f"{meta['tokenizer_hash'][:12]}…, got {tokenizer_hash(tokenizer)[:12]}…")
+                alphas[k] = meta.get("alpha", 1.0) if alphas[k] is None else alphas[k]
+                prefixes[k] = meta.get("adapter_prefix") if prefixes[k] is None else prefixes[k]
+            alphas[k] = 1.0 if alphas[k] is None else alphas[k]
+        sizes = {m["vocab_size"] for m in metas if m and m.get("vocab_size") is not None}
+        if len(sizes) > 1:
+            raise ValueError(f"the adapters were saved with different shared vocabularies {sorted(sizes)}; "
+                             f"composed adapters must share one")
+        vocab_size = sizes.pop() if sizes else None
+        if many:
+            lm = cls(base, tokenizer=tokenizer, experts=adapters, weights=alphas, prefixes=prefixes,
+                     base_top_k=base_top_k, vocab_size=vocab_size, metadata={"adapters": metas})
+        else:
+            lm = cls(base, adapters[0], tokenizer, alpha=alphas[0], adapter_prefix=prefixes[0],
+                     base_top_k=base_top_k, vocab_size=vocab_size, metadata=metas[0])
+        for path, meta in zip(paths, metas):
+            trained = (meta or {}).get("base")
+            if trained and not (api_base or loaded_base) and str(base_name_or_path) != trained:
+                lm.metadata.setdefault("warnings", []).append(
+                    (f"adapter {str(path)!r} " if many else "adapter ")
+                    + f"was trained with base {trained!r}, now paired with {str(base_name_or_path)!r}")
         return lm
 
     def save_adapter(self, directory, *, base: str | None = None, reference_policy: str | None = None,
                      control_tokens: list[str] | None = None, extra: dict | None = None) -> Path:
         """Write the adapter (HF files), the tokenizer and ``ipa_adapter.json`` to ``directory``."""
+        if len(self.experts) != 1:
+            raise ValueError(f"save_adapter saves a single adapter; this TailoredLM has {len(self.experts)} experts: "
+                             f"save each with ipa_fast.save_adapter(directory, model, tokenizer, alpha=weight)")
         return save_adapter(directory, self.adapter, self.tokenizer, alpha=self.alpha,
                             adapter_prefix=self.adapter_prefix, vocab_size=self.V,
                             base=base or self.metadata.get("base"),
@@ -363,29 +541,34 @@ class TailoredLM:
 
     # -- input handling ------------------------------------------------------------------------
 
-    def _prefix_ids(self, prefix) -> list[int]:
+    def _prefix_ids(self, prefix, k: int = 0) -> list[int]:
+        """Expert ``k``'s prefix (ids or a string) as ids, checked against its embedding rows."""
         if prefix is None:
             return []
         if isinstance(prefix, str):
             return self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
         ids = [int(i) for i in prefix]
-        n_in = _in_vocab(self.adapter)
+        model = self.experts[k]
+        n_in = len(self.tokenizer) if _is_cached_lm(model) else _in_vocab(model)
         if any(i < 0 or i >= n_in for i in ids):
-            raise ValueError(f"adapter_prefix ids must be in [0, {n_in}) (the adapter's embedding rows), got {ids}")
+            name = "adapter_prefix" if len(self.experts) == 1 else f"prefixes[{k}]"
+            raise ValueError(f"{name} ids must be in [0, {n_in}) ({self._expert_name(k)}'s embedding rows), got {ids}")
         return ids
 
-    def _row_prefixes(self, prefix, B) -> list[list[int]]:
-        """The adapter's prefix for each row: the model's, one for all rows, or one per row
-        (a list of B strings / id lists, e.g. Quark quantile tokens during training)."""
+    def _row_prefixes(self, prefix, B) -> list[list[list[int]]]:
+        """Each expert's prefix for each row (``[K][B]`` id lists): the experts' own, except
+        that ``prefix`` (when given) replaces the first expert's: one for all rows, or one per
+        row (a list of B strings / id lists, e.g. Quark quantile tokens during training)."""
+        rest = [[p] * B for p in self.prefixes[1:]]
         if prefix is None:
-            return [self.adapter_prefix] * B
+            return [[self.prefixes[0]] * B] + rest
         if isinstance(prefix, torch.Tensor):
             prefix = prefix.tolist()
         if isinstance(prefix, (list, tuple)) and prefix and not isinstance(prefix[0], numbers.Integral):
             if len(prefix) != B:
                 raise ValueError(f"adapter_prefix has {len(prefix)} per-row entries for {B} prompts")
-            return [self._prefix_ids(p) for p in prefix]
-        return [self._prefix_ids(prefix)] * B
+            return [[self._prefix_ids(p) for p in prefix]] + rest
+        return [[self._prefix_ids(prefix)] * B] + rest
 
     def encode(self, prompts) -> list[list[int]]:
         """Prompts (strings or token-id lists) → token-id lists, validated against the base."""
@@ -419,38 +602,84 @@ class TailoredLM:
         return value
 
     def _base_lm(self):
-        if self.is_api_base:
+        if _is_cached_lm(self.base):
             return self.base
         lm = CachedLM(self.base, self.pad_id)
         return SparseBase(lm, self.base_top_k, self.V) if self.base_top_k else lm
+
+    def _expert_lm(self, model):
+        return model if _is_cached_lm(model) else CachedLM(model, self.pad_id)
+
+    def _call_weights(self, alpha, weights, base_weight, B) -> torch.Tensor:
+        """float32 ``[B, K']`` weights of one call, on the base's device: the base's column
+        (left out when ``base_weight == 0``: the base is then not run), then each expert's
+        (``self.weights``, ``alpha`` for a single adapter, or ``weights``: K entries, each a
+        number or one per prompt, or a ``[B, K]`` tensor). Values are checked by the sampler."""
+        K = len(self.experts)
+        if weights is not None and alpha is not None:
+            raise ValueError("pass alpha= (a single adapter's weight) or weights= (one per expert), not both")
+        if weights is None and alpha is not None:
+            if K != 1:
+                raise ValueError(f"alpha= is the weight of a single adapter; this TailoredLM has {K} experts: "
+                                 f"pass weights=[...] with one weight per expert")
+            weights = [alpha]
+        if weights is None:
+            weights = self.weights
+        if isinstance(weights, torch.Tensor) and weights.dim() == 2:
+            if tuple(weights.shape) != (B, K):
+                raise ValueError(f"weights must be [B, K] = [{B}, {K}] (one row per prompt, one column per "
+                                 f"expert), got shape {tuple(weights.shape)}")
+            weights = list(weights.unbind(1))
+        if not isinstance(weights, (list, tuple)) or len(weights) != K:
+            n = len(weights) if isinstance(weights, (list, tuple, torch.Tensor)) else type(weights).__name__
+            raise ValueError(f"weights must have one entry per expert: {K} experts, got {n}")
+        cols = ([] if base_weight == 0 else [base_weight]) + list(weights)
+        names = ([] if base_weight == 0 else ["base_weight"]) + (["alpha"] if K == 1 else
+                                                                [f"weights[{k}]" for k in range(K)])
+        out = []
+        for name, w in zip(names, cols):
+            t = torch.as_tensor(self._per_row(name, w, B), dtype=torch.float32, device=self.device)
+            if t.dim() == 0:
+                t = t.expand(B)
+            if t.shape != (B,):
+                raise ValueError(f"{name} must be a number or one per prompt ({B}), got shape {tuple(t.shape)}")
+            out.append(t)
+        return torch.stack(out, dim=1).contiguous()
 
     # -- decoding ------------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=32, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                  seed=None, stop=None, adapter_prefix=None, min_new_tokens=0, bad_words_ids=None,
-                 repetition_penalty=1.0, eos_token_id=None, alpha=None, base_weight=1.0,
+                 repetition_penalty=1.0, eos_token_id=None, alpha=None, weights=None, base_weight=1.0,
                  backend="auto", truncate_prompt=None) -> GenerationOutput:
         """Sample continuations of ``prompts`` from the tailored policy.
 
-        ``base_weight`` scales the base logits: ``z = base_weight * base + alpha * adapter``.
-        ``base_weight=0`` samples from the adapter alone (with its prefix; the base model is
-        not run), as the paper's adapter-only comparison does; ``alpha=0`` gives the base alone.
+        ``z = base_weight * base + sum_k w_k * expert_k`` (``base_weight * base + alpha * adapter``
+        for a single adapter). ``base_weight=0`` samples from the experts alone (each with its
+        prefix; the base model is not run), as the paper's adapter-only comparison does;
+        ``alpha=0`` gives the base alone. ``alpha`` (a single adapter) or ``weights`` (K entries,
+        each a number or one per prompt, or a ``[B, K]`` tensor) override the model's weights
+        for this call.
 
         ``max_new_tokens``: int or one per prompt (>= 1). ``seed``: int (row r gets seed + r), a
         list / ``[B]`` tensor (one per prompt), or None (torch's generator draws seeds).
         ``temperature`` / ``top_k`` / ``top_p`` / ``min_p`` / ``alpha``: scalars or one per prompt,
-        as :func:`ipa_fast.sample` (T = 0 is greedy). ``stop``: string(s) ending a row; the text
-        is cut before it. ``adapter_prefix``: overrides the model's for this call (ids or a
-        string for every row, or a list with one per row).
+        as :func:`ipa_fast.sample_experts` (T = 0 is greedy). ``stop``: string(s) ending a row;
+        the text is cut before it. ``adapter_prefix``: overrides the adapter's (the first
+        expert's) for this call (ids or a string for every row, or a list with one per row).
         Hard masks — ``bad_words_ids`` (HF semantics: a token is banned when the row ends with
         the sequence's prefix) and EOS before ``min_new_tokens`` — and ``repetition_penalty``
         (HF semantics, over prompt + generated tokens) act on the *mixed* logits, after
-        mixing and before filtering, as the official IPA code applies its masks.
-        ``truncate_prompt``: a prompt that does not fit the base's (or the adapter's, with its
+        mixing and before filtering, as the official IPA code applies its masks (a mask goes to
+        the sampler as one more expert of weight 1, 0 or -inf; the penalty, not linear in the
+        experts, mixes them first with :func:`ipa_fast.reference.mix_experts`).
+        ``truncate_prompt``: a prompt that does not fit the base's (or an expert's, with its
         prefix) context together with ``max_new_tokens`` raises ValueError naming the lengths;
         ``"left"`` keeps its last tokens instead (``prompt_token_ids`` of the output show it).
         """
+        from .api_base import APIBase
+
         rows = self.encode(prompts)
         B = len(rows)
         max_new = self._per_row("max_new_tokens", max_new_tokens, B, integer=True)
@@ -460,14 +689,16 @@ class TailoredLM:
         if repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
         steps = int(max_new.max())
-        alpha = self.alpha if alpha is None else alpha
-        knobs = dict(alpha=self._per_row("alpha", alpha, B), temperature=self._per_row("temperature", temperature, B),
+        if base_weight == 0 and self.is_api_base:
+            raise ValueError("base_weight=0 (the experts alone) is not available with an API base")
+        w = self._call_weights(alpha, weights, base_weight, B)  # [B, K'] float32
+        knobs = dict(temperature=self._per_row("temperature", temperature, B),
                      top_k=self._per_row("top_k", top_k, B, integer=True), top_p=self._per_row("top_p", top_p, B),
                      min_p=self._per_row("min_p", min_p, B), backend=backend)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)))
         seeds = self._per_row("seed", seed, B, integer=True)
-        prefixes = self._row_prefixes(adapter_prefix, B)
+        prefixes = self._row_prefixes(adapter_prefix, B)  # [K][B]
         rows = self._fit_context(rows, prefixes, steps, truncate_prompt, base_weight != 0)
         eos_ids = _as_id_list(self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id)
         if any(not 0 <= i < self.V for i in eos_ids):
@@ -476,13 +707,13 @@ class TailoredLM:
         banned_single, banned_seqs = _split_bad_words(bad_words_ids, self.V)
         V, dev = self.V, self.device
 
-        # Prefill: the base sees the prompt, the adapter its prefix + the prompt.
-        if base_weight == 0 and self.is_api_base:
-            raise ValueError("base_weight=0 (adapter alone) is not available with an API base")
-        base_lm = _ZeroLM(V, dev) if base_weight == 0 else self._base_lm()
-        adapter_lm = CachedLM(self.adapter, self.pad_id)
-        base_logits = base_lm.prefill(rows, steps)
-        adapter_logits = adapter_lm.prefill([p + r for p, r in zip(prefixes, rows)], steps)
+        # Prefill: the base sees the prompt, each expert its prefix + the prompt.
+        lms = ([] if base_weight == 0 else [self._base_lm()]) + [self._expert_lm(m) for m in self.experts]
+        inputs = ([] if base_weight == 0 else [rows]) + [[p + r for p, r in zip(pre, rows)] for pre in prefixes]
+        logits = [lm.prefill(x, steps) for lm, x in zip(lms, inputs)]
+        first = len(lms) - len(self.experts)  # the adapter's (the first expert's) index in lms
+        w_masked = torch.cat([w, torch.ones((B, 1), device=dev)], dim=1)  # a hard mask: one more expert
+        w_one = torch.ones((B, 1), device=dev)
         prompt_len = torch.tensor([len(r) for r in rows], device=dev)
         seen = None
         if repetition_penalty != 1.0:
@@ -500,24 +731,23 @@ class TailoredLM:
         host_tokens = [[] for _ in range(B)] if (stops or banned_seqs) else None
 
         for t in range(steps):
-            z_base = base_logits[:, :V] if base_weight == 1 else base_weight * base_logits[:, :V].float()
-            z_adapter = adapter_logits[:, :V].to(dev)
+            zs = [z[:, :V].to(dev) for z in logits]
             mask = self._hard_mask(t, rows, host_tokens, min_new_tokens, eos_t, banned_single, banned_seqs)
-            if seen is not None:  # penalty on the mixed logits: mix here, sample without adapter
-                z_base = _repetition_penalty(_mix(z_base, z_adapter, knobs["alpha"]), seen, repetition_penalty)
+            if seen is not None:  # penalty on the mixed logits: mix here, sample the mix alone
+                z = _repetition_penalty(mix_experts(zs, w), seen, repetition_penalty)
                 if mask is not None:
-                    z_base = z_base.masked_fill(mask, float("-inf"))
-                s = sample(z_base, None, seed=seeds, offset=prompt_len + t,
-                           **{k: v for k, v in knobs.items() if k != "alpha"})
-            else:  # a -inf base logit masks the mixed logit whatever alpha is
-                if mask is not None:
-                    z_base = z_base.masked_fill(mask, float("-inf"))
-                s = sample(z_base, z_adapter, seed=seeds, offset=prompt_len + t, **knobs)
+                    z = z.masked_fill(mask, float("-inf"))
+                s = sample_experts([z], w_one, seed=seeds, offset=prompt_len + t, **knobs)
+            elif mask is not None:  # -inf under weight 1 masks the mixed logit whatever the weights
+                hard = torch.zeros((B, V), device=dev).masked_fill_(mask, float("-inf"))
+                s = sample_experts(zs + [hard], w_masked, seed=seeds, offset=prompt_len + t, **knobs)
+            else:
+                s = sample_experts(zs, w, seed=seeds, offset=prompt_len + t, **knobs)
             tok = s.tokens
             active = ~done
             out_tokens[:, t] = tok
             out_lp[:, t] = s.logprobs
-            out_alp[:, t] = _gather_log_softmax(z_adapter, tok)
+            out_alp[:, t] = _gather_log_softmax(zs[first], tok)
             n_out += active.long()
             if seen is not None:
                 seen.scatter_(1, tok.view(-1, 1), True)
@@ -536,8 +766,7 @@ class TailoredLM:
             if bool(done.all()):
                 break
             tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
-            base_logits = base_lm.step(tok, ~done) if self.is_api_base else base_lm.step(tok)
-            adapter_logits = adapter_lm.step(tok)
+            logits = [lm.step(tok, ~done) if isinstance(lm, APIBase) else lm.step(tok) for lm in lms]
 
         n = n_out.tolist()
         ids_all, lp_all, alp_all = out_tokens.tolist(), out_lp.tolist(), out_alp.tolist()
@@ -550,11 +779,13 @@ class TailoredLM:
     def _fit_context(self, rows, prefixes, steps, truncate_prompt, with_base=True):
         """Check every row against the models' position limits (max_position_embeddings /
         n_positions): decoding ``steps`` tokens feeds ``len(prompt) + steps - 1`` positions to
-        the base and ``len(prefix) + len(prompt) + steps - 1`` to the adapter."""
+        the base and ``len(prefix) + len(prompt) + steps - 1`` to each expert (``prefixes``:
+        ``[K][B]``)."""
         if truncate_prompt not in (None, "left"):
             raise ValueError(f"truncate_prompt must be None or 'left', got {truncate_prompt!r}")
-        limits = [("adapter", _context_size(self.adapter), prefixes)]
-        if with_base and not self.is_api_base:
+        limits = [(self._expert_name(k).removeprefix("the "), _context_size(m), pre)
+                  for k, (m, pre) in enumerate(zip(self.experts, prefixes))]
+        if with_base:
             limits.insert(0, ("base", _context_size(self.base), [[]] * len(rows)))
         out = []
         for i, row in enumerate(rows):
@@ -570,7 +801,7 @@ class TailoredLM:
                     raise ValueError(
                         f"prompt {i} is too long: {len(row)} tokens + {steps} new tokens need "
                         f"{len(pre[i]) + len(row) + steps - 1} positions"
-                        + (f" (with the adapter's {len(pre[i])}-token prefix)" if pre[i] else "")
+                        + (f" (with the {name}'s {len(pre[i])}-token prefix)" if pre[i] else "")
                         + f" but the {name}'s context is {ctx}; shorten it to {room} tokens, lower "
                         f"max_new_tokens, or pass truncate_prompt='left' to keep its last {room} tokens")
                 keep = min(keep, room)
@@ -596,25 +827,31 @@ class TailoredLM:
 
     # -- teacher-forced scoring ----------------------------------------------------------------
 
-    def score(self, prompts, completions_ids, *, adapter_prefix=None, temperature=1.0, alpha=None) -> ScoreOutput:
+    def score(self, prompts, completions_ids, *, adapter_prefix=None, temperature=1.0, alpha=None,
+              weights=None) -> ScoreOutput:
         """Per-token tailored and adapter log-probs of given completions (teacher forcing).
 
-        One no-cache forward of each model over prompt + completion (left-padded). No hard
-        masks or penalties are applied. Runs with grad if grad is enabled (the adapter's
-        parameters get gradients; the base runs under ``no_grad``).
+        ``logprobs``: log-softmax of the mix ``(base + sum_k w_k * expert_k) / T``
+        (:func:`ipa_fast.experts_log_softmax`); ``adapter_logprobs``: the adapter's (the first
+        expert's) own log-softmax at T = 1. ``alpha`` / ``weights`` / ``adapter_prefix`` as in
+        :meth:`generate`. One no-cache forward of each model over prompt + completion
+        (left-padded). No hard masks or penalties are applied. Runs with grad if grad is enabled
+        (the experts' parameters get gradients; the base runs under ``no_grad``).
         """
-        if self.is_api_base:
-            raise NotImplementedError("score() needs a local base (an API base returns top-k log-probs only)")
+        if any(_is_cached_lm(m) for m in [self.base, *self.experts]):
+            raise NotImplementedError("score() needs local Hugging Face models (an API model returns top-k "
+                                      "log-probs only)")
         rows = self.encode(prompts)
         comps = [[int(i) for i in c] for c in completions_ids]
         if len(comps) != len(rows):
             raise ValueError(f"{len(comps)} completions for {len(rows)} prompts")
         prefixes = self._row_prefixes(adapter_prefix, len(rows))
-        alpha = self.alpha if alpha is None else alpha
+        w = self._call_weights(alpha, weights, 1.0, len(rows))
         full = [r + c for r, c in zip(rows, comps)]
         with torch.no_grad():
             base_logits = _full_logits(self.base, full, self.pad_id)
-        adapter_logits = _full_logits(self.adapter, [p + f for p, f in zip(prefixes, full)], self.pad_id)
+        expert_logits = [_full_logits(m, [p + f for p, f in zip(pre, full)], self.pad_id)
+                         for m, pre in zip(self.experts, prefixes)]
         lps, alps = [], []
         for i, (r, c) in enumerate(zip(rows, comps)):
             # Row i is right-aligned: its last len(c) tokens are the completion, predicted by the
@@ -624,11 +861,10 @@ class TailoredLM:
                 lps.append(torch.zeros(0)), alps.append(torch.zeros(0))
                 continue
             zb = base_logits[i, -n - 1:-1, :self.V]
-            za = adapter_logits[i, -n - 1:-1, :self.V].to(zb.device)
+            zs = [zb] + [e[i, -n - 1:-1, :self.V].to(zb.device) for e in expert_logits]
             target = torch.tensor(c, device=zb.device).view(-1, 1)
-            a = alpha[i] if isinstance(alpha, torch.Tensor) and alpha.dim() else alpha
-            lp = tailored_log_softmax(zb, za, alpha=float(a), temperature=temperature).gather(1, target).view(-1)
-            alp = torch.log_softmax(za.float(), dim=-1).gather(1, target).view(-1)
+            lp = experts_log_softmax(zs, w[i].to(zb.device), temperature=temperature).gather(1, target).view(-1)
+            alp = torch.log_softmax(zs[1].float(), dim=-1).gather(1, target).view(-1)
             lps.append(lp), alps.append(alp)
         return ScoreOutput(lps, alps)
 
@@ -662,10 +898,20 @@ def _full_logits(model, rows, pad_id):
     return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
 
 
-def _mix(base, adapter, alpha):
-    a = torch.as_tensor(alpha, dtype=torch.float32, device=base.device)
-    a = a.view(-1, 1) if a.dim() else a
-    return base.float() + torch.where(a == 0, torch.zeros((), device=base.device), a * adapter.float())
+def _finite_weight(name: str, value) -> float:
+    """An expert's weight as a float: a real number in ``RANGES["weights"]`` (finite, within
+    float32), else a one-line ValueError / TypeError naming it."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond any float
+        v = float("inf")
+    if not RANGES["weights"].ok(v):
+        raise ValueError(f"{name} must be {RANGES['weights'].rule}, got {value!r}")
+    return v
 
 
 def _repetition_penalty(z, seen, penalty):

@@ -3,16 +3,23 @@
     ipa-fast generate --task detox --prompt "The cat"                 # the shipped trained adapter
     ipa-fast generate --base PATH --adapter PATH --prompt "The cat" --max-new-tokens 32 --top-p 0.9
     ipa-fast generate --api-base http://127.0.0.1:8000/v1 --adapter PATH --prompts prompts.txt
+    ipa-fast generate --base PATH --adapter A:0.5 --adapter B:0.3 --prompt "The cat"   # composition
+    ipa-fast generate --base PATH --adapter EXPERT:2 --adapter ANTI:-2 --prompt "The cat"  # DExperts
 
 ``--task {detox,lexical}`` picks the shipped *trained* adapter of that task (from the embedded
 assets, :mod:`ipa_fast.embedded`); otherwise ``--adapter`` is required. ``--base`` defaults to
 the shipped base. alpha and the adapter's control prefix come from the adapter's
 ``ipa_adapter.json`` (what it was trained / exported with); ``--alpha`` overrides.
+``--adapter DIR:WEIGHT`` repeated composes adapters, ``z = base + sum_i WEIGHT_i * adapter_i``
+(each with its own saved prefix; a weight left out is the adapter's saved alpha, else 1;
+negative weights subtract, as DExperts' anti-expert or proxy-tuning's untuned model).
 ``--prompts FILE``: one prompt per line, or JSON lines with a ``"prompt"`` field.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -26,9 +33,11 @@ def add_arguments(p) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--task", choices=TASKS, default=None,
                        help="use the shipped trained adapter of this task (with its saved alpha and prefix)")
-    which.add_argument("--adapter", type=model_ref("adapter"), default=None,
+    which.add_argument("--adapter", type=adapter_ref, action="append", default=None, metavar="DIR[:WEIGHT]",
                        help="adapter: local directory (with ipa_adapter.json when saved by ipa_fast: its alpha "
-                            "and prefix are used) or HF name; required unless --task")
+                            "and prefix are used) or HF name, optionally with its weight; repeat to compose "
+                            "adapters, z = base + sum_i WEIGHT_i * adapter_i (negative weights subtract); "
+                            "required unless --task")
     p.add_argument("--base", type=model_ref("base model"), default=None,
                    help="base model: local directory or HF name (default: the shipped base)")
     p.add_argument("--tokenizer", type=model_ref("tokenizer"), default=None,
@@ -62,8 +71,41 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="dtype of the base")
 
 
+def adapter_ref(text: str) -> tuple[str, float | None]:
+    """``DIR[:WEIGHT]`` -> ``(model reference, weight or None)``. A text that names an existing
+    path is a path even with a colon in it; the weight is a finite nonzero number."""
+    from .cli import model_ref
+
+    path, weight = text, None
+    head, sep, tail = text.rpartition(":")
+    if sep and head and not Path(text).expanduser().exists():
+        try:
+            weight = float(tail)
+        except ValueError:
+            weight = None
+        else:
+            path = head
+            if not math.isfinite(weight) or weight == 0:
+                raise argparse.ArgumentTypeError(f"the weight in DIR:WEIGHT must be a finite nonzero number, "
+                                                 f"got {tail!r} in {text}")
+    return model_ref("adapter")(path), weight
+
+
+adapter_ref.__name__ = "adapter"
+
+
 def validate(args) -> None:
     """Everything checkable before loading a model: prompts, flag combinations, model paths."""
+    several = args.adapter is not None and len(args.adapter) > 1
+    if several and args.alpha is not None:
+        raise ValueError("--alpha sets a single adapter's weight; with several --adapter give each its weight "
+                         "as --adapter DIR:WEIGHT")
+    if several and args.adapter_prefix is not None:
+        raise ValueError("--adapter-prefix applies to a single adapter; composed adapters use the prefixes "
+                         "saved in their ipa_adapter.json")
+    if args.adapter and args.alpha is not None and args.adapter[0][1] is not None:
+        raise ValueError(f"the adapter's weight is given twice (--alpha {args.alpha} and "
+                         f"--adapter DIR:{args.adapter[0][1]:g}); pass one")
     if args.min_new_tokens > args.max_new_tokens:
         raise ValueError(f"--min-new-tokens ({args.min_new_tokens}) must be <= --max-new-tokens "
                          f"({args.max_new_tokens})")
@@ -108,14 +150,18 @@ def trained_adapter_path(task: str) -> Path:
     return Path(embedded.adapter_path(task))
 
 
-def model_paths(args) -> tuple[str | None, str]:
+def model_paths(args) -> tuple[str | None, str | list[str]]:
     """``(base, adapter)``: the user's, the shipped base filling a missing ``--base`` (unless
-    ``--api-base``), the shipped trained adapter for ``--task``. Missing assets: one-line error."""
+    ``--api-base``), the shipped trained adapter for ``--task``; ``adapter`` is a list of paths
+    when several ``--adapter`` are composed. Sets ``args.adapter_weights`` (one weight or None per
+    adapter). Missing assets: one-line error."""
     from . import embedded
 
     if args.adapter is None and args.task is None:
         raise ValueError(f"pass --task {{{','.join(TASKS)}}} (a shipped trained adapter) or --adapter PATH")
-    adapter = args.adapter or str(trained_adapter_path(args.task))
+    refs = args.adapter or [(str(trained_adapter_path(args.task)), None)]
+    args.adapter_weights = [w for _, w in refs]
+    adapter = refs[0][0] if len(refs) == 1 else [path for path, _ in refs]
     base = args.base
     if base is None and not args.api_base:
         base = str(embedded.base_path())
@@ -143,24 +189,29 @@ def run(args) -> dict:
         validate(args)
     hf_logging.disable_progress_bar()  # "Loading weights" bars: noise on a command line's stderr
     prompts, base_path, adapter_path = args.prompt_list, args.base_path, args.adapter_path
+    several = isinstance(adapter_path, list)
+    weights = getattr(args, "adapter_weights", None) or [None] * (len(adapter_path) if several else 1)
+    alpha = weights if several else (args.alpha if args.alpha is not None else weights[0])
     dtype = getattr(torch, args.dtype) if args.dtype else None
     tokenizer = None
     if args.tokenizer:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     elif args.api_base:
-        tokenizer = _try_tokenizer(adapter_path)
+        first = adapter_path[0] if several else adapter_path
+        tokenizer = _try_tokenizer(first)
         if tokenizer is None:
-            raise ValueError(f"no tokenizer in {adapter_path}: pass --tokenizer PATH")
+            raise ValueError(f"no tokenizer in {first}: pass --tokenizer PATH")
     base = APIBase(args.api_base, tokenizer, model=args.api_model, top_logprobs=args.top_logprobs) \
         if args.api_base else base_path
     t0 = time.perf_counter()
     try:
-        lm = TailoredLM.from_pretrained(base, adapter_path, tokenizer=tokenizer, alpha=args.alpha,
+        lm = TailoredLM.from_pretrained(base, adapter_path, tokenizer=tokenizer, alpha=alpha,
                                         adapter_prefix=parse_prefix(args.adapter_prefix), base_dtype=dtype,
                                         base_device=args.device, adapter_device=args.device)
     except OSError as exc:  # a hub id that is neither cached nor reachable, a directory without weights
-        raise ValueError(f"cannot load {base_path or args.api_base} + {adapter_path}: {exc}") from exc
+        adapters = ", ".join(adapter_path) if several else adapter_path
+        raise ValueError(f"cannot load {base_path or args.api_base} + {adapters}: {exc}") from exc
     load_s = time.perf_counter() - t0
     for w in lm.metadata.get("warnings", []):
         print(f"warning: {w}")
@@ -181,7 +232,9 @@ def run(args) -> dict:
             print(f"warning: prompt {r} truncated from the left to its last {len(ids)} of {full} tokens "
                   f"(--truncate-prompt left)")
     n_tokens = sum(len(t) for t in out.token_ids)
-    print(f"base: {args.api_base or base_path}   adapter: {adapter_path}   alpha: {lm.alpha}   "
+    mix = (f"adapters: {', '.join(f'{p} ({w:g})' for p, w in zip(adapter_path, lm.weights))}" if several
+           else f"adapter: {adapter_path}   alpha: {lm.alpha}")
+    print(f"base: {args.api_base or base_path}   {mix}   "
           f"T={args.temperature} top_p={args.top_p} top_k={args.top_k} min_p={args.min_p} seed={args.seed}")
     print(f"{'#':>3}  {'finish':6}  {'toks':>4}  {'mean lp':>7}  text")
     for r, prompt in enumerate(prompts):
@@ -192,7 +245,7 @@ def run(args) -> dict:
     print(f"{n_tokens} tokens in {gen_s:.2f} s ({n_tokens / max(gen_s, 1e-9):.1f} tokens/s; load {load_s:.1f} s)")
     return {
         "base": args.api_base or base_path, "adapter": adapter_path, "alpha": lm.alpha,
-        "adapter_prefix": lm.adapter_prefix,
+        "adapter_prefix": lm.adapter_prefix, "weights": lm.weights, "prefixes": lm.prefixes,
         "decoding": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                      "top_k": args.top_k, "min_p": args.min_p, "seed": args.seed, "stop": args.stop},
         "results": [{"prompt": p, "text": out.texts[r], "token_ids": out.token_ids[r], "logprobs": out.logprobs[r],
