@@ -31,6 +31,8 @@ import time
 
 import torch
 
+from . import tasks
+
 METHODS = ("hf-base", "tailored", "hf-processor", "naive")
 LABELS = {"hf-base": "(a) HF generate, base alone", "tailored": "(b) TailoredLM",
           "hf-processor": "(c) HF generate + TailoredLogitsProcessor", "naive": "(d) official-style loop"}
@@ -47,8 +49,8 @@ def add_arguments(p) -> None:
                    help="tokens per row, forced for every method (default 32; quick 8)")
     p.add_argument("--repeats", type=positive_int, default=None,
                    help="timed runs per point, median kept (default 3; quick 1)")
-    p.add_argument("--prompts", choices=("lexical", "detox"), default="lexical",
-                   help="lexical test prompts (chat template) or detox test prompts (raw text)")
+    p.add_argument("--prompts", choices=list(tasks.names()), default="lexical",
+                   help="the test prompts of this task, as stored (default lexical: chat template)")
     p.add_argument("--top-p", type=open_unit_float, default=0.9)
     p.add_argument("--top-k", type=nonneg_int, default=0, help="0 = off (default)")
     p.add_argument("--alpha", type=float, default=1.0, help="adapter weight (default 1.0)")
@@ -123,8 +125,8 @@ def bench_prompts(tok, kind: str, B: int) -> tuple[list[list[int]], str]:
     if B > len(rows):
         raise ValueError(f"--batch {B} is larger than the {len(rows)} {kind} test prompts")
     texts = [r["prompt"] for r in rows[:B]]
-    how = ("lexical test prompts, as stored: one user turn in the base's chat template" if kind == "lexical"
-           else "detox test prompts, raw text")
+    how = f"{kind} test prompts, as stored: " + ("one user turn in the base's chat template"
+                                                  if tasks.get(kind).prompt_style == "chat" else "raw text")
     return [tok(t)["input_ids"] for t in texts], how
 
 

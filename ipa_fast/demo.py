@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import embedded
+from . import embedded, tasks
 
 # the evaluation protocol of docs/DESIGN.md §6, fixed and printed
 PROTOCOL = {"temperature": 1.0, "top_p": 0.9, "samples_per_prompt": 1, "max_new_tokens": 32, "seed": 20261126}
@@ -38,12 +38,11 @@ LIVE_SMALL = dict(batch_size=8, minibatch_size=8)
 
 
 def live_recipe(task: str) -> dict:
-    from .training.cli import PRESETS
-
-    return {**{k: v for k, v in PRESETS[task].items() if k in LIVE_RUN_KNOBS}, **LIVE_SMALL}
+    return {**{k: v for k, v in tasks.get(task).recipe.items() if k in LIVE_RUN_KNOBS}, **LIVE_SMALL}
 
 
-TASK_SCORE = {"lexical": "coverage (higher is better)", "detox": "offensive rate (lower is better)"}
+#: the tasks `make demo` runs by default (any registered task can be named with --tasks)
+DEMO_TASKS = ("lexical", "detox")
 LABELS = {"base": "base\nalone", "ipa": "base +\nIPA", "ipa_untrained": "base +\nuntrained",
           "adapter_only": "adapter\nalone", "adapter_init_only": "initial\nadapter"}
 
@@ -64,7 +63,9 @@ def add_arguments(parser) -> None:
                         help="the held-out split to evaluate (default test; choose alphas on validation)")
     parser.add_argument("--train-steps", type=nonneg_int, default=None,
                         help=f"live training steps, 0 = none (default {LIVE_STEPS[False]}, quick {LIVE_STEPS[True]})")
-    parser.add_argument("--live-task", choices=list(embedded.TASKS), default="lexical",
+    parser.add_argument("--tasks", nargs="+", choices=list(tasks.names()), default=list(DEMO_TASKS),
+                        help=f"the tasks to evaluate (default: {' '.join(DEMO_TASKS)})")
+    parser.add_argument("--live-task", choices=list(tasks.names()), default="lexical",
                         help="the task of the live training (default: lexical)")
     parser.add_argument("--home", default=None, help="the cache built by `ipa-fast setup` (default: IPA_FAST_HOME, "
                         "else the per-user cache)")
@@ -83,7 +84,7 @@ def validate(args) -> None:
     if args.plot and not args.plot.lower().endswith(".png"):
         raise ValueError(f"--plot must be a .png path, got {args.plot}")
     needs = [(embedded.base_path, ()), (embedded.adapter_init_path, ())]
-    needs += [(embedded.task_data_path, (t, s)) for t in embedded.TASKS for s in ("validation", "test")]
+    needs += [(embedded.task_data_path, (t, s)) for t in args.tasks for s in ("validation", "test")]
     missing = []
     for fn, fn_args in needs:
         try:
@@ -95,10 +96,10 @@ def validate(args) -> None:
         raise FileNotFoundError(f"the demo needs the embedded models and data: {missing[0]}{more}")
 
 
-def trained_adapters() -> dict:
+def trained_adapters(names=None) -> dict:
     """``{task: path}`` of the shipped trained adapters built into the cache (some may be missing)."""
     out = {}
-    for task in embedded.TASKS:
+    for task in names or tasks.names():
         try:
             out[task] = embedded.adapter_path(task)
         except FileNotFoundError:
@@ -128,8 +129,8 @@ def evaluate_variant(lm, task: str, rows: list[dict], *, alpha: float, base_weig
         per = [sum(r["per_prompt"][i] for r in runs) / seeds for i in range(len(rows))]
         out = {"score": sum(per) / len(per), "score_ci95": mean_ci95(per), "per_prompt": per,
                "texts": runs[0]["texts"], "seeds": seeds}
-        for k in ("all_concepts", "second_score", "perplexity", "distinct_2"):
-            if k in runs[0]:
+        for k in runs[0]:
+            if k not in out and k not in ("score", "score_ci95", "per_prompt", "texts"):
                 out[k] = sum(r[k] for r in runs) / seeds
         return out
     return _evaluate_once(lm, task, rows, alpha=alpha, base_weight=base_weight, ppl_model=ppl_model)
@@ -137,8 +138,7 @@ def evaluate_variant(lm, task: str, rows: list[dict], *, alpha: float, base_weig
 
 def _evaluate_once(lm, task: str, rows: list[dict], *, alpha: float, base_weight: float = 1.0,
                    ppl_model=None, seed_offset: int = 0) -> dict:
-    from .evaluation import all_concepts_rate, distinct_n, perplexity, wordlist_offensive_rate
-    from .training.rewards import lexical_coverage, offensive_flags
+    from .evaluation import distinct_n, perplexity
 
     prompts = [r["prompt"] for r in rows]
     texts, prompt_ids, token_ids = [], [], []
@@ -149,13 +149,9 @@ def _evaluate_once(lm, task: str, rows: list[dict], *, alpha: float, base_weight
         texts += gen.texts
         prompt_ids += gen.prompt_token_ids
         token_ids += gen.token_ids
-    out = {}
-    if task == "lexical":
-        per = lexical_coverage(prompts, texts, [r["concepts"] for r in rows])
-        out["all_concepts"] = all_concepts_rate(per)
-    else:
-        per = offensive_flags(texts)
-        out["second_score"] = wordlist_offensive_rate(texts)
+    spec = tasks.get(task)
+    per = spec.score_fn(rows, texts)
+    out = spec.metrics_fn(rows, texts)
     nonempty = [(p, t) for p, t in zip(prompt_ids, token_ids) if t]
     ppl = perplexity(ppl_model or lm.base, [p for p, _ in nonempty], [t for _, t in nonempty],
                      pad_token_id=lm.pad_id) if nonempty else float("nan")
@@ -184,8 +180,7 @@ def run_task(task: str, rows: list[dict], init_lm, trained: Path | None, seeds: 
         variants["ipa_untrained"] = evaluate(init_lm, alpha=lm.alpha)
         variants["adapter_only"] = evaluate(lm, alpha=1.0, base_weight=0.0, ppl_model=init_lm.base)
     else:  # the product at the alpha the task's recipe trains at (`ipa-fast train --task T`'s preset)
-        from .training.cli import PRESETS
-        variants["ipa_untrained"] = evaluate(init_lm, alpha=PRESETS[task].get("alpha", init_lm.alpha))
+        variants["ipa_untrained"] = evaluate(init_lm, alpha=tasks.get(task).recipe.get("alpha", init_lm.alpha))
         variants["adapter_init_only"] = evaluate(init_lm, alpha=1.0, base_weight=0.0)
     base_per = variants["base"]["per_prompt"]
     for name, v in variants.items():  # paired difference to the base alone, over the same prompts
@@ -195,9 +190,8 @@ def run_task(task: str, rows: list[dict], init_lm, trained: Path | None, seeds: 
         variants["ipa"]["delta_vs_untrained_ci95"] = mean_ci95(
             [a - b for a, b in zip(variants["ipa"]["per_prompt"], variants["ipa_untrained"]["per_prompt"])])
     samples = [{"prompt": r["prompt"], **{k: v["texts"][i] for k, v in variants.items()}} for i, r in enumerate(rows[:3])]
-    keep = ("score", "score_ci95", "all_concepts", "second_score", "perplexity", "distinct_2",
-            "delta_vs_base_ci95", "delta_vs_untrained_ci95")
-    return {k: {m: v[m] for m in keep if m in v} for k, v in variants.items()}, samples
+    drop = ("per_prompt", "texts")
+    return {k: {m: x for m, x in v.items() if m not in drop} for k, v in variants.items()}, samples
 
 
 def model_record(path: Path, name: str) -> dict:
@@ -242,11 +236,11 @@ def print_table(results: dict) -> None:
     for task, variants in results.items():
         for name, m in variants.items():
             lo, hi = m["score_ci95"]
-            extra = (f"all-concepts {m['all_concepts']:.3f}" if "all_concepts" in m else
-                     f"word list {m['second_score']:.3f}")
+            key = tasks.get(task).summary_metric
+            extra = f"{key} {m[key]:.3f}" if key in m else ""
             print(f"{task:8} {name:17} {m['score']:7.3f} [{lo:6.3f},{hi:6.3f}] {extra:>18} "
                   f"{m['perplexity']:11.2f} {m['distinct_2']:11.3f}")
-        print(f"{'':8} score = {TASK_SCORE[task]}")
+        print(f"{'':8} score = {tasks.get(task).score_label}")
 
 
 def plot(results: dict, live: dict | None, path: Path) -> None:
@@ -270,7 +264,7 @@ def plot(results: dict, live: dict | None, path: Path) -> None:
                         (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
         ax.margins(y=0.3)
         ax.tick_params(axis="x", labelsize=8)
-        ax.set_title(f"{task}: {TASK_SCORE[task]}\n(95 % intervals over prompts)", fontsize=9)
+        ax.set_title(f"{task}: {tasks.get(task).score_label}\n(95 % intervals over prompts)", fontsize=9)
     if live is not None:
         vals = [live["reward_before"], live["reward_after"]]
         axes[-1].bar(["before", "after"], vals, color=["#999", "#2ca02c"])
@@ -306,9 +300,9 @@ def run(args) -> dict:
     tok.padding_side = "left"
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
     init_lm = load_pair(base, init_dir, tok)
-    trained = trained_adapters()
+    trained = trained_adapters(args.tasks)
     results, samples = {}, {}
-    for task in embedded.TASKS:
+    for task in args.tasks:
         rows = embedded.read_task(task, args.split)[:n_prompts]
         what = ("base alone vs base + IPA adapter (trained, untrained) vs adapter alone" if task in trained else
                 "no trained adapter is shipped for this task yet: base alone vs base + the initial adapter vs "

@@ -31,7 +31,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-TASKS = ("lexical", "detox")
 SPLITS = ("train", "validation", "test")
 
 #: The embedded base: where it comes from and what it must hash to.
@@ -123,12 +122,13 @@ def adapter_path(task: str) -> Path:
 
 
 def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    from . import tasks
+
+    tasks.get(task)  # one line naming the registered tasks otherwise
 
 
 def task_data_path(task: str, split: str) -> Path:
-    """``data/tasks/<task>/<split>.jsonl`` for task in TASKS and split in SPLITS."""
+    """``data/tasks/<task>/<split>.jsonl`` for a registered task (:mod:`ipa_fast.tasks`) and split in SPLITS."""
     _check_task(task)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -360,7 +360,8 @@ def setup(verbose: bool = True) -> dict:
     paths = {"base": str(base_dir)}
     ship = shipped_root() / "models"
     items = [("adapter-init", ship / "adapter-init", h / "models/adapter-init")]
-    items += [(t, ship / "adapters" / t, h / "models/adapters" / t) for t in TASKS]
+    from . import tasks
+    items += [(t, ship / "adapters" / t, h / "models/adapters" / t) for t in tasks.names()]
     for name, shipped, final in items:
         if not (shipped / "ipa_adapter.json").is_file():
             continue

@@ -10,7 +10,7 @@ nothing and the reward's dependencies load only for the task that needs them.
 
 >>> from ipa_fast import tasks
 >>> tasks.names()
-('lexical', 'detox')
+('lexical', 'detox', 'open', 'dialogue_safety', 'grounded')
 >>> tasks.get("lexical").score_name
 'coverage'
 """
@@ -40,6 +40,8 @@ class Task:
     #: evaluation-only metrics, ``fn(rows, texts) -> dict[str, float]`` (at least one scorer
     #: that is never a training reward)
     metrics: str
+    #: the metric printed beside the score in summaries (the JSON keeps every metric)
+    summary_metric: str = ""
     #: the training preset: TrainConfig fields
     recipe: dict = field(default_factory=dict)
     #: prompt-row fields the reward and the evaluation read
@@ -67,12 +69,18 @@ def resolve(spec: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
+_PLACEHOLDER_RECIPE = dict(algo="ppo", alpha=1.0, zero_init_output=True, reference="initial", lr=1e-4,
+                          kl_coef=0.05, repeat_coef=1.0, min_new_tokens=16, batch_size=16, minibatch_size=8,
+                          ppo_epochs=2, steps=60, eval_size=64, eval_every=20, checkpoint_every=10,
+                          freeze_shared_embedding=True)
+
 # the embedded adapter initialisation shares the base's embedding: every recipe keeps it frozen
 _TASKS = (
     Task(
         name="lexical", title="lexical constraints", prompt_style="chat",
         reward=f"{_REWARDS}:lexical_coverage", score=f"{_EVAL}:lexical_score", score_name="coverage",
-        higher_is_better=True, metrics=f"{_EVAL}:lexical_metrics", fields=("concepts",),
+        higher_is_better=True, metrics=f"{_EVAL}:lexical_metrics", summary_metric="all_concepts",
+        fields=("concepts",),
         description="CommonGen-style instruction: one sentence using every listed concept (any inflection)",
         # NOT YET A WORKING RECIPE on the SmolLM2 base (no lexical adapter ships): the untrained product is
         # close to the base only at a small alpha (validation coverage 0.30 / 0.35 / 0.31 / 0.24 at alpha
@@ -86,11 +94,38 @@ _TASKS = (
     Task(
         name="detox", title="toxicity reduction", prompt_style="continuation",
         reward=f"{_REWARDS}:non_offensive", score=f"{_EVAL}:detox_score", score_name="offensive rate",
-        higher_is_better=False, metrics=f"{_EVAL}:detox_metrics",
+        higher_is_better=False, metrics=f"{_EVAL}:detox_metrics", summary_metric="second_score",
         description="continue a prompt without offensive language",
         recipe=dict(algo="ppo", alpha=0.5, reference="initial", lr=1e-4, kl_coef=0.05, repeat_coef=1.0,
                     min_new_tokens=16, batch_size=16, minibatch_size=8, ppo_epochs=2, steps=60, eval_size=64,
                     eval_every=20, checkpoint_every=10, freeze_shared_embedding=True),
+    ),
+    # The paper's other three tasks (data: scripts/build_paper_tasks.py; data/README.md). Their recipes
+    # are PLACEHOLDERS copied from detox's shape (alpha 1 on a zero-initialised adapter output, so the
+    # untrained product is exactly the base), not yet tried: to be tuned when their adapters are trained.
+    Task(
+        name="open", title="open-ended generation", prompt_style="continuation",
+        reward=f"{_REWARDS}_text:open_ended_quality", score=f"{_EVAL}:open_score",
+        score_name="quality (fluency x coherence x diversity)", higher_is_better=True,
+        metrics=f"{_EVAL}:open_metrics", summary_metric="mauve", fields=("reference",),
+        description="continue a corpus opening fluently, on topic and without repeating itself",
+        recipe=dict(_PLACEHOLDER_RECIPE),
+    ),
+    Task(
+        name="dialogue_safety", title="dialogue safety control", prompt_style="chat",
+        reward=f"{_REWARDS}:non_offensive", score=f"{_EVAL}:detox_score", score_name="unsafe rate",
+        higher_is_better=False, metrics=f"{_EVAL}:dialogue_safety_metrics", summary_metric="second_score",
+        fields=("context",),
+        description="reply to a provocative user turn without offensive language (and without mere refusal)",
+        recipe=dict(_PLACEHOLDER_RECIPE),
+    ),
+    Task(
+        name="grounded", title="knowledge-grounded dialogue", prompt_style="chat",
+        reward=f"{_REWARDS}_text:faithfulness", score=f"{_EVAL}:grounded_score", score_name="faithfulness",
+        higher_is_better=True, metrics=f"{_EVAL}:grounded_metrics", summary_metric="unsupported_rate",
+        fields=("knowledge", "question"),
+        description="answer a question about a knowledge snippet with only what the snippet supports",
+        recipe=dict(_PLACEHOLDER_RECIPE),
     ),
 )
 TASKS: dict[str, Task] = {t.name: t for t in _TASKS}

@@ -17,6 +17,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from ipa_fast import tasks
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 LIMIT_MIB = 30
@@ -139,7 +141,7 @@ the base: outputs can be offensive.
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path, help="an `ipa-fast train --out` directory holding adapter/")
-    ap.add_argument("--task", required=True, choices=["lexical", "detox"])
+    ap.add_argument("--task", required=True, choices=list(tasks.names()))
     ap.add_argument("--dest", type=Path, default=None, help="default: models/adapters/<task>")
     ap.add_argument("--alpha", type=float, default=None,
                     help="the shipped alpha (ipa_adapter.json), e.g. chosen on validation rows; default: the trained one")

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from ipa_fast import embedded, tasks
 
 
 def sweep(adapter: str, task: str, alphas: list[float], split: str, rows: int, base: str) -> list[dict]:
@@ -24,8 +24,7 @@ def sweep(adapter: str, task: str, alphas: list[float], split: str, rows: int, b
     from ipa_fast.demo import evaluate_variant
 
     lm = TailoredLM.from_pretrained(base, adapter)
-    with open(ROOT / "data/tasks" / task / f"{split}.jsonl", encoding="utf-8") as f:
-        data = [json.loads(line) for line in f][:rows]
+    data = embedded.read_task(task, split)[:rows]
     out = []
     for a in alphas:
         r = evaluate_variant(lm, task, data, alpha=a)
@@ -38,7 +37,7 @@ def sweep(adapter: str, task: str, alphas: list[float], split: str, rows: int, b
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("adapter", help="adapter directory (e.g. an `ipa-fast train --out` run's adapter/)")
-    ap.add_argument("--task", required=True, choices=["lexical", "detox"])
+    ap.add_argument("--task", required=True, choices=list(tasks.names()))
     ap.add_argument("--alphas", default="0,1", help="comma-separated alphas (0 = the base alone)")
     ap.add_argument("--split", default="validation", choices=["validation", "test"])
     ap.add_argument("--rows", type=int, default=200)

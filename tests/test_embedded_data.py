@@ -2,7 +2,6 @@
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -14,14 +13,7 @@ CORPUS = ROOT / "data/corpus"
 TASKS = ROOT / "data/tasks"
 
 
-def _module(name, rel):
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-embedded = _module("ipa_fast_embedded", "ipa_fast/embedded.py")
+from ipa_fast import embedded  # noqa: E402  (the checkout's module: the install is editable)
 
 
 def _manifest():

@@ -20,33 +20,23 @@ import dataclasses
 import types
 import typing
 
+from ipa_fast import tasks
+
 from .trainer import TrainConfig
 
 # The recipes of the shipped adapters (models/adapters/<task>/MODEL_CARD.md), for the embedded
 # SmolLM2 base and its distilled 4-layer adapter initialisation: the one table.
 # detox: not yet trained on this base (the recipe carried over from the previous base: PPO at alpha
 # 0.5 with the KL to the initial tailored policy, which there avoided the reward hacks of alpha 1).
-PRESETS: dict[str, dict] = {
-    # the embedded adapter initialisation shares the base's embedding: every preset keeps it frozen
-    "detox": dict(algo="ppo", alpha=0.5, reference="initial", lr=1e-4, kl_coef=0.05, repeat_coef=1.0,
-                  min_new_tokens=16, batch_size=16, minibatch_size=8, ppo_epochs=2, steps=60, eval_size=64,
-                  eval_every=20, checkpoint_every=10, freeze_shared_embedding=True),
-    # NOT YET A WORKING RECIPE on the SmolLM2 base (no lexical adapter ships): the untrained product is
-    # close to the base only at a small alpha (validation coverage 0.30 / 0.35 / 0.31 / 0.24 at alpha
-    # 0 / 0.1 / 0.2 / 0.3, 48 prompts); tried: a tailored-NLL warm start at alpha 1 and 0.5 (coverage
-    # stayed ~0.2), 150 adapter-NLL warm-start steps at alpha 0.2 (no gain), PPO at lr 1e-3 (KL to the
-    # initial policy 13 nats after 15 steps, coverage 0.36 -> 0.26); lr 1e-4 is the next to try
-    "lexical": dict(algo="ppo", alpha=0.2, reference="initial", steps=60, batch_size=16, minibatch_size=8,
-                    ppo_epochs=2, lr=1e-4, kl_coef=0.05, min_new_tokens=8, eval_every=15, eval_size=48,
-                    checkpoint_every=15, freeze_shared_embedding=True),
-}
+# the presets are the task registry's recipes (ipa_fast.tasks: one definition per task)
+PRESETS: dict[str, dict] = tasks.recipes()
 
 HELP = {
     "algo": "quark (reward-quantile control tokens, the official IPA recipe) or ppo",
     "out": "run directory: metrics.jsonl, reward_curve.png, samples.txt, checkpoints/, adapter/",
     "steps": "the run's total number of steps; --resume continues up to it",
-    "task": "built-in task: lexical (concept coverage) or detox (1 - offensive probability); "
-            "uses the task's embedded train/validation data and reward, and its preset (the shipped recipe)",
+    "task": "built-in task (ipa_fast.tasks): " + ", ".join(f"{t.name} ({t.title})" for t in tasks.TASKS.values())
+            + "; uses the task's embedded train/validation data and reward, and its preset (the shipped recipe)",
     "reward": "custom reward 'module:function' or 'file.py:function': "
               "fn(prompts, completions, **fields) -> list[float]",
     "prompts": "JSON lines {\"prompt\": ..., <field>: ...}; extra fields go to the reward by name",
@@ -97,7 +87,7 @@ def _arg_types() -> dict:
     return types_
 
 
-CHOICES = {"sft_target": ["tailored", "adapter"], "algo": ["quark", "ppo"], "task": ["lexical", "detox"], "reference": ["initial", "base"],
+CHOICES = {"sft_target": ["tailored", "adapter"], "algo": ["quark", "ppo"], "task": list(tasks.names()), "reference": ["initial", "base"],
            "lr_schedule": ["constant", "linear"]}
 
 

@@ -121,9 +121,6 @@ def offensive_rate(completions: Sequence[str], threshold: float = 0.5) -> float:
     return sum(flags) / len(flags) if flags else 0.0
 
 
-TASK_REWARDS: dict[str, RewardFn] = {"lexical": lexical_coverage, "detox": non_offensive}
-
-
 # ---------------------------------------------------------------------------------------
 # loading and calling
 

@@ -40,6 +40,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ipa_fast import tasks
 from ipa_fast.decoding import TailoredLM, _as_id_list, left_pad, save_adapter
 from ipa_fast.token_stats import tailored_token_stats
 
@@ -101,7 +102,7 @@ class TrainConfig:
     steps: int = 100                    # the run's total number of steps (resume continues to it)
     seed: int = 0
     # data and models (paths are recorded; the Python API may also pass objects to train())
-    task: str | None = None             # "lexical" | "detox": built-in data + reward
+    task: str | None = None             # a registered task (ipa_fast.tasks): built-in data + reward
     reward: str | None = None           # "module:function" or "file.py:function"
     prompts: str | None = None          # JSON lines {"prompt": ..., <fields>...}
     eval_prompts: str | None = None     # held-out JSON lines (default: the task's validation split,
@@ -193,7 +194,8 @@ class TrainConfig:
         need(self.algo in ("quark", "ppo"), f"algo must be 'quark' or 'ppo', got {self.algo!r}")
         need(self.reference in ("initial", "base"), f"reference must be 'initial' or 'base', got {self.reference!r}")
         need(self.lr_schedule in ("constant", "linear"), f"lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
-        need(self.task in (None, "lexical", "detox"), f"task must be 'lexical' or 'detox', got {self.task!r}")
+        if self.task is not None:
+            tasks.get(self.task)  # one line naming the known tasks otherwise
         need(isinstance(self.steps, int) and self.steps >= 0, f"steps must be an int >= 0, got {self.steps!r}")
         for name in ("batch_size", "minibatch_size", "grad_accum", "max_new_tokens", "n_quantiles",
                      "quark_updates", "ppo_epochs", "eval_size", "eval_max_new_tokens", "keep_checkpoints",
@@ -892,17 +894,13 @@ def repeated_bigram_fraction(ids) -> float:
 
 
 def extra_eval_metrics(task: str | None, rows: list[dict], texts: list[str]) -> dict:
-    """docs/DESIGN.md §6 metrics beside the reward: distinct-2 (any task); ordered coverage, offensive rate."""
+    """docs/DESIGN.md §6 metrics beside the reward: distinct-2 (any task) and the task's own
+    evaluation-only metrics (its registry entry's ``metrics``)."""
     from ipa_fast.evaluation import distinct_n
 
-    from . import rewards as R
-
     out = {"distinct_2": distinct_n(texts, 2)}
-    if task == "lexical":
-        out["coverage_ordered"] = float(np.mean(R.lexical_coverage_ordered(
-            [r["prompt"] for r in rows], texts, [r["concepts"] for r in rows])))
-    if task == "detox":
-        out["offensive_rate"] = R.offensive_rate(texts)
+    if task is not None:
+        out.update(tasks.get(task).metrics_fn(rows, texts))
     return out
 
 
@@ -966,7 +964,7 @@ def train(config: TrainConfig, *, reward: Callable | None = None, train_prompts=
     checkpoint made with other settings (see :data:`RESUME_MAY_CHANGE`) unless ``force``.
     """
     from . import loading
-    from .rewards import TASK_REWARDS, load_reward
+    from .rewards import load_reward
 
     config.validate()
     if resume:  # an unusable run directory fails here, before any model is loaded
@@ -975,7 +973,7 @@ def train(config: TrainConfig, *, reward: Callable | None = None, train_prompts=
         if config.reward:
             reward = load_reward(config.reward)
         elif config.task:
-            reward = TASK_REWARDS[config.task]
+            reward = tasks.get(config.task).reward_fn()
         else:
             raise ValueError("no reward: pass --task {lexical,detox} or --reward module:function")
     if not callable(reward):
