@@ -38,30 +38,9 @@ void fill_params(ipa_fast::cpu::SamplerArgs& a, int64_t batch, int64_t vocab, st
   a.valid = ptr<bool>(valid);
 }
 
-// The two-expert form: base (weight 1) and an optional adapter (weight alpha[r]), contiguous rows.
-void sample_cpu(std::uintptr_t base, int base_dtype, std::uintptr_t adapter, int adapter_dtype, int64_t batch,
-                int64_t vocab, std::uintptr_t alpha, std::uintptr_t temperature, std::uintptr_t top_k,
-                std::uintptr_t top_p, std::uintptr_t min_p, std::uintptr_t seed, std::uintptr_t offset,
-                std::uintptr_t tokens, std::uintptr_t logprobs, std::uintptr_t filtered_logprobs,
-                std::uintptr_t valid, int num_threads) {
-  const void* experts[2] = {ptr<const void>(base), ptr<const void>(adapter)};
-  const int dtypes[2] = {base_dtype, adapter_dtype};
-  const int64_t strides[2] = {vocab, vocab};
-  ipa_fast::cpu::SamplerArgs a;
-  a.num_experts = adapter ? 2 : 1;
-  a.experts = experts;
-  a.expert_dtypes = dtypes;
-  a.expert_strides = strides;
-  a.weights = ptr<const float>(alpha);
-  a.weight_stride = 1;
-  a.unit_first = 1;
-  fill_params(a, batch, vocab, temperature, top_k, top_p, min_p, seed, offset, tokens, logprobs, filtered_logprobs,
-              valid);
-  ipa_fast::cpu::sample(a, num_threads);
-}
-
-// The K-expert form: per-expert data pointers, dtype codes and row strides (elements); weights
-// [B, weight_stride] float32 (see SamplerArgs).
+// Per-expert data pointers, dtype codes and row strides (elements: a [:, :V] slice of a wider
+// tensor is read in place); weights [B, weight_stride] float32, and unit_first 1 for the two-expert
+// form sample(base, adapter, alpha) with alpha as a [B] column (see SamplerArgs).
 void sample_experts_cpu(const std::vector<std::uintptr_t>& experts, const std::vector<int>& dtypes,
                         const std::vector<int64_t>& strides, std::uintptr_t weights, int64_t weight_stride,
                         int unit_first, int64_t batch, int64_t vocab, std::uintptr_t temperature,
@@ -92,9 +71,9 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "ipa_fast C++ CPU kernels";
   m.def("philox_uniform", &ipa_fast::philox_uniform, py::arg("seed"), py::arg("offset"),
         "The row uniform of the sampler's RNG stream for (seed, offset), as uint64 bit patterns.");
-  m.def("sample", &sample_cpu, py::call_guard<py::gil_scoped_release>(),
-        "The fused sampler over [B, V] logits given as data pointers (see csrc/cpu/sampler.h).");
-  m.def("sample_experts", &sample_experts_cpu,
+  // Private (underscore): the public entry is the registered op torch.ops.ipa_fast.sample_experts,
+  // whose Python wrapper checks every argument; this trusts pointers, dtypes and row strides.
+  m.def("_sample_experts", &sample_experts_cpu,
         "The fused sampler over K experts' [B, V] logits given as data pointers (see csrc/cpu/sampler.h).");
   m.def(
       "read_pass",

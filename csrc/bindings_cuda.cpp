@@ -35,13 +35,17 @@ void fill(ipa_fast::cuda::SampleArgs& a, uintptr_t temperature, uintptr_t top_k,
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "ipa_fast CUDA kernels";
+  // _sample / _sample_experts are private (underscore): the public entry is the registered op
+  // torch.ops.ipa_fast.sample_experts, whose Python wrapper checks every argument.
   m.def(
-      "sample",
-      [](int dtype, int64_t batch, int64_t vocab, uintptr_t base, uintptr_t adapter, uintptr_t alpha,
+      "_sample",
+      [](int dtype, int64_t batch, int64_t vocab, uintptr_t base, int64_t base_stride, uintptr_t adapter,
+         int64_t adapter_stride, uintptr_t alpha,
          uintptr_t temperature, uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, uintptr_t seed, uintptr_t offset,
          uintptr_t tokens, uintptr_t logprobs, uintptr_t filtered_logprobs, uintptr_t valid, uintptr_t stream,
          uintptr_t workspace_f32, uintptr_t workspace_i32) {
-        // the two-expert form: base (weight 1) and an optional adapter (weight alpha[r]), contiguous rows
+        // the two-expert form: base (weight 1) and an optional adapter (weight alpha[r]); row strides in
+        // elements (columns adjacent)
         ipa_fast::cuda::SampleArgs a{};
         a.dtype = dtype;
         a.batch = batch;
@@ -49,7 +53,8 @@ PYBIND11_MODULE(_C_cuda, m) {
         a.num_experts = adapter ? 2 : 1;
         a.experts[0] = base;
         a.experts[1] = adapter;
-        a.expert_strides[0] = a.expert_strides[1] = vocab;
+        a.expert_strides[0] = base_stride;
+        a.expert_strides[1] = adapter_stride;
         a.weights = alpha;
         a.weight_stride = 1;
         a.unit_first = 1;
@@ -58,13 +63,14 @@ PYBIND11_MODULE(_C_cuda, m) {
         const char* err = ipa_fast::cuda::launch_sample(a);
         if (err != nullptr) throw std::runtime_error(err);
       },
-      py::arg("dtype"), py::arg("batch"), py::arg("vocab"), py::arg("base"), py::arg("adapter"), py::arg("alpha"),
+      py::arg("dtype"), py::arg("batch"), py::arg("vocab"), py::arg("base"), py::arg("base_stride"),
+      py::arg("adapter"), py::arg("adapter_stride"), py::arg("alpha"),
       py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("seed"),
       py::arg("offset"), py::arg("tokens"), py::arg("logprobs"), py::arg("filtered_logprobs"), py::arg("valid"),
       py::arg("stream"), py::arg("workspace_f32"), py::arg("workspace_i32"),
       "Enqueue the fused sampler on `stream` (pointers as integers; no synchronisation).");
   m.def(
-      "sample_experts",
+      "_sample_experts",
       [](int dtype, int64_t batch, int64_t vocab, const std::vector<uintptr_t>& experts,
          const std::vector<int64_t>& strides, uintptr_t weights, int64_t weight_stride, uintptr_t temperature,
          uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, uintptr_t seed, uintptr_t offset, uintptr_t tokens,

@@ -1,6 +1,7 @@
 """Backend ``cpu``: the fused C++ kernel (``csrc/cpu/sampler.cpp``) through pybind11.
 
-Allocates the outputs and hands data pointers to the kernel; the kernel reads fp32 / fp16 /
+Allocates the outputs and hands data pointers and row strides to the kernel (a ``[:, :V]``
+slice of a wider tensor is read in place, never copied); the kernel reads fp32 / fp16 /
 bf16 logits directly and runs OpenMP with ``torch.get_num_threads()`` threads.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _run(experts, weights, unit_first: bool, temperature, top_k, top_p, min_p, s
     logprobs = torch.empty(B, dtype=torch.float32)
     filtered = torch.empty(B, dtype=torch.float32)
     valid = torch.empty(B, dtype=torch.bool)
-    _C.sample_experts(
+    _C._sample_experts(
         [x.data_ptr() for x in experts], [_DTYPE_CODES[x.dtype] for x in experts], [x.stride(0) for x in experts],
         weights.data_ptr(), weights.shape[1] if weights.dim() == 2 else 1, int(unit_first),
         B, V, *(t.data_ptr() for t in params),

@@ -17,6 +17,11 @@ from . import _C_cuda  # ImportError here is the reason ipa_fast.backends() show
 _DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` read in place when its columns are adjacent (any row stride), else a copy."""
+    return x if x.shape[1] == 1 or x.stride(1) == 1 else x.contiguous()
+
+
 def sample(base, adapter, *, alpha, temperature, top_k, top_p, min_p, seed, offset):
     """Same contract as :func:`ipa_fast.reference.sample`, on CUDA tensors, enqueued on the current
     stream without synchronising. Parameters must already be contiguous ``[B]`` tensors of the
@@ -27,23 +32,24 @@ def sample(base, adapter, *, alpha, temperature, top_k, top_p, min_p, seed, offs
     if adapter is not None and adapter.dtype != base.dtype:
         # one kernel dtype for both inputs: widen both (exact) rather than round either
         base, adapter = base.float(), adapter.float()
+    # rows read in place through their row strides; only a tensor whose columns are not adjacent is copied
+    base, adapter = _rows(base), None if adapter is None else _rows(adapter)
     B, V = base.shape
     dev = base.device
     tokens = torch.empty(B, dtype=torch.int64, device=dev)
     logprobs = torch.empty(B, dtype=torch.float32, device=dev)
     filtered = torch.empty(B, dtype=torch.float32, device=dev)
     valid = torch.empty(B, dtype=torch.bool, device=dev)
-    # keep every input alive (and contiguous) until the launch is enqueued
-    base, adapter = base.contiguous(), None if adapter is None else adapter.contiguous()  # (K = 2 entry)
     params = [t.contiguous() for t in (alpha, temperature, top_k, top_p, min_p, seed, offset)]
     n_f32, n_i32 = _C_cuda.workspace_size(B, V)
     ws_f32 = torch.empty(n_f32, dtype=torch.float32, device=dev)   # graph capture: from the graph's pool
     ws_i32 = torch.empty(n_i32, dtype=torch.int32, device=dev)
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
-        _C_cuda.sample(_DTYPE[base.dtype], B, V, base.data_ptr(), 0 if adapter is None else adapter.data_ptr(),
-                       *(t.data_ptr() for t in params), tokens.data_ptr(), logprobs.data_ptr(), filtered.data_ptr(),
-                       valid.data_ptr(), stream, ws_f32.data_ptr(), ws_i32.data_ptr())
+        _C_cuda._sample(_DTYPE[base.dtype], B, V, base.data_ptr(), base.stride(0),
+                        0 if adapter is None else adapter.data_ptr(), 0 if adapter is None else adapter.stride(0),
+                        *(t.data_ptr() for t in params), tokens.data_ptr(), logprobs.data_ptr(), filtered.data_ptr(),
+                        valid.data_ptr(), stream, ws_f32.data_ptr(), ws_i32.data_ptr())
     return tokens, logprobs, filtered, valid
 
 
@@ -70,7 +76,7 @@ def sample_experts(experts, weights, *, temperature, top_k, top_p, min_p, seed, 
     experts, weights = fold_leading(list(experts), weights, _C_cuda.kMaxExperts)
     if len({x.dtype for x in experts}) > 1:
         experts = [x.float() for x in experts]
-    experts = [x if x.shape[1] == 1 or x.stride(1) == 1 else x.contiguous() for x in experts]
+    experts = [_rows(x) for x in experts]
     weights = weights.float().contiguous()
     B, V = experts[0].shape
     dev = experts[0].device
@@ -84,8 +90,8 @@ def sample_experts(experts, weights, *, temperature, top_k, top_p, min_p, seed, 
     ws_i32 = torch.empty(n_i32, dtype=torch.int32, device=dev)
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
-        _C_cuda.sample_experts(_DTYPE[experts[0].dtype], B, V, [x.data_ptr() for x in experts],
-                               [x.stride(0) for x in experts], weights.data_ptr(), weights.shape[1],
-                               *(t.data_ptr() for t in params), tokens.data_ptr(), logprobs.data_ptr(),
-                               filtered.data_ptr(), valid.data_ptr(), stream, ws_f32.data_ptr(), ws_i32.data_ptr())
+        _C_cuda._sample_experts(_DTYPE[experts[0].dtype], B, V, [x.data_ptr() for x in experts],
+                                [x.stride(0) for x in experts], weights.data_ptr(), weights.shape[1],
+                                *(t.data_ptr() for t in params), tokens.data_ptr(), logprobs.data_ptr(),
+                                filtered.data_ptr(), valid.data_ptr(), stream, ws_f32.data_ptr(), ws_i32.data_ptr())
     return tokens, logprobs, filtered, valid

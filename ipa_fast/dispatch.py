@@ -4,9 +4,10 @@
 Each backend is a module with two functions over normalised ``[B]`` parameter tensors (see
 :func:`ipa_fast.sampling.prepare`): ``sample(base, adapter, *, alpha, temperature, top_k, top_p,
 min_p, seed, offset)`` and ``sample_experts(experts, weights, *, temperature, ..., offset)``
-(weights ``[B, K]`` float32), each returning ``(tokens, logprobs, filtered_logprobs, valid)``. :func:`resolve` hands one out behind
-the sampler's checks; :func:`kernel` is the raw one for callers that normalised already. Loading
-is lazy and its failure is kept as the reason shown by :func:`backends`.
+(weights ``[B, K]`` float32), each returning ``(tokens, logprobs, filtered_logprobs, valid)``. The
+registered op ``torch.ops.ipa_fast.sample_experts`` (:mod:`ipa_fast.sampling`) is the one caller
+of these entries (:func:`backend_module`); :func:`resolve` hands one backend out behind the
+sampler's checks. Loading is lazy and its failure is kept as the reason shown by :func:`backends`.
 """
 from __future__ import annotations
 
@@ -90,24 +91,13 @@ def backends() -> dict[str, str]:
     return out
 
 
-def kernel(name: str, logits: torch.Tensor):
-    """The raw two-expert entry ``sample(base, adapter, *, alpha, ...)`` of backend ``name``
-    (see :func:`backend_module`)."""
-    return backend_module(name, logits).sample
-
-
-def kernel_experts(name: str, logits: torch.Tensor):
-    """The raw K-expert entry ``sample_experts(experts, weights, *, temperature, ...)`` of
-    backend ``name`` (see :func:`backend_module`)."""
-    return backend_module(name, logits).sample_experts
-
-
 def backend_module(name: str, logits: torch.Tensor):
     """The raw implementation for ``name`` on ``logits``' device, or a clear error.
 
     It trusts its inputs: every parameter must already be in the normalised ``[B]`` form that
-    :func:`ipa_fast.sampling.prepare` makes (a wrong dtype would be read as other bits). Use
-    :func:`resolve` (or :func:`ipa_fast.sample`) unless the inputs come from ``prepare``.
+    :func:`ipa_fast.sampling.prepare` makes (a wrong dtype would be read as other bits). The
+    registered op ``torch.ops.ipa_fast.sample_experts`` calls it; use :func:`resolve` (or
+    :func:`ipa_fast.sample`) unless the inputs come from ``prepare``.
     """
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
@@ -146,18 +136,16 @@ def resolve(name: str, logits: torch.Tensor):
     be timed in a loop or captured in a CUDA graph: types, shapes and devices raise as in
     ``sample``; out-of-range parameter values give invalid rows (token 0, ``valid = False``).
     """
-    impl = kernel(name, logits)
+    backend_module(name, logits)  # an unknown or unavailable backend raises here, not at the first call
 
-    @functools.wraps(impl)
     def checked(base, adapter=None, *, alpha=1.0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed,
                 offset=0):
-        from .sampling import prepare
+        from .sampling import sample
 
-        base, adapter, params = prepare(base, adapter, alpha=alpha, temperature=temperature, top_k=top_k,
-                                        top_p=top_p, min_p=min_p, seed=seed, generator=None, offset=offset,
-                                        validate=False)
-        if base.device != logits.device:
+        if isinstance(base, torch.Tensor) and base.device != logits.device:
             raise ValueError(f"backend {name!r} was resolved for {logits.device}, got logits on {base.device}")
-        return impl(base, adapter, **params)
+        s = sample(base, adapter, alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   seed=seed, offset=offset, validate=False, backend=name)
+        return s.tokens, s.logprobs, s.filtered_logprobs, s.valid
 
     return checked

@@ -5,17 +5,18 @@ from __future__ import annotations
 import torch
 
 from .reference import OP_RANGES, full_weights, mix_experts
-from .sampling import check_experts, check_logits, param_tensor, raise_pending, weights_tensor
+from .sampling import check_experts, check_logits, check_pending, param_tensor, weights_tensor
 
 
 def op_params(alpha, temperature, rows: int, device):
     """``alpha`` and ``temperature`` of a companion op as float32 ``[rows]`` tensors, checked
     against :data:`ipa_fast.reference.OP_RANGES` (``ValueError`` naming the parameter; tensor
-    values cost one host sync, Python numbers none)."""
+    values cost one host sync, Python numbers none; inside torch.compile the check is an op, see
+    :func:`ipa_fast.sampling.check_pending`)."""
     pending = []
     a = param_tensor("alpha", alpha, rows, device, validate=True, pending=pending, ranges=OP_RANGES)
     t = param_tensor("temperature", temperature, rows, device, validate=True, pending=pending, ranges=OP_RANGES)
-    raise_pending(pending)
+    a, t = check_pending(pending, [a, t])
     return a, t
 
 
@@ -51,7 +52,7 @@ def op_weights(experts, weights, temperature):
     pending = []
     w = weights_tensor(weights, len(experts), B, dev, validate=True, pending=pending)
     t = param_tensor("temperature", temperature, B, dev, validate=True, pending=pending, ranges=OP_RANGES)
-    raise_pending(pending)
+    w, t = check_pending(pending, [w, t])
     return experts, w, t
 
 

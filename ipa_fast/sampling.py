@@ -95,6 +95,17 @@ def param_tensor(name: str, value, batch: int, device, *, validate: bool, pendin
             if not (r.integer or (work == torch.float32 and name in ("alpha", "min_p"))):
                 v = torch.where(ok, reference.kernel_value(name, v), torch.full((), r.invalid, dtype=work, device=device))
         return v.to(dtype).contiguous()
+    return torch.full((batch,), number_value(name, value, validate=validate, ranges=ranges), dtype=dtype,
+                      device=device)
+
+
+def number_value(name: str, value, *, validate: bool, ranges: dict = RANGES):
+    """A Python number parameter's kernel form as a Python number (the scalar case of
+    :func:`param_tensor`; no tensor is made, so nothing here reaches the device or a traced graph):
+    ``TypeError`` for a non-number, ``ValueError`` when out of range and ``validate`` (always for
+    ``seed`` / ``offset``), else the range's invalid marker; ``seed`` / ``offset`` as the int64 with
+    the uint64's bits."""
+    r = ranges[name]
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number or a [B] tensor, got {type(value).__name__}")
     if r.integer and not isinstance(value, numbers.Integral):
@@ -108,7 +119,7 @@ def param_tensor(name: str, value, batch: int, device, *, validate: bool, pendin
         v = reference.kernel_value(name, v)
     if name in ("seed", "offset"):
         v = as_int64_u64(v)
-    return torch.full((batch,), v, dtype=dtype, device=device)
+    return v
 
 
 def raise_pending(pending: list, valid: torch.Tensor | None = None, mix: str = "(logits + alpha * adapter_logits)") -> None:
@@ -149,7 +160,7 @@ def seeds_for(seed, generator, batch: int, device, *, validate: bool = True) -> 
         return param_tensor("seed", seed, batch, device, validate=validate)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int or a [B] int64 tensor, got {type(seed).__name__}")
-    base = param_tensor("seed", seed, 1, "cpu", validate=validate).item()
+    base = number_value("seed", seed, validate=validate)
     rows = torch.arange(batch, dtype=torch.int64, device=device)
     return rows + base  # int64 addition wraps modulo 2**64, as uint64 seeds do
 
@@ -254,6 +265,106 @@ def prepare_experts(experts, weights, *, temperature, top_k, top_p, min_p, seed,
     return [unit_columns(x) for x in experts], w, params
 
 
+# ---------------------------------------------------------------- the registered op
+#
+# ``torch.ops.ipa_fast.sample_experts`` is the one entry into the backends: opaque to
+# torch.compile (a fake implementation gives its output shapes, so a compiled caller keeps one
+# graph) and checkable with torch.library.opcheck. It trusts its inputs — the kernel form that
+# :func:`prepare` / :func:`prepare_experts` make — so :func:`sample` and :func:`sample_experts`
+# are its checking wrappers (docs/DESIGN.md §2.11).
+
+_LIB = torch.library.Library("ipa_fast", "DEF")  # the namespace (ipa_fast.token_stats adds its ops to it)
+_LIB.define(
+    "sample_experts(Tensor[] experts, Tensor weights, Tensor temperature, Tensor top_k, Tensor top_p, "
+    "Tensor min_p, Tensor seed, Tensor offset, bool unit_first, str backend) -> (Tensor, Tensor, Tensor, Tensor)")
+_LIB.define("check_rows(Tensor[] carry, Tensor[] values, Tensor[] oks, str[] names, str[] rules, Tensor? valid, "
+            "str mix) -> Tensor[]")
+
+
+def _sample_op(experts, weights, temperature, top_k, top_p, min_p, seed, offset, unit_first, backend):
+    """``(tokens, logprobs, filtered_logprobs, valid)`` from backend ``backend`` ("auto" picks by
+    device). ``unit_first``: ``experts`` is ``[base]`` or ``[base, adapter]`` and ``weights`` the
+    ``[B]`` alpha (expert 0 has weight 1: the kernels' two-expert entry); else ``weights`` is the
+    ``[B, K]`` float32 weights. Parameters: contiguous ``[B]`` tensors of the kernel dtype."""
+    impl = _dispatch.backend_module(backend, experts[0])
+    params = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, offset=offset)
+    if unit_first:
+        return impl.sample(experts[0], experts[1] if len(experts) > 1 else None, alpha=weights, **params)
+    return impl.sample_experts(experts, weights, **params)
+
+
+def _sample_op_fake(experts, weights, temperature, top_k, top_p, min_p, seed, offset, unit_first, backend):
+    B, dev = experts[0].shape[0], experts[0].device
+    return (torch.empty(B, dtype=torch.int64, device=dev), torch.empty(B, dtype=torch.float32, device=dev),
+            torch.empty(B, dtype=torch.float32, device=dev), torch.empty(B, dtype=torch.bool, device=dev))
+
+
+def _check_rows_op(carry, values, oks, names, rules, valid, mix):
+    """:func:`raise_pending` as an op (see :func:`check_pending`): the host sync and the
+    ``ValueError`` happen inside it, out of the traced graph; ``carry`` comes back as copies."""
+    raise_pending(list(zip(names, values, oks, rules)), valid, mix)
+    return [x.clone() for x in carry]
+
+
+def _check_rows_fake(carry, values, oks, names, rules, valid, mix):
+    return [torch.empty_like(x) for x in carry]
+
+
+def _no_gradient(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _check_rows_backward(ctx, grads):
+    """``carry`` passes through unchanged: its gradient is the outputs' (e.g. learnable weights)."""
+    return list(grads), [None] * ctx.n_values, [None] * ctx.n_values, None, None, None, None
+
+
+def _check_rows_setup(ctx, inputs, output):
+    ctx.n_values = len(inputs[1])
+
+
+# One kernel for every device (the backends choose by device) and its fake (shapes only) for
+# tracing. Autograd: a draw has no gradient (the sampler's outputs never require grad); the check
+# is the identity on what it carries.
+for _name, _impl, _fake in (("sample_experts", _sample_op, _sample_op_fake),
+                            ("check_rows", _check_rows_op, _check_rows_fake)):
+    _LIB.impl(_name, _impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"ipa_fast::{_name}", _fake, lib=_LIB)
+torch.library.register_autograd("ipa_fast::sample_experts", lambda ctx, *grads: None, setup_context=_no_gradient,
+                                lib=_LIB)
+torch.library.register_autograd("ipa_fast::check_rows", _check_rows_backward, setup_context=_check_rows_setup,
+                                lib=_LIB)
+
+
+def _run_op(experts, weights, params, *, unit_first: bool, backend, pending, mix: str) -> SampleOutput:
+    """The registered op on checked inputs, then :func:`raise_pending` when ``pending`` is a list
+    (``validate=True``), through :func:`check_pending`."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    out = torch.ops.ipa_fast.sample_experts(experts, weights, params["temperature"], params["top_k"],
+                                            params["top_p"], params["min_p"], params["seed"], params["offset"],
+                                            unit_first, backend)
+    if pending is not None:
+        out = check_pending(pending, out, valid=out[3], mix=mix)
+    return SampleOutput(*out)
+
+
+def check_pending(pending: list, carry, *, valid: torch.Tensor | None = None,
+                  mix: str = "(logits + alpha * adapter_logits)"):
+    """:func:`raise_pending`, also inside a torch.compile graph; returns ``carry`` (a sequence of
+    tensors). In eager mode it calls :func:`raise_pending` and returns ``carry`` itself. Traced,
+    it becomes the op ``ipa_fast::check_rows``, which returns copies of ``carry``: whatever uses
+    them depends on the check, so the compiler can neither drop it nor move it after their use
+    (the sampler carries its outputs; the training op its targets, checked before they index)."""
+    if not torch.compiler.is_compiling():
+        raise_pending(pending, valid, mix)
+        return carry
+    if not pending and valid is None:
+        return carry
+    return torch.ops.ipa_fast.check_rows(list(carry), [p[1] for p in pending], [p[2] for p in pending],
+                                         [p[0] for p in pending], [p[3] for p in pending], valid, mix)
+
+
 def sample_experts(experts, weights, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
                    generator=None, offset=0, validate=True, backend="auto") -> SampleOutput:
     """Mix K experts, filter and draw one token per row from ``softmax((sum_k w_k * l_k) / T)``.
@@ -278,11 +389,8 @@ def sample_experts(experts, weights, *, temperature=1.0, top_k=0, top_p=1.0, min
     experts, w, params = prepare_experts(
         experts, weights, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
         generator=generator, offset=offset, validate=validate, pending=pending)
-    impl = _dispatch.kernel_experts(backend, experts[0])
-    tokens, logprobs, filtered, valid = impl(experts, w, **params)
-    if validate:
-        raise_pending(pending, valid, mix="sum_k weights[k] * experts[k]")
-    return SampleOutput(tokens, logprobs, filtered, valid)
+    return _run_op(experts, w, params, unit_first=False, backend=backend, pending=pending,
+                   mix="sum_k weights[k] * experts[k]")
 
 
 def sample(logits, adapter_logits=None, *, alpha=1.0, temperature=1.0, top_k=0, top_p=1.0,
@@ -344,8 +452,7 @@ def sample(logits, adapter_logits=None, *, alpha=1.0, temperature=1.0, top_k=0, 
     logits, adapter_logits, params = prepare(
         logits, adapter_logits, alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         seed=seed, generator=generator, offset=offset, validate=validate, pending=pending)
-    impl = _dispatch.kernel(backend, logits)
-    tokens, logprobs, filtered, valid = impl(logits, adapter_logits, **params)
-    if validate:
-        raise_pending(pending, valid)
-    return SampleOutput(tokens, logprobs, filtered, valid)
+    alpha = params.pop("alpha")
+    experts = [logits] if adapter_logits is None else [logits, adapter_logits]
+    return _run_op(experts, alpha, params, unit_first=True, backend=backend, pending=pending,
+                   mix="(logits + alpha * adapter_logits)")

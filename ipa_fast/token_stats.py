@@ -11,8 +11,9 @@ For each of the N rows (one per response token), with ``z = (base + alpha * adap
     entropy[i] = H(pi) = -sum_v pi_v log pi_v
     kl[i]      = KL(pi || pi_ref) = sum_v pi_v (log pi_v - log pi_ref_v)
 
-Why a custom autograd.Function: the plain formula (``log_softmax`` + ``softmax`` + products,
-differentiated by autograd) keeps several float32 ``[N, V]`` tensors alive for backward;
+Why a registered op with its own backward (``torch.ops.ipa_fast.experts_token_stats``): the plain
+formula (``log_softmax`` + ``softmax`` + products, differentiated by autograd) keeps several
+float32 ``[N, V]`` tensors alive for backward;
 with N = 4096 response tokens and V = 50257 each one is 823 MB. This op walks the rows in
 chunks, keeps only per-row statistics (H and KL) and recomputes each chunk's log-probabilities
 in backward, so besides its inputs the only ``[N, V]`` tensor it
@@ -36,7 +37,7 @@ import numbers
 import torch
 
 from .reference import OP_RANGES, full_weights, mix_experts
-from .sampling import check_experts, check_logits, param_tensor, raise_pending, weights_tensor
+from .sampling import check_experts, check_logits, check_pending, param_tensor, weights_tensor
 
 # Rows per chunk: about 256K float32 elements (1 MB) per temporary and thread, so a chunk's few
 # temporaries stay in cache while the passes over them run (the plain formula streams
@@ -83,74 +84,107 @@ class _Mix:
         return z if self.unit_t else z.div_(self.t[s:e])
 
 
-class _ExpertsTokenStats(torch.autograd.Function):
-    """Forward keeps H and KL per row; backward recomputes each chunk's log pi and log pi_ref.
-    Inputs: the policy's K experts then the reference's experts; gradients go to the policy's
-    experts that need them (``w_k / T`` times dL/dz), never to the reference's."""
+# The op: ``torch.ops.ipa_fast.experts_token_stats`` (and its backward), registered so that
+# torch.compile treats it as one opaque node (the chunk loop reads per-call constants on the host)
+# and torch.library.opcheck can check it. It trusts its inputs: the public functions below check
+# them (docs/DESIGN.md §4.1).
+_LIB = torch.library.Library("ipa_fast", "FRAGMENT")
+_LIB.define("experts_token_stats(Tensor targets, Tensor weights, Tensor temperature, Tensor ref_weights, "
+            "int chunk_rows, Tensor[] experts, Tensor[] ref_experts) -> (Tensor, Tensor, Tensor)")
+_LIB.define("experts_token_stats_backward(Tensor targets, Tensor weights, Tensor temperature, "
+            "Tensor ref_weights, int chunk_rows, Tensor[] experts, Tensor[] ref_experts, Tensor entropy, "
+            "Tensor kl, Tensor? grad_logprob, Tensor? grad_entropy, Tensor? grad_kl, bool[] wanted) -> Tensor[]")
 
-    @staticmethod
-    def forward(ctx, targets, w, t, ref_w, chunk, n_policy, *tensors):
-        experts, ref = tensors[:n_policy], tensors[n_policy:]
-        N = experts[0].shape[0]
-        mix, ref_mix = _Mix(w, t), _Mix(ref_w, t)
-        out = torch.empty(3, N, dtype=torch.float32, device=experts[0].device)
-        logprob, entropy, kl = out
-        for s in range(0, N, chunk):
-            e = min(N, s + chunk)
-            logp = torch.log_softmax(mix(s, e, experts), dim=1)
-            p = logp.exp()
-            logprob[s:e] = logp.gather(1, targets[s:e].unsqueeze(1)).squeeze(1)
-            masked = _has_neg_inf(logp)  # masked tokens: their 0 * log 0 terms must count as 0
-            dead = (p == 0) if masked else None
-            entropy[s:e] = -_rowdot(p, logp.masked_fill(dead, 0.0) if masked else logp)
-            diff = torch.log_softmax(ref_mix(s, e, ref), dim=1).neg_().add_(logp)  # log pi - log pi_ref
-            kl[s:e] = _rowdot(p, diff.masked_fill_(dead, 0.0) if masked else diff)
-        ctx.save_for_backward(targets, w, t, ref_w, entropy, kl, *tensors)
-        ctx.chunk, ctx.n_policy = chunk, n_policy
-        ctx.set_materialize_grads(False)
-        return logprob, entropy, kl
 
-    @staticmethod
-    def backward(ctx, g_lp, g_h, g_kl):
-        targets, w, t, ref_w, entropy, kl, *tensors = ctx.saved_tensors
-        experts, ref = tensors[:ctx.n_policy], tensors[ctx.n_policy:]
-        wanted = [k for k in range(ctx.n_policy) if ctx.needs_input_grad[6 + k]]
-        grads = [None] * len(tensors)
-        for k in wanted:
-            grads[k] = torch.zeros_like(experts[k])
-        head = (None,) * 6
-        if not wanted or (g_lp is None and g_h is None and g_kl is None):
-            return (*head, *grads)
-        N = experts[0].shape[0]
-        mix, ref_mix = _Mix(w, t), _Mix(ref_w, t)
-        zeros = torch.zeros(N, dtype=torch.float32, device=experts[0].device)
-        g_lp = zeros if g_lp is None else g_lp
-        g_h = zeros if g_h is None else g_h
-        use_kl = g_kl is not None
-        g_kl = zeros if g_kl is None else g_kl
-        # dL/dz = -p * inner + g_lp * onehot(target), with
-        # inner = g_lp + g_h (log pi + H) - g_kl (log pi - log pi_ref - KL)
-        #       = c0 + (g_h - g_kl) log pi + g_kl log pi_ref,   c0 = g_lp + g_h H + g_kl KL
-        c0 = (g_lp + g_h * entropy + g_kl * kl).unsqueeze(1)
-        c1 = (g_h - g_kl).unsqueeze(1)
-        scale = torch.where(w == 0, torch.zeros((), device=w.device), w / t)  # [N, K]: dz / d l_k
-        for s in range(0, N, ctx.chunk):
-            e = min(N, s + ctx.chunk)
-            logp = torch.log_softmax(mix(s, e, experts), dim=1)
-            p = logp.exp()
-            masked = _has_neg_inf(logp)
-            inner = logp.mul_(c1[s:e])  # log pi is not needed after this
-            if use_kl:
-                inner.add_(torch.log_softmax(ref_mix(s, e, ref), dim=1).mul_(g_kl[s:e].unsqueeze(1)))
-            inner.add_(c0[s:e])
-            if masked:
-                inner.masked_fill_(p == 0, 0.0)
-            gz = inner.mul_(p).neg_()
-            gz.scatter_add_(1, targets[s:e].unsqueeze(1), g_lp[s:e].unsqueeze(1))
-            for k in wanted:
-                torch.mul(gz, scale[s:e, k:k + 1], out=grads[k][s:e]) if grads[k].dtype == torch.float32 \
-                    else grads[k][s:e].copy_(gz * scale[s:e, k:k + 1])
-        return (*head, *grads)
+def _token_stats(targets, w, t, ref_w, chunk, experts, ref):
+    """Forward: ``(logprob, entropy, kl)`` per row, chunk by chunk; ``w`` [N, K], ``t`` [N, 1],
+    ``ref_w`` [N, K_ref] float32, ``targets`` [N] int64 in range."""
+    N = experts[0].shape[0]
+    mix, ref_mix = _Mix(w, t), _Mix(ref_w, t)
+    logprob, entropy, kl = (torch.empty(N, dtype=torch.float32, device=experts[0].device) for _ in range(3))
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        logp = torch.log_softmax(mix(s, e, experts), dim=1)
+        p = logp.exp()
+        logprob[s:e] = logp.gather(1, targets[s:e].unsqueeze(1)).squeeze(1)
+        masked = _has_neg_inf(logp)  # masked tokens: their 0 * log 0 terms must count as 0
+        dead = (p == 0) if masked else None
+        entropy[s:e] = -_rowdot(p, logp.masked_fill(dead, 0.0) if masked else logp)
+        diff = torch.log_softmax(ref_mix(s, e, ref), dim=1).neg_().add_(logp)  # log pi - log pi_ref
+        kl[s:e] = _rowdot(p, diff.masked_fill_(dead, 0.0) if masked else diff)
+    return logprob, entropy, kl
+
+
+def _token_stats_backward(targets, w, t, ref_w, chunk, experts, ref, entropy, kl, g_lp, g_h, g_kl, wanted):
+    """Backward: recomputes each chunk's log pi and log pi_ref; returns dL / d experts[k] (``w_k / T``
+    times dL/dz, in expert k's dtype) for each k with ``wanted[k]``, in order."""
+    want = [k for k, flag in enumerate(wanted) if flag]
+    grads = [torch.zeros_like(experts[k]) for k in want]
+    if not want or (g_lp is None and g_h is None and g_kl is None):
+        return grads
+    N = experts[0].shape[0]
+    mix, ref_mix = _Mix(w, t), _Mix(ref_w, t)
+    zeros = torch.zeros(N, dtype=torch.float32, device=experts[0].device)
+    g_lp = zeros if g_lp is None else g_lp
+    g_h = zeros if g_h is None else g_h
+    use_kl = g_kl is not None
+    g_kl = zeros if g_kl is None else g_kl
+    # dL/dz = -p * inner + g_lp * onehot(target), with
+    # inner = g_lp + g_h (log pi + H) - g_kl (log pi - log pi_ref - KL)
+    #       = c0 + (g_h - g_kl) log pi + g_kl log pi_ref,   c0 = g_lp + g_h H + g_kl KL
+    c0 = (g_lp + g_h * entropy + g_kl * kl).unsqueeze(1)
+    c1 = (g_h - g_kl).unsqueeze(1)
+    scale = torch.where(w == 0, torch.zeros((), device=w.device), w / t)  # [N, K]: dz / d l_k
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        logp = torch.log_softmax(mix(s, e, experts), dim=1)
+        p = logp.exp()
+        masked = _has_neg_inf(logp)
+        inner = logp.mul_(c1[s:e])  # log pi is not needed after this
+        if use_kl:
+            inner.add_(torch.log_softmax(ref_mix(s, e, ref), dim=1).mul_(g_kl[s:e].unsqueeze(1)))
+        inner.add_(c0[s:e])
+        if masked:
+            inner.masked_fill_(p == 0, 0.0)
+        gz = inner.mul_(p).neg_()
+        gz.scatter_add_(1, targets[s:e].unsqueeze(1), g_lp[s:e].unsqueeze(1))
+        for k, g in zip(want, grads):
+            torch.mul(gz, scale[s:e, k:k + 1], out=g[s:e]) if g.dtype == torch.float32 \
+                else g[s:e].copy_(gz * scale[s:e, k:k + 1])
+    return grads
+
+
+def _token_stats_fake(targets, w, t, ref_w, chunk, experts, ref):
+    N = experts[0].shape[0]
+    return tuple(torch.empty(N, dtype=torch.float32, device=experts[0].device) for _ in range(3))
+
+
+def _token_stats_backward_fake(targets, w, t, ref_w, chunk, experts, ref, entropy, kl, g_lp, g_h, g_kl, wanted):
+    return [torch.empty_like(x) for x, flag in zip(experts, wanted) if flag]
+
+
+def _setup_context(ctx, inputs, output):
+    targets, w, t, ref_w, chunk, experts, ref = inputs
+    ctx.save_for_backward(targets, w, t, ref_w, output[1], output[2], *experts, *ref)
+    ctx.chunk, ctx.n_policy = chunk, len(experts)
+    ctx.wanted = [x.requires_grad for x in experts]  # gradients go to the trained experts only
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, g_lp, g_h, g_kl):
+    targets, w, t, ref_w, entropy, kl, *tensors = ctx.saved_tensors
+    experts, ref = tensors[:ctx.n_policy], tensors[ctx.n_policy:]
+    grads = iter(torch.ops.ipa_fast.experts_token_stats_backward(
+        targets, w, t, ref_w, ctx.chunk, experts, ref, entropy, kl, g_lp, g_h, g_kl, ctx.wanted))
+    return (None, None, None, None, None, [next(grads) if flag else None for flag in ctx.wanted],
+            [None] * len(ref))
+
+
+_LIB.impl("experts_token_stats", _token_stats, "CompositeExplicitAutograd")
+_LIB.impl("experts_token_stats_backward", _token_stats_backward, "CompositeExplicitAutograd")
+torch.library.register_fake("ipa_fast::experts_token_stats", _token_stats_fake, lib=_LIB)
+torch.library.register_fake("ipa_fast::experts_token_stats_backward", _token_stats_backward_fake, lib=_LIB)
+torch.library.register_autograd("ipa_fast::experts_token_stats", _backward, setup_context=_setup_context, lib=_LIB)
 
 
 def _check_targets(targets, N: int, V: int, device):
@@ -190,7 +224,7 @@ def _prepare(base, adapter, targets, alpha, temperature, ref_adapter):
     targets, pending = _check_targets(targets, N, V, base.device)
     a = param_tensor("alpha", alpha, N, base.device, validate=True, pending=pending, ranges=OP_RANGES)
     t = param_tensor("temperature", temperature, N, base.device, validate=True, pending=pending, ranges=OP_RANGES)
-    raise_pending(pending)
+    targets, a, t = check_pending(pending, [targets, a, t])
     return targets, a.unsqueeze(1), t.unsqueeze(1)
 
 
@@ -228,7 +262,7 @@ def tailored_token_stats(base: torch.Tensor, adapter: torch.Tensor, targets: tor
     base = base.detach()
     ref = [base] if ref_adapter is None else [base, ref_adapter.detach()]
     ref_w = w if ref_adapter is not None else w[:, :1]
-    return _ExpertsTokenStats.apply(targets, w, t, ref_w, chunk, 2, base, adapter, *ref)
+    return torch.ops.ipa_fast.experts_token_stats(targets, w, t, ref_w, chunk, [base, adapter], ref)
 
 
 def _prepare_experts(experts, weights, targets, temperature, ref_experts, ref_weights):
@@ -251,7 +285,7 @@ def _prepare_experts(experts, weights, targets, temperature, ref_experts, ref_we
         ref_w = weights_tensor(weights if ref_weights is None else ref_weights, len(ref_experts), N, dev,
                                validate=True, pending=pending)
     t = param_tensor("temperature", temperature, N, dev, validate=True, pending=pending, ranges=OP_RANGES)
-    raise_pending(pending)
+    targets, w, t, ref_w = check_pending(pending, [targets, w, t, ref_w])
     return experts, targets, w, t, ref_experts, ref_w
 
 
@@ -276,7 +310,7 @@ def experts_token_stats(experts, weights, targets: torch.Tensor, *, temperature=
                                                                   ref_experts, ref_weights)
     chunk = _chunk_rows(chunk_rows, experts[0].shape[1])
     ref = [x.detach() for x in ref_experts]
-    return _ExpertsTokenStats.apply(targets, w, t.unsqueeze(1), ref_w, chunk, len(experts), *experts, *ref)
+    return torch.ops.ipa_fast.experts_token_stats(targets, w, t.unsqueeze(1), ref_w, chunk, experts, ref)
 
 
 def tailored_token_stats_reference(base: torch.Tensor, adapter: torch.Tensor, targets: torch.Tensor, *,

@@ -265,9 +265,9 @@ def test_cuda_kernel_experts_emulated():
     out = (torch.empty(B, dtype=torch.int64), torch.empty(B), torch.empty(B), torch.empty(B, dtype=torch.bool))
     n_f32, n_i32 = mod.workspace_size(B, V)
     ws_f32, ws_i32 = torch.empty(n_f32), torch.empty(n_i32, dtype=torch.int32)
-    mod.sample_experts(0, B, V, [x.data_ptr() for x in experts], [x.stride(0) for x in experts], w.data_ptr(), 3,
-                       *(prm[k].data_ptr() for k in ("temperature", "top_k", "top_p", "min_p", "seed", "offset")),
-                       *(t.data_ptr() for t in out), 0, ws_f32.data_ptr(), ws_i32.data_ptr())
+    mod._sample_experts(0, B, V, [x.data_ptr() for x in experts], [x.stride(0) for x in experts], w.data_ptr(), 3,
+                        *(prm[k].data_ptr() for k in ("temperature", "top_k", "top_p", "min_p", "seed", "offset")),
+                        *(t.data_ptr() for t in out), 0, ws_f32.data_ptr(), ws_i32.data_ptr())
     ref = reference.sample_experts(experts, w, **prm)
     assert torch.equal(out[3], ref[3])
     assert torch.equal(out[0], ref[0])

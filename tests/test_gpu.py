@@ -245,9 +245,9 @@ def emulate(mod, base, p):
     out = (torch.empty(B, dtype=torch.int64), torch.empty(B), torch.empty(B), torch.empty(B, dtype=torch.bool))
     n_f32, n_i32 = mod.workspace_size(B, V)
     ws_f32, ws_i32 = torch.empty(n_f32), torch.empty(n_i32, dtype=torch.int32)
-    mod.sample(0, B, V, base.data_ptr(), 0, p["alpha"].data_ptr(), p["temperature"].data_ptr(), p["top_k"].data_ptr(),
-               p["top_p"].data_ptr(), p["min_p"].data_ptr(), p["seed"].data_ptr(), p["offset"].data_ptr(),
-               *(t.data_ptr() for t in out), 0, ws_f32.data_ptr(), ws_i32.data_ptr())
+    mod._sample(0, B, V, base.data_ptr(), base.stride(0), 0, 0, p["alpha"].data_ptr(), p["temperature"].data_ptr(),
+                p["top_k"].data_ptr(), p["top_p"].data_ptr(), p["min_p"].data_ptr(), p["seed"].data_ptr(),
+                p["offset"].data_ptr(), *(t.data_ptr() for t in out), 0, ws_f32.data_ptr(), ws_i32.data_ptr())
     return out
 
 
