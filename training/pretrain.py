@@ -9,13 +9,13 @@ trainer's (training/checkpoint.py: safetensors + JSON with sha256 manifests, nev
 under ``<out>/checkpoints/``; the newest good one resumes and exports.
 
     # the shipped base (d 192, 4 layers) and adapter initialisation (d 64, 2 layers)
-    python training/pretrain.py --out runs/base --n-embd 192 --n-layer 4 --n-head 4 \
+    python -m ipa_fast.training.pretrain --out runs/base --n-embd 192 --n-layer 4 --n-head 4 \
         --max-steps 12000 --export models/base
-    python training/pretrain.py --out runs/adapter-init --n-embd 64 --n-layer 2 --n-head 2 \
+    python -m ipa_fast.training.pretrain --out runs/adapter-init --n-embd 64 --n-layer 2 --n-head 2 \
         --max-steps 3000 --export models/adapter-init
     # resume after a kill: the same command with --resume
     # export an existing checkpoint only:
-    python training/pretrain.py --out runs/base --export models/base --export-only
+    python -m ipa_fast.training.pretrain --out runs/base --export models/base --export-only
 
 Data: ``data/corpus/train.txt.gz`` (one document per line) plus the lexical task's train
 split written as prompt + reference documents (so the base knows that prompt format); every
@@ -39,10 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-try:
-    from . import checkpoint as ckpt
-except ImportError:  # run as a script: this file's directory is sys.path[0]
-    import checkpoint as ckpt
+from ipa_fast.training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data/corpus"
@@ -77,11 +74,8 @@ class Config:
 
 
 def _import_tokenizer():
-    sys.path.insert(0, str(ROOT / "ipa_fast"))
-    try:
-        from tokenizer import load_gpt2_tokenizer  # standalone: no package import needed
-    finally:
-        sys.path.pop(0)
+    from ipa_fast.tokenizer import load_gpt2_tokenizer
+
     return load_gpt2_tokenizer()
 
 
@@ -373,7 +367,7 @@ Reproduce (the time budget makes the step count depend on the machine's speed):
 
 {cmds}
     python scripts/eval_ppl.py models/{out_dir.name} --split test --max-tokens {max_tok} --json models/{out_dir.name}/eval_ppl.json
-    python training/pretrain.py --out <same --out> --export models/{out_dir.name} --export-only
+    python -m ipa_fast.training.pretrain --out <same --out> --export models/{out_dir.name} --export-only
 """
     (out_dir / "MODEL_CARD.md").write_text(text)
 
@@ -400,7 +394,7 @@ def train(cfg: Config, resume: bool, allow_data_change: bool = False) -> Path:
     gen = torch.Generator().manual_seed(cfg.seed)
     step, tokens, train_s = 0, 0, 0.0
     data_history = [digest]
-    commands = [" ".join(["python", "training/pretrain.py", *sys.argv[1:]])]
+    commands = [" ".join(["python", "-m", "ipa_fast.training.pretrain", *sys.argv[1:]])]
     seen = None
     if cfg.restrict_vocab:
         seen = torch.from_numpy(np.unique(train_stream).astype(np.int64))

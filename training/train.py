@@ -1,19 +1,18 @@
 #!/usr/bin/env python
 """RL training of an IPA adapter as a script, with the same flags as ``ipa-fast train``.
 
-    python training/train.py --task detox --algo ppo --steps 100 --out runs/detox
-    python training/train.py --task detox --algo ppo --steps 100 --out runs/detox --resume
-    python training/train.py --help
+    python -m ipa_fast.training.train --task detox --algo ppo --steps 100 --out runs/detox
+    python -m ipa_fast.training.train --task detox --algo ppo --steps 100 --out runs/detox --resume
+    python -m ipa_fast.training.train --help
+
+Run it as a module of the installed package: as a file (``python training/train.py``) its
+folder would come first on the import path and shadow top-level modules with names like
+"checkpoint" or "loading".
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-# Run as a script, this file's directory would shadow top-level modules with names like
-# "checkpoint" or "loading": import everything through the ipa_fast package instead.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def main(argv=None) -> int:
