@@ -187,6 +187,7 @@ live = pytest.mark.skipif(os.environ.get("IPA_FAST_LIVE_ENGINES") != "1",
                           reason="live engine check: make test-engines")
 
 
+@pytest.mark.engines
 @live
 def test_live_llama_cpp_python(tok):
     fx = _load(LCP)

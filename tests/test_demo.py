@@ -117,6 +117,7 @@ def test_demo_without_models_says_what_is_missing(tmp_path, capsys, monkeypatch)
     assert len(err) == 1 and "ipa-fast setup" in err[0] and "base" in err[0]
 
 
+@pytest.mark.slow
 def test_demo_quick_on_the_embedded_default(tmp_path):
     """`ipa-fast demo --quick` on the embedded default itself (what `make demo` runs, smaller)."""
     from ipa_fast import embedded

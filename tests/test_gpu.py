@@ -62,6 +62,7 @@ def compare(name, base, adapter, p, min_agree=0.999):
     return got
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 @pytest.mark.parametrize("V", [50257, 128256])
@@ -74,6 +75,7 @@ def test_agreement_with_reference(name, V):
     compare(name, base, adapter, mixed_params(B, V, seed=V))
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -86,6 +88,7 @@ def test_half_inputs(name, dtype):
     compare(name, base, adapter, mixed_params(B, V, seed=1))
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_mixed_input_dtypes(name):
@@ -97,6 +100,7 @@ def test_mixed_input_dtypes(name):
     compare(name, base, adapter, mixed_params(B, V, seed=10))
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_flat_rows_take_the_exact_row_path(name):
@@ -111,6 +115,7 @@ def test_flat_rows_take_the_exact_row_path(name):
     compare(name, base, None, p)
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 @pytest.mark.parametrize("V", [1, 3, 129, 4097, 65537])
@@ -122,6 +127,7 @@ def test_odd_shapes(name, V):
     compare(name, base, None, mixed_params(B, V, seed=V))
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_draw_distribution_chi_square(name):
@@ -142,6 +148,7 @@ def test_draw_distribution_chi_square(name):
     assert res.pvalue > 1e-3, res
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_batch_invariance(name):
@@ -158,6 +165,7 @@ def test_batch_invariance(name):
         assert torch.equal(a[rows].nan_to_num(), b.nan_to_num())
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_invalid_rows(name):
@@ -177,6 +185,7 @@ def test_invalid_rows(name):
         ipa_fast.sample(base[:1].cuda(), backend=name, seed=1)
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_cuda_graph_capture(name):
@@ -203,6 +212,7 @@ def test_cuda_graph_capture(name):
         assert torch.equal(out.logprobs, eager.logprobs)
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_tailored_log_softmax(dtype):

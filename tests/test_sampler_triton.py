@@ -319,6 +319,7 @@ def test_experts_match_reference_and_two_expert_entry():
     assert torch.equal(old.tokens, new.tokens) and torch.equal(old.logprobs, new.logprobs)
 
 
+@pytest.mark.slow
 def test_experts_chi_square():
     from sampler_cases import chi_square_pvalue, filtered_probs, hf_kept_mask, random_logits
 

@@ -195,6 +195,7 @@ def _straight_run(d, out, algo, steps):
     return run(build_parser().parse_args(["train", *argv]))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tmp_path, model_dirs, monkeypatch):
     """Quark (its pool is the most state to lose): 4 steps straight == killed inside step 3
     by SIGKILL, then --resume to 4 — same metrics, same adapter, bit for bit."""
