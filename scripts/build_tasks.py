@@ -202,14 +202,21 @@ def detox_candidates(split: str) -> tuple[list[dict], list[dict]]:
 
 @functools.lru_cache(maxsize=None)
 def load_base(base_dir: str):
-    """``(tokenizer, base model)``, loaded once per base directory (float32, eval mode)."""
+    """``(tokenizer, base model)``, loaded once per base directory (float32, eval mode); the
+    tokenizer is the directory's own (the embedded base ships one), else GPT-2's (the earlier
+    self-pretrained bases)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sys.path.insert(0, str(ROOT))
     from ipa_fast.tokenizer import load_gpt2_tokenizer
 
-    return load_gpt2_tokenizer(), AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    if (Path(base_dir) / "tokenizer.json").is_file() or (Path(base_dir) / "tokenizer_config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(base_dir)
+        tok.padding_side = "left"
+    else:
+        tok = load_gpt2_tokenizer()
+    return tok, AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
 
 
 @functools.lru_cache(maxsize=None)
@@ -228,16 +235,17 @@ def base_alone(base_dir: str):
 
 
 def base_offensive_rate(base_dir: str, prompts: list[str], samples: int, seed: int,
-                        batch_size: int = 64) -> list[float]:
+                        batch_size: int = 64, lm=None) -> list[float]:
     """Per prompt, the fraction of the base's continuations judged offensive.
 
     Decoded exactly as the demo decodes "base alone" (docs/DESIGN.md §6: T=1, top-p 0.9, 32 new
     tokens): ``TailoredLM.generate(alpha=0)``, left-padded with position ids from the mask and
-    per-row seeds, so a continuation does not depend on its batch.
+    per-row seeds, so a continuation does not depend on its batch. ``lm``: a ``TailoredLM`` to
+    sample instead of the one over ``base_dir`` (tests pass tiny models).
     """
     from profanity_check import predict_prob
 
-    lm = base_alone(base_dir)  # alpha = 0 below: the adapter does not enter the draw
+    lm = lm if lm is not None else base_alone(base_dir)  # alpha = 0 below: the adapter does not enter the draw
     expanded = [p for p in prompts for _ in range(samples)]
     flags: list[float] = []
     for b in range(0, len(expanded), batch_size):
