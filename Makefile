@@ -96,3 +96,18 @@ test-wheel: install
 newcomer:
 	bash scripts/newcomer.sh
 
+# llama.cpp's own sampler chain vs ours, in one process on one thread (`ipa-fast bench sampler
+# --vs-llama-cpp`, benchmarks/RESULTS.md). It runs in the engines venv, which `make test-engines`
+# fills with llama-cpp-python: this adds the CPU torch of this venv (same version) and the
+# benchmark's few imports, then this package as a wheel built here, with this venv's kernel flags,
+# installed without dependencies (the engines venv keeps its own numpy). Never part of `make test`.
+.PHONY: bench-llama-cpp
+bench-llama-cpp: install
+	@$(ENGINES_VENV)/bin/python -c "import llama_cpp" 2>/dev/null || { \
+	  echo "bench-llama-cpp: no llama_cpp in $(ENGINES_VENV): run 'make test-engines' once (it builds llama-cpp-python)"; exit 1; }
+	@$(ENGINES_VENV)/bin/python -c "import torch, httpx, tqdm" 2>/dev/null || \
+	  $(ENGINES_VENV)/bin/python -m pip install -q "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')" httpx tqdm
+	rm -rf build/engines-wheel
+	IPA_FAST_NATIVE=$(IPA_FAST_NATIVE) $(PIP) wheel -q --no-build-isolation --no-deps -w build/engines-wheel .
+	$(ENGINES_VENV)/bin/python -m pip install -q --no-deps --force-reinstall build/engines-wheel/ipa_fast-*.whl
+	OMP_NUM_THREADS=1 $(ENGINES_VENV)/bin/ipa-fast bench sampler --vs-llama-cpp --json benchmarks/results/sampler_vs_llama_cpp.json

@@ -13,6 +13,14 @@ rounds, inputs resident, the same process and thread count for every contender):
 
 Inputs are Gaussian logits times ``--scale`` (3 by default, a spread like a language model's;
 ``--scale 1`` gives near-flat rows where the top-p nucleus holds most of the vocabulary).
+``--vocab`` / ``--batch`` / ``--filter`` replace the grid's values.
+
+Two other comparisons share the options:
+
+- ``--experts K [K ...]``: the cost of the experts, ``ipa_fast.sample_experts`` over K mixed
+  experts for each K given (public API and kernel), and each K's time over the first K's;
+- ``--vs-llama-cpp``: llama.cpp's own sampler chain vs ours in this process, on one thread
+  (:mod:`ipa_fast.bench_llama_cpp`; needs llama-cpp-python, ``make bench-llama-cpp``).
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ import torch
 
 FULL = dict(vocabs=(50257, 128256), batches=(1, 8, 32, 64), filters=("top_p=0.9", "top_k=50,top_p=0.9"))
 QUICK = dict(vocabs=(50257,), batches=(1, 32), filters=("top_p=0.9",))
+FILTER_KEYS = {"top_k": int, "top_p": float, "min_p": float}
 
 
 def add_arguments(parser) -> None:
@@ -40,25 +49,82 @@ def add_arguments(parser) -> None:
     parser.add_argument("--alpha", type=nonneg_float, default=1.0, help="adapter weight (default 1)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference backend")
+    parser.add_argument("--vocab", type=positive_int, action="append", default=None, metavar="V",
+                        help="vocabulary size instead of the grid's (repeatable)")
+    parser.add_argument("--batch", type=positive_int, action="append", default=None, metavar="B",
+                        help="batch size instead of the grid's (repeatable)")
+    parser.add_argument("--filter", type=filter_spec, action="append", default=None, metavar="SPEC",
+                        help="filter setting instead of the grid's, e.g. top_k=50,top_p=0.9 (repeatable)")
+    parser.add_argument("--experts", type=positive_int, nargs="+", default=None, metavar="K",
+                        help="time sample_experts over K mixed experts for each K (e.g. --experts 2 3) and "
+                             "report each K's time over the first K's, instead of the HF comparison")
+    parser.add_argument("--vs-llama-cpp", action="store_true",
+                        help="llama.cpp's sampler chain (top_k -> top_p -> dist) vs ours, same logits, one "
+                             "process, one thread (V=49152, B in {1, 32} unless given); needs llama_cpp "
+                             "importable: `make bench-llama-cpp` runs it in the engines venv")
+
+
+def filter_spec(text: str) -> str:
+    """An argparse type: ``key=value[,key=value]`` with keys top_k (int >= 0), top_p (in (0, 1]),
+    min_p (in [0, 1]); returned as given, :func:`parse_filter` reads it."""
+    import argparse
+
+    try:
+        f = parse_filter(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected key=value[,key=value] with keys {', '.join(FILTER_KEYS)}, "
+                                         f"got {text!r}") from None
+    bad = [k for k in f if k not in FILTER_KEYS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown filter {bad[0]!r} in {text!r} (known: {', '.join(FILTER_KEYS)})")
+    if f.get("top_k", 0) < 0 or not 0 < f.get("top_p", 1.0) <= 1 or not 0 <= f.get("min_p", 0.0) <= 1:
+        raise argparse.ArgumentTypeError(f"out of range in {text!r}: top_k >= 0, top_p in (0, 1], min_p in [0, 1]")
+    return text
+
+
+def validate(args) -> None:
+    from .cli import UsageError
+
+    if args.vs_llama_cpp and args.experts:
+        raise UsageError("--vs-llama-cpp and --experts are separate runs: give one of them")
+    if args.plot and (args.vs_llama_cpp or args.experts):
+        raise UsageError("--plot draws the HF comparison only: drop it with --vs-llama-cpp or --experts")
+    if args.vs_llama_cpp:
+        if args.threads not in (None, 1):
+            raise UsageError("--vs-llama-cpp runs on one thread (llama.cpp's sampler chain has one): "
+                             f"drop --threads {args.threads}")
+        if args.dtype != "float32":
+            raise UsageError(f"--vs-llama-cpp takes float32 logits (llama.cpp's), got --dtype {args.dtype}")
+        from .bench_llama_cpp import require_llama_cpp
+
+        require_llama_cpp()
+
+
+def pick_grid(args, default: dict) -> dict:
+    """``default`` with the values --vocab / --batch / --filter give."""
+    return dict(vocabs=tuple(args.vocab or default["vocabs"]), batches=tuple(args.batch or default["batches"]),
+                filters=tuple(args.filter or default["filters"]))
 
 
 def parse_filter(text: str) -> dict:
     out = {}
     for part in text.split(","):
         key, value = part.split("=")
-        out[key] = int(value) if key == "top_k" else float(value)
+        out[key.strip()] = FILTER_KEYS.get(key.strip(), float)(value)
     return out
 
 
-def hf_chain(base, adapter, alpha, top_k=0, top_p=1.0):
+def hf_chain(base, adapter, alpha, top_k=0, top_p=1.0, min_p=0.0):
     """The baseline: mix log-probs, HF warpers (a full sort), softmax, multinomial."""
-    from transformers import TopKLogitsWarper, TopPLogitsWarper
+    from transformers import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     x = torch.log_softmax(base.float(), dim=-1) + alpha * torch.log_softmax(adapter.float(), dim=-1)
     if top_k:
         x = TopKLogitsWarper(top_k=top_k)(None, x)
     if top_p < 1.0:
         x = TopPLogitsWarper(top_p=top_p)(None, x)
+    if min_p > 0.0:
+        x = MinPLogitsWarper(min_p=min_p)(None, x)
     return torch.multinomial(torch.softmax(x, dim=-1), 1).squeeze(1)
 
 
@@ -92,18 +158,49 @@ def interleaved_median_ms(slow: dict, fast: dict, rounds: int, fast_per_round: i
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
+def timed_medians(contenders: dict, rounds: int, per_round: int) -> tuple[dict, dict]:
+    """Median ms per contender ``name: (setup, fn)`` by wall clock and by this thread's CPU time
+    (the work of a one-thread contender, whatever else the machine runs). ``setup`` (or None)
+    runs untimed before each timed ``fn()``; the contenders take turns ``per_round`` times in every
+    round, so they share the machine's load of the moment."""
+    for setup, fn in contenders.values():  # warm-up
+        if setup:
+            setup()
+        fn()
+    wall = {name: [] for name in contenders}
+    cpu = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for _ in range(per_round):
+            for name, (setup, fn) in contenders.items():
+                if setup:
+                    setup()
+                t, c = time.perf_counter(), time.thread_time()
+                fn()
+                c, t = time.thread_time() - c, time.perf_counter() - t
+                wall[name].append(t)
+                cpu[name].append(c)
+    med = lambda d: {name: 1e3 * statistics.median(ts) for name, ts in d.items()}  # noqa: E731
+    return med(wall), med(cpu)
+
+
 def run(args) -> dict:
     import ipa_fast
     from ipa_fast import cpu_backend
 
+    repeats = args.repeats or (3 if args.quick else 7)
+    if args.vs_llama_cpp:
+        from . import bench_llama_cpp
+
+        return bench_llama_cpp.run(args, pick_grid(args, bench_llama_cpp.GRID), repeats)
     if ipa_fast.backends()["cpu"] != "ok":
         raise ValueError(f"the cpu backend is not available: {ipa_fast.backends()['cpu']}")
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads()
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
-    grid = QUICK if args.quick else FULL
-    repeats = args.repeats or (3 if args.quick else 7)
+    grid = pick_grid(args, QUICK if args.quick else FULL)
+    if args.experts:
+        return run_experts(args, grid, repeats, threads)
     dtype = getattr(torch, args.dtype)
     print(f"ipa-fast bench sampler: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"{threads} thread(s), {args.dtype}, logits ~ N(0, {args.scale}^2), alpha={args.alpha}, "
@@ -150,6 +247,61 @@ def run(args) -> dict:
         result["plot"] = args.plot
         print(f"plot: {args.plot}")
     return result
+
+
+def run_experts(args, grid: dict, repeats: int, threads: int) -> dict:
+    """The cost of the experts: ``sample_experts`` over the first K of the same Gaussian experts
+    (weights 1, then ``--alpha``), public API and kernel, every K interleaved in each round."""
+    import ipa_fast
+    from ipa_fast import cpu_backend
+
+    ks = list(dict.fromkeys(args.experts))
+    dtype = getattr(torch, args.dtype)
+    clock = "this thread's CPU time (wall-clock ratios at the right)" if threads == 1 else "wall clock"
+    print(f"ipa-fast bench sampler --experts {' '.join(map(str, ks))}: {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cpus, {threads} thread(s), {args.dtype}, logits ~ N(0, {args.scale}^2), weights 1 then "
+          f"alpha={args.alpha}, medians over {repeats} rounds x 5 interleaved calls; ms are "
+          f"{clock}")
+    header = (f"{'V':>7} {'B':>3} {'filter':<18} " + " ".join(f"{f'K={k} ms':>9}" for k in ks) + " "
+              + " ".join(f"{f'kern K={k}':>10}" for k in ks) + " "
+              + " ".join(f"{f'K{k}/K{ks[0]}':>8}" for k in ks[1:]) + " "
+              + " ".join(f"{f'wall K{k}/K{ks[0]}':>13}" for k in ks[1:]))
+    print(header)
+    print("-" * len(header))
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for V in grid["vocabs"]:
+        for B in grid["batches"]:
+            experts = [(torch.randn(B, V, generator=g) * args.scale).to(dtype) for _ in range(max(ks))]
+            for ftext in grid["filters"]:
+                f = parse_filter(ftext)
+                prm = kernel_params(B, args.alpha, **f)
+                prm.pop("alpha")
+                fast = {}
+                for k in ks:
+                    w = [1.0] + [args.alpha] * (k - 1)
+                    wt = torch.tensor(w, dtype=torch.float32).expand(B, k).contiguous()
+                    fast[f"api{k}"] = (None, lambda k=k, w=w: ipa_fast.sample_experts(experts[:k], w, seed=0,
+                                                                                     backend="cpu", **f))
+                    fast[f"kernel{k}"] = (None, lambda k=k, wt=wt: cpu_backend.sample_experts(experts[:k], wt, **prm))
+                wall, cpu = timed_medians(fast, repeats, 5)
+                t = cpu if threads == 1 else wall
+                row = dict(vocab=V, batch=B, filter=ftext, experts=ks,
+                           ms={k: t[f"api{k}"] for k in ks}, kernel_ms={k: t[f"kernel{k}"] for k in ks},
+                           over_first={k: t[f"api{k}"] / t[f"api{ks[0]}"] for k in ks},
+                           kernel_over_first={k: t[f"kernel{k}"] / t[f"kernel{ks[0]}"] for k in ks},
+                           wall_ms={k: wall[f"api{k}"] for k in ks},
+                           wall_over_first={k: wall[f"api{k}"] / wall[f"api{ks[0]}"] for k in ks})
+                rows.append(row)
+                print(f"{V:>7} {B:>3} {ftext:<18} " + " ".join(f"{row['ms'][k]:9.3f}" for k in ks) + " "
+                      + " ".join(f"{row['kernel_ms'][k]:10.3f}" for k in ks) + " "
+                      + " ".join(f"{row['over_first'][k]:7.2f}x" for k in ks[1:]) + " "
+                      + " ".join(f"{row['wall_over_first'][k]:12.2f}x" for k in ks[1:]), flush=True)
+    return dict(suite="sampler", mode="experts", experts=ks, threads=threads,
+                clock="thread CPU time (time.thread_time); wall_* by time.perf_counter" if threads == 1 else
+                "wall clock (time.perf_counter)", dtype=args.dtype, scale=args.scale,
+                alpha=args.alpha, repeats=repeats, torch=torch.__version__, machine=platform.machine(),
+                cpu_count=os.cpu_count(), rows=rows)
 
 
 def write_plot(rows: list[dict], path: str, threads: int) -> None:
