@@ -116,7 +116,8 @@ def test_builders_on_hand_written_lines():
     assert B.open_row(line + " -- An Author")["reference"] == row["reference"]  # attribution cut
     assert B.open_row("too short to cut into a prompt and a reference") is None
     assert B.open_row("dog: " + line) is None  # a gloss
-    assert B.gloss_parts("hot dog: a frankfurter served hot on a bun.") == ("hot dog", "a frankfurter served hot on a bun.")
+    assert B.gloss_parts("hot dog: a frankfurter served hot on a bun.") == ("hot dog",
+                                                                          "a frankfurter served hot on a bun.")
     assert B.gloss_parts("dog: a canine.") is None  # definition under 6 words
     assert B.gloss_parts("the dog barked at the mailman all day long") is None
     name, turns = B.safety_context("jerk: a dull stupid fatuous person who annoys everyone.")
@@ -235,7 +236,8 @@ def test_open_quality_is_the_product_of_its_parts(tiny_scoring):
     texts = [" cat all night long.", " the the the the the the", ""]
     parts = T.open_ended_parts(prompts, texts)
     got = T.open_ended_quality(prompts, texts)
-    assert got == pytest.approx([f * c * d for f, c, d in zip(parts["fluency"], parts["coherence"], parts["diversity"])])
+    product = [f * c * d for f, c, d in zip(parts["fluency"], parts["coherence"], parts["diversity"])]
+    assert got == pytest.approx(product)
     assert got[2] == 0.0 and parts["fluency"][2] == 0.0  # an empty completion
     assert parts["diversity"][1] == pytest.approx(1 / 5 * 1 / 4 * 1 / 3)  # one distinct n-gram of each n
     assert all(0.0 <= v <= 1.0 for v in parts["fluency"])
