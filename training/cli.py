@@ -5,6 +5,7 @@
     ipa-fast train --reward my_rewards:polite --prompts prompts.jsonl --algo ppo --steps 100 --out runs/polite
     ipa-fast train --task lexical --algo quark --sft-steps 300 --sft-lr 1e-3 --steps 400 --out runs/lex
     ipa-fast train ... --resume          # continue a killed run in --out up to --steps
+    ipa-fast train --task lexical --frozen-adapter runs/detox/adapter:0.5 --out runs/lex-with-detox
 
 Every :class:`~ipa_fast.training.TrainConfig` field is a flag (``--batch-size``, ``--kl-coef``,
 ...). ``--task T`` starts from preset T, the recipe the shipped ``models/adapters/T`` was
@@ -64,6 +65,11 @@ HELP = {
     "backend": "sampler backend for rollouts (auto, reference, cpu, triton, cuda)",
     "reward_timeout": "seconds one reward call may take before the run stops with an error (the last "
                       "checkpoint stays intact); 0 = no limit",
+    "frozen_adapters": "repeatable: another adapter in the product, frozen while this one trains, "
+                       "z = base + alpha * adapter + WEIGHT * frozen (WEIGHT default: its ipa_adapter.json "
+                       "alpha, else 1); rollouts, the scored policy, its KL reference and evaluation include "
+                       "it, and the trained adapter's ipa_adapter.json records it (compose them at inference "
+                       "with ipa-fast generate --adapter OUT/adapter --adapter DIR:WEIGHT)",
 }
 # argparse types (ipa_fast.cli's, the one place they are defined) for fields whose plain type
 # would accept nonsense; TrainConfig.validate() checks the combinations
@@ -91,6 +97,21 @@ CHOICES = {"sft_target": ["tailored", "adapter"], "algo": ["quark", "ppo"], "tas
            "lr_schedule": ["constant", "linear"]}
 
 
+def frozen_adapter_arg(text: str) -> str:
+    """argparse type of ``--frozen-adapter``: ``DIR[:WEIGHT]`` checked (ipa-fast generate's
+    ``--adapter`` parser), kept as ``DIR`` or ``DIR:WEIGHT`` text in TrainConfig.frozen_adapters."""
+    from .loading import parse_frozen_adapter
+
+    try:
+        path, weight = parse_frozen_adapter(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return path if weight is None else f"{path}:{weight!r}"
+
+
+frozen_adapter_arg.__name__ = "frozen adapter"
+
+
 def _base_type(tp):
     """``int | None`` -> int; the plain type otherwise."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
@@ -103,6 +124,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
     arg_types = _arg_types()
     for f in dataclasses.fields(TrainConfig):
+        if f.name == "frozen_adapters":  # a list: one repeatable flag, named in the singular
+            parser.add_argument("--frozen-adapter", dest=f.name, type=frozen_adapter_arg, action="append",
+                                default=argparse.SUPPRESS, metavar="DIR[:WEIGHT]", help=HELP[f.name])
+            continue
         flag = "--" + f.name.replace("_", "-")
         tp = arg_types.get(f.name) or _base_type(hints[f.name])
         preset = {t: r[f.name] for t, r in PRESETS.items() if f.name in r}

@@ -6,10 +6,13 @@ data) is resolved through :mod:`ipa_fast.embedded` and nowhere else: when one is
 ``FileNotFoundError`` says what and how to get it. :func:`tiny_gpt2_pair` (random weights,
 2 layers, width 64 for the base and 1 layer for the adapter, over the GPT-2 tokenizer) is for
 tests and benchmarks that ask for it, never a silent default. Prompts: JSON lines
-``{"prompt": ..., <field>: ...}``; every other field is passed to the reward by name.
+``{"prompt": ..., <field>: ...}``; every other field is passed to the reward by name. Frozen
+experts (``--frozen-adapter DIR[:WEIGHT]``): adapter directories, loaded by
+:func:`load_frozen_experts`.
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -117,3 +120,52 @@ def _load(cls, name: str, what: str):
     except (OSError, ValueError) as exc:  # hub id not found / not cached, bad config: one line
         first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise ValueError(f"cannot load {what} {name}: {first}") from exc
+
+
+def parse_frozen_adapter(text: str, what: str | None = None) -> tuple[str, float | None]:
+    """``DIR[:WEIGHT]`` (the syntax of ``ipa-fast generate --adapter``, parsed by its
+    :func:`~ipa_fast.generate_cli.adapter_ref`) -> ``(directory, weight or None)``; the directory
+    must exist here (its weights are hashed). ValueError (one line, prefixed by ``what``) otherwise."""
+    from ipa_fast.generate_cli import adapter_ref
+
+    head = f"{what}: " if what else ""
+    try:
+        path, weight = adapter_ref(text)
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"{head}{exc}") from None
+    if not Path(path).expanduser().is_dir():
+        raise ValueError(f"{head}frozen adapter not found: {path} (a local adapter directory)")
+    return path, weight
+
+
+def load_frozen_experts(refs: list[str], tokenizer, device=None) -> list:
+    """The frozen experts of ``refs`` (``"DIR"`` or ``"DIR:WEIGHT"`` each) as
+    :class:`~ipa_fast.training.policy.FrozenExpert`: the model (float32, eval mode, on
+    ``device``), its weight (given, else the ``alpha`` of its ipa_adapter.json, else 1), its
+    saved prefix, its directory as its name and the sha256 of its weight files. A tokenizer
+    saved beside it must share the run's vocabulary (ids below V; added control tokens aside)."""
+    from transformers import AutoModelForCausalLM
+
+    from ipa_fast.decoding import _core_hash, _try_tokenizer, load_adapter_metadata
+    from ipa_fast.embedded import sha256_file
+
+    from .policy import FrozenExpert
+
+    experts = []
+    for i, text in enumerate(refs):
+        path, weight = parse_frozen_adapter(text, f"frozen_adapters[{i}]")
+        meta = load_adapter_metadata(path) or {}
+        own = _try_tokenizer(path)
+        if own is not None and _core_hash(own) != _core_hash(tokenizer):
+            raise ValueError(f"tokenizer mismatch: frozen adapter {path} ships another tokenizer than the run's; "
+                             "the experts must share one vocabulary")
+        files = sorted(f for pattern in ("*.safetensors", "pytorch_model*.bin") for f in Path(path).glob(pattern))
+        if not files:
+            raise ValueError(f"frozen adapter {path} has no weights file (*.safetensors or pytorch_model*.bin)")
+        model = _load(AutoModelForCausalLM, path, "frozen adapter")
+        if device is not None:
+            model.to(device)
+        experts.append(FrozenExpert(model=model, weight=float(meta.get("alpha", 1.0) if weight is None else weight),
+                                    prefix=[int(t) for t in meta.get("adapter_prefix") or []], name=str(path),
+                                    sha256={f.name: sha256_file(f) for f in files}))
+    return experts

@@ -1,28 +1,38 @@
-"""The RL training loop for the adapter: Quark or PPO through the tailored policy.
+"""The training loop for the adapter: a supervised warm start, then Quark or PPO, through the
+tailored policy.
 
     from ipa_fast.training import TrainConfig, train
     result = train(TrainConfig(algo="quark", task="lexical", steps=200, out="runs/lex"))
 
-One step = rollout -> reward -> update:
+Three parts (docs/DESIGN.md §4.2):
 
-- **rollout**: ``TailoredLM.generate`` samples from pi = softmax((base + alpha * adapter) / T);
-  the adapter sees its own prefix (Quark: the best reward token), the base the plain prompt.
-  Seeds are derived from (config seed, step, row), so a resumed run draws the same samples.
-- **reward**: the plain callable, checked (one finite float per completion) and given
-  ``reward_timeout`` seconds (it runs in a worker thread); a failure or a timeout keeps a
-  checkpoint of the last completed step, then stops the run with the reward's message.
-- **update**: teacher-forced scoring with :meth:`Trainer.token_stats` — both models over
-  left-padded prompt + response with position ids from the attention mask, adapter logits
-  trimmed to V, then :func:`ipa_fast.token_stats.tailored_token_stats` for log pi, H(pi) and
-  KL(pi || pi_ref). PPO's old log-probs come from the same function, so the ratio is exactly 1
-  before the first update; with the initial adapter as reference, KL is exactly 0.
+- **the policy** (:mod:`.policy`): the frozen base, the trained adapter and any other frozen
+  experts (``frozen_adapters``), pi = softmax((base + alpha * adapter + sum_j w_j * frozen_j) / T),
+  and its teacher-forced forward (:meth:`Policy.token_stats`: every model over left-padded prompt
+  + response with position ids from the attention mask, logits trimmed to V, then
+  :func:`ipa_fast.token_stats.experts_token_stats` for log pi, H(pi) and KL(pi || pi_ref)).
+  PPO's old log-probs come from the same function, so the ratio is exactly 1 before the first
+  update; with the initial adapter as reference, KL is exactly 0.
+- **the algorithms**, each with its settings (a view of :class:`TrainConfig`) and a step on a
+  batch: the supervised warm start (:mod:`.sft`), Quark (:mod:`.quark`), PPO (:mod:`.ppo`);
+  what they share (one optimiser, seeds, the protocol) is :mod:`.algorithm`.
+- **the loop** (here, :class:`Trainer`): one step = prompts -> rollout -> reward -> the
+  algorithm's update (or a warm-start step); evaluation, logging, checkpoints and resume.
+  The rollout is ``TailoredLM.generate`` sampling pi (the adapter sees its own prefix, Quark's
+  best reward token; the frozen experts theirs; the base the plain prompt), seeded from
+  (config seed, step, row) so a resumed run draws the same samples. The reward is the plain
+  callable, checked (one finite float per completion) and given ``reward_timeout`` seconds (it
+  runs in a worker thread); a failure or a timeout keeps a checkpoint of the last completed
+  step, then stops the run with the reward's message.
 
-Models stay in eval mode (dropout off) throughout; the base never gets gradients; only the
-adapter (and PPO's value head) are in the optimiser. Every step appends a JSON line to
-``<out>/metrics.jsonl``; evaluation every ``eval_every`` steps (docs/DESIGN.md §6 decoding: T = 1,
-top_p = 0.9, 32 new tokens, fixed seeds) appends to it, prints a sample table and redraws
-``<out>/reward_curve.png``; checkpoints go to ``<out>/checkpoints`` (see checkpoint.py) and
-the final adapter to ``<out>/adapter`` (loadable with ``TailoredLM.from_pretrained``).
+Models stay in eval mode (dropout off) throughout; the base and the frozen experts never get
+gradients; only the adapter (and PPO's value head) are in the optimiser. Every step appends a
+JSON line to ``<out>/metrics.jsonl``; evaluation every ``eval_every`` steps (docs/DESIGN.md §6
+decoding: T = 1, top_p = 0.9, 32 new tokens, fixed seeds) appends to it, prints a sample table
+and redraws ``<out>/reward_curve.png``; checkpoints go to ``<out>/checkpoints`` (see
+checkpoint.py) and the final adapter to ``<out>/adapter`` (loadable with
+``TailoredLM.from_pretrained``; its ipa_adapter.json names the frozen experts it was trained
+with, to compose it with them).
 """
 from __future__ import annotations
 
@@ -30,7 +40,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,13 +50,15 @@ import numpy as np
 import torch
 
 from ipa_fast import tasks
-from ipa_fast.decoding import TailoredLM, _as_id_list, left_pad, save_adapter
-from ipa_fast.token_stats import tailored_token_stats
+from ipa_fast.decoding import save_adapter
 
 from . import checkpoint as ckpt
-from . import ppo as P
-from .quark import DataPool, add_control_tokens
+from .algorithm import Updater, step_seed
+from .policy import FrozenExpert, Policy, freeze_embedding_rows, zero_output  # noqa: F401 - importable here too
+from .ppo import PPO
+from .quark import Quark
 from .rewards import RewardError, call_reward, reward_name
+from .sft import SFTConfig, WarmStart
 
 TIME_KEYS = ("time/rollout", "time/reward", "time/update", "time/eval", "time/step")
 # settings a resumed run may change freely; any other difference needs force=True (--force)
@@ -55,43 +66,6 @@ RESUME_MAY_CHANGE = frozenset({"out", "steps", "progress", "checkpoint_every", "
                                "reward_timeout", "sample_rows"})
 # settings that shape the saved state itself: never changed on resume
 RESUME_NEVER_CHANGES = frozenset({"algo", "n_quantiles"})
-
-
-def freeze_embedding_rows(model, n_rows: int) -> None:
-    """Zero the gradient of the first ``n_rows`` rows of ``model``'s input embedding (and so of a
-    tied output head): with no weight decay on them, AdamW then never moves them."""
-    weight = model.get_input_embeddings().weight
-
-    def mask(grad):
-        grad = grad.clone()
-        grad[:n_rows] = 0
-        return grad
-
-    weight.register_hook(mask)
-    out = model.get_output_embeddings()
-    if out is not None and out.weight is not weight:
-        out.weight.requires_grad_(False)
-
-
-def zero_output(model) -> None:
-    """Set the gain (and bias) of ``model``'s final normalisation to 0, so its logits are all 0 (a
-    uniform distribution: adding them to the base's changes nothing) while every parameter still
-    receives gradient after the first step."""
-    norm = None
-    for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
-        norm = getattr(model.base_model, name, None)
-        if norm is not None:
-            break
-    if norm is None or getattr(norm, "weight", None) is None:
-        raise ValueError(f"zero_init_output: {type(model).__name__} has no final norm with a gain to zero")
-    with torch.no_grad():
-        norm.weight.zero_()
-        if getattr(norm, "bias", None) is not None:
-            norm.bias.zero_()
-        device = next(model.parameters()).device
-        logits = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False).logits
-    if logits.abs().max().item() != 0:  # e.g. a norm computing (1 + gain) * x
-        raise ValueError(f"zero_init_output: zeroing {type(model).__name__}'s final norm does not zero its logits")
 
 
 @dataclass
@@ -109,6 +83,10 @@ class TrainConfig:
                                         # else the last eval_size rows of --prompts)
     base: str | None = None
     adapter: str | None = None
+    # other adapters in the product, frozen while this one trains: "DIR" or "DIR:WEIGHT" (weight
+    # default: the adapter's saved alpha in its ipa_adapter.json, else 1); rollouts, the scored
+    # policy, its KL reference and evaluation all include them
+    frozen_adapters: list[str] = field(default_factory=list)
     # the tailored policy and rollouts
     alpha: float = 1.0
     temperature: float = 1.0
@@ -223,151 +201,107 @@ class TrainConfig:
         need(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
         need(self.reward_timeout is None or self.reward_timeout >= 0,
              f"reward_timeout must be >= 0 seconds (0 = no limit), got {self.reward_timeout}")
+        need(isinstance(self.frozen_adapters, (list, tuple)) and all(isinstance(x, str) for x in self.frozen_adapters),
+             f"frozen_adapters must be a list of 'DIR' or 'DIR:WEIGHT' strings, got {self.frozen_adapters!r}")
+        from .loading import parse_frozen_adapter
+        for i, text in enumerate(self.frozen_adapters):
+            parse_frozen_adapter(text, f"frozen_adapters[{i}]")
 
 
-def step_seed(*parts: int) -> int:
-    """A 62-bit seed from integers (config seed, step, purpose, ...), stable across runs."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]) >> 2
+ALGORITHMS = {A.name: A for A in (Quark, PPO)}
 
 
 class Trainer:
-    """Holds the models, optimiser and state of one run; :meth:`fit` runs it to ``config.steps``."""
+    """One run: the policy (:class:`~ipa_fast.training.policy.Policy`), the supervised warm start
+    (:class:`~ipa_fast.training.sft.WarmStart`), the RL algorithm (:class:`~ipa_fast.training.quark.Quark`
+    or :class:`~ipa_fast.training.ppo.PPO`), one optimiser (:class:`~ipa_fast.training.algorithm.Updater`)
+    and the loop around them; :meth:`fit` runs it to ``config.steps``.
+
+    ``frozen_experts``: the other frozen experts of the product (a list of
+    :class:`~ipa_fast.training.policy.FrozenExpert`); default: loaded from
+    ``config.frozen_adapters``.
+    """
 
     def __init__(self, config: TrainConfig, base, adapter, tokenizer, reward: Callable,
-                 train_rows: list[dict], eval_rows: list[dict]):
+                 train_rows: list[dict], eval_rows: list[dict], frozen_experts: list[FrozenExpert] | None = None):
         config.validate()
         if not train_rows:
             raise ValueError("no training prompts")
+        if config.freeze_shared_embedding and config.weight_decay:
+            raise ValueError("freeze_shared_embedding needs weight_decay 0 (decay would move the shared rows)")
         self.cfg, self.reward, self.tokenizer = config, reward, tokenizer
         self.train_rows, self.eval_rows = train_rows, eval_rows
         self.out = Path(config.out)
-        self.base = base.eval()
-        for p in self.base.parameters():
-            p.requires_grad_(False)
-        self.adapter = adapter.eval()  # eval mode for good: dropout off in rollouts and updates
-        self.control_ids: list[int] = []
-        if config.algo == "quark":
-            gen = torch.Generator().manual_seed(step_seed(config.seed, 0, 7))
-            self.control_ids = add_control_tokens(self.adapter, config.n_quantiles, gen)
-        self.lm = TailoredLM(self.base, self.adapter, tokenizer, alpha=config.alpha)
-        self.V = self.lm.V
-        self.pad_id = self.lm.pad_id
-        if config.zero_init_output:
-            zero_output(self.adapter)
-        self.ref_adapter = None
-        if config.reference == "initial":
-            self.ref_adapter = copy.deepcopy(self.adapter).eval()
-            for p in self.ref_adapter.parameters():
-                p.requires_grad_(False)
-        self.value_head = None
-        if config.freeze_shared_embedding:
-            if config.weight_decay:
-                raise ValueError("freeze_shared_embedding needs weight_decay 0 (decay would move the shared rows)")
-            freeze_embedding_rows(self.adapter, self.V)
-        params = [p for p in self.adapter.parameters() if p.requires_grad]
-        if config.algo == "ppo":
-            hidden = self.adapter.get_input_embeddings().weight.shape[1]
-            torch.manual_seed(step_seed(config.seed, 0, 8))
-            self.value_head = P.ValueHead(hidden).to(next(self.adapter.parameters()).device)
-            params += list(self.value_head.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, eps=config.adam_eps,
-                                           weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.kl_ctl = (P.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
-                       if config.kl_target else P.FixedKLController(config.kl_coef))
-        self.pool = DataPool(config.n_quantiles) if config.algo == "quark" else None
+        if frozen_experts is None:
+            from .loading import load_frozen_experts
+            frozen_experts = load_frozen_experts(config.frozen_adapters, tokenizer, next(base.parameters()).device)
+        algo = ALGORITHMS[config.algo]
+        self.rl = algo(algo.Config.view(config))
+        prefix = self.rl.prepare_adapter(adapter.eval())  # Quark: its control tokens, before the policy exists
+        self.policy = Policy(base, adapter, tokenizer, alpha=config.alpha, temperature=config.temperature,
+                             min_new_tokens=config.min_new_tokens, frozen=frozen_experts, reference=config.reference,
+                             adapter_prefix=prefix, zero_init_output=config.zero_init_output,
+                             freeze_shared_embedding=config.freeze_shared_embedding)
+        self.updater = Updater(config)
+        extra = self.rl.attach(self.policy, self.updater)  # PPO: its value head
+        self.updater.build(self.policy.trainable_parameters() + extra)
+        self.warm_start = WarmStart(SFTConfig.view(config), self.policy, self.updater)
         self.step = 0
         self.initial_eval: dict | None = None
         self.last_eval: dict | None = None
         self.last_samples: list[dict] = []
 
     # ------------------------------------------------------------------------------------
-    # the tailored policy, teacher-forced
+    # the parts, under the names the loop's callers (tests, scripts) use
 
-    def _lr_factor(self, step: int) -> float:
-        c = self.cfg
-        if step < c.sft_steps:  # LambdaLR's step k is the (k+1)-th optimiser step
-            return (c.sft_lr or c.lr) / c.lr
-        warm = min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else 1.0
-        decay = max(0.0, 1.0 - step / max(1, c.steps)) if c.lr_schedule == "linear" else 1.0
-        return warm * decay
+    base = property(lambda self: self.policy.base)
+    adapter = property(lambda self: self.policy.adapter)
+    ref_adapter = property(lambda self: self.policy.ref_adapter)
+    lm = property(lambda self: self.policy.lm)
+    V = property(lambda self: self.policy.V)
+    pad_id = property(lambda self: self.policy.pad_id)
+    optimizer = property(lambda self: self.updater.optimizer)
+    scheduler = property(lambda self: self.updater.scheduler)
+    kl_ctl = property(lambda self: self.rl.kl_ctl)
+    control_ids = property(lambda self: getattr(self.rl, "control_ids", []))
+    pool = property(lambda self: getattr(self.rl, "pool", None))
+    value_head = property(lambda self: getattr(self.rl, "value_head", None))
 
     @property
     def inference_prefix(self) -> list[int]:
         """What the adapter sees before every prompt at rollout and inference time."""
-        return self.control_ids[:1]
-
-    def _logits(self, model, rows, keep, hidden=False, head=True):
-        """Logits and (with ``hidden``) final hidden states of the last ``keep`` positions of the
-        left-padded ``rows``; ``head=False`` skips the output head on them (logits come back None)."""
-        ids, mask = left_pad(rows, self.pad_id, next(model.parameters()).device)
-        pos = (mask.cumsum(1) - 1).clamp_(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                    logits_to_keep=keep if head else 1, output_hidden_states=hidden)
-        return (out.logits[:, -keep:] if head else None), (out.hidden_states[-1][:, -keep:] if hidden else None)
-
-    @staticmethod
-    def _response_positions(lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(rows, cols)`` of the positions predicting each response token in a window of the
-        last ``max(lens) + 1`` positions (row i's response is its last ``lens[i]`` tokens)."""
-        R = max(lens)
-        rows = torch.tensor([i for i, n in enumerate(lens) for _ in range(n)], dtype=torch.long)
-        cols = torch.tensor([R - n + k for n in lens for k in range(n)], dtype=torch.long)
-        return rows, cols
+        return self.policy.adapter_prefix
 
     def token_stats(self, prompt_ids, prefixes, responses, values: bool = False, kl: bool = True,
                     eos_mask: bool = True) -> dict:
-        """Per-token statistics of ``responses`` under pi, right-padded to ``[B, R]``.
+        """:meth:`Policy.token_stats <ipa_fast.training.policy.Policy.token_stats>`, with the
+        value head's ``values`` when ``values``."""
+        return self.policy.token_stats(prompt_ids, prefixes, responses, value_head=self.value_head if values else None,
+                                       kl=kl, eos_mask=eos_mask)
 
-        Returns ``logprob``, ``entropy``, ``kl`` (to the reference; zeros with ``kl=False``),
-        ``mask`` and, with ``values``, the value head's ``values``. ``eos_mask=False`` scores
-        without the rollouts' early-EOS mask (supervised targets may end before ``min_new_tokens``:
-        masked, their EOS would cost 1e4 nats). Differentiable w.r.t. the adapter (and value
-        head) when grad is enabled.
-        """
-        B = len(responses)
-        lens = [len(r) for r in responses]
-        R = max(lens)
-        full = [list(p) + list(r) for p, r in zip(prompt_ids, responses)]
-        adapter_rows = [list(x) + f for x, f in zip(prefixes, full)]
-        rows, cols = self._response_positions(lens)  # gather the predicting logits into [N, V] rows
-        targets = torch.tensor([t for r in responses for t in r], dtype=torch.long)
-        with torch.no_grad():
-            zb, _ = self._logits(self.base, full, R + 1)
-            zr = None
-            if self.ref_adapter is not None and kl:
-                zr, _ = self._logits(self.ref_adapter, adapter_rows, R + 1)
-                zr = zr[rows, cols, :self.V]
-        zb = zb[rows, cols, :self.V]
-        if self.cfg.min_new_tokens and eos_mask:
-            # the rollouts' EOS mask, applied to the scored policy too (as the official code
-            # does): otherwise pi could hide probability on EOS where rollouts never draw it
-            k = torch.cat([torch.arange(n) for n in lens])
-            eos = _as_id_list(self.tokenizer.eos_token_id)
-            early = (k < self.cfg.min_new_tokens).nonzero().view(-1).to(zb.device)
-            zb = zb.clone()
-            zb[early.view(-1, 1), torch.tensor(eos, device=zb.device).view(1, -1)] = -1e4
-        za, hidden = self._logits(self.adapter, adapter_rows, R + 1, hidden=values)
-        za = za[rows, cols, :self.V].to(zb.device)
-        if zr is not None:
-            zr = zr.to(zb.device)
-        lp, ent, kl = tailored_token_stats(zb, za, targets.to(zb.device), alpha=self.cfg.alpha,
-                                           temperature=self.cfg.temperature, ref_adapter=zr)
-        mask = torch.zeros(B, R)
-        mask[torch.arange(B).repeat_interleave(torch.tensor(lens)), torch.cat([torch.arange(n) for n in lens])] = 1
+    def sft_targets(self, rows: list[dict]) -> list[list[int]]:
+        return self.warm_start.targets(rows)
 
-        def pad(flat):
-            outp = torch.zeros(B, R, dtype=flat.dtype, device=flat.device)
-            return outp.index_put((torch.arange(B).repeat_interleave(torch.tensor(lens)),
-                                   torch.cat([torch.arange(n) for n in lens])), flat)
+    def sft_step(self, step: int, rows: list[dict]) -> dict:
+        return self.warm_start.step(step, rows)
 
-        out = {"logprob": pad(lp.cpu()), "entropy": pad(ent.cpu()), "kl": pad(kl.cpu()), "mask": mask}
-        if values:
-            out["values"] = pad(self.value_head(hidden[rows, cols]).cpu())
-        return out
+    def quark_backward(self, idx: list[int]) -> dict:
+        return self.rl.backward(idx)
+
+    def quark_update(self, step: int, prompt_ids, responses, scores) -> dict:
+        return self.rl.step(step, prompt_ids, responses, scores)
+
+    def ppo_prepare(self, prompt_ids, responses, scores) -> dict:
+        return self.rl.prepare(prompt_ids, responses, scores)
+
+    def ppo_backward(self, data: dict, idx: list[int]) -> dict:
+        return self.rl.backward(data, idx)
+
+    def ppo_update(self, step: int, prompt_ids, responses, scores) -> dict:
+        return self.rl.step(step, prompt_ids, responses, scores)
 
     # ------------------------------------------------------------------------------------
-    # phases
+    # prompts, rollouts, rewards
 
     def _prompt_batch(self, step: int) -> list[int]:
         g = np.random.default_rng(step_seed(self.cfg.seed, step, 1))
@@ -378,13 +312,13 @@ class Trainer:
     def rollout(self, rows: list[dict], seed: int, *, max_new_tokens=None, top_k=None, top_p=None, temperature=None,
                 min_new_tokens=None):
         c = self.cfg
-        self.adapter.eval()
-        return self.lm.generate([r["prompt"] for r in rows], max_new_tokens or c.max_new_tokens,
-                                temperature=c.temperature if temperature is None else temperature,
-                                top_k=c.top_k if top_k is None else top_k, top_p=c.top_p if top_p is None else top_p,
-                                seed=[step_seed(seed, i) for i in range(len(rows))],
-                                min_new_tokens=c.min_new_tokens if min_new_tokens is None else min_new_tokens,
-                                adapter_prefix=self.inference_prefix, backend=c.backend)
+        return self.policy.generate([r["prompt"] for r in rows], max_new_tokens or c.max_new_tokens,
+                                    temperature=c.temperature if temperature is None else temperature,
+                                    top_k=c.top_k if top_k is None else top_k,
+                                    top_p=c.top_p if top_p is None else top_p,
+                                    seed=[step_seed(seed, i) for i in range(len(rows))],
+                                    min_new_tokens=c.min_new_tokens if min_new_tokens is None else min_new_tokens,
+                                    backend=c.backend)
 
     def score(self, rows: list[dict], gen) -> list[float]:
         """The reward of a generation; the prompt file's extra fields and ``completion_ids``
@@ -393,159 +327,6 @@ class Trainer:
         fields["completion_ids"] = gen.token_ids
         return call_with_deadline(call_reward, (self.reward, [r["prompt"] for r in rows], gen.texts, fields),
                                   self.cfg.reward_timeout, f"reward {reward_name(self.reward)}")
-
-    def _micro_batches(self, idx: list[int]) -> list[list[int]]:
-        m = len(idx)
-        size = max(1, math.ceil(m / self.cfg.grad_accum))
-        return [idx[i:i + size] for i in range(0, m, size)]
-
-    def _optimizer_step(self) -> float:
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
-    # -- supervised warm start ----------------------------------------------------------
-
-    def sft_targets(self, rows: list[dict]) -> list[list[int]]:
-        """The warm-start target of each row: its ``sft_field`` text, tokenised, plus EOS."""
-        field_name = self.cfg.sft_field
-        missing = [i for i, r in enumerate(rows) if not isinstance(r.get(field_name), str) or not r[field_name]]
-        if missing:
-            raise ValueError(f"sft_steps needs a non-empty {field_name!r} text in every training prompt row; "
-                             f"row {missing[0]} has none: {rows[missing[0]]!r}")
-        eos = self.tokenizer.eos_token_id
-        return [self.tokenizer(r[field_name], add_special_tokens=False)["input_ids"][: self.cfg.max_new_tokens - 1]
-                + [eos] for r in rows]
-
-    def adapter_nll(self, prompt_ids, prefixes, targets) -> torch.Tensor:
-        """Summed NLL of ``targets`` under the adapter alone (its own log-softmax over the shared
-        vocabulary, its prefix before the prompt), differentiable w.r.t. the adapter. The output
-        head runs on the target positions only (the last hidden state is the final-norm output in
-        Hugging Face causal LMs), not on every kept position of the padded batch."""
-        lens = [len(t) for t in targets]
-        rows = [list(x) + list(p) + list(t) for x, p, t in zip(prefixes, prompt_ids, targets)]
-        _, h = self._logits(self.adapter, rows, max(lens) + 1, hidden=True, head=False)
-        r, col = self._response_positions(lens)
-        z = self.adapter.get_output_embeddings()(h[r, col])[:, :self.V].float()
-        tgt = torch.tensor([t for ts in targets for t in ts], dtype=torch.long, device=z.device)
-        return torch.nn.functional.cross_entropy(z, tgt, reduction="sum")
-
-    def sft_step(self, step: int, rows: list[dict]) -> dict:
-        """One optimiser step on the NLL of the rows' targets (``grad_accum`` micro-batches)
-        under the tailored policy, or under the adapter alone with ``sft_target="adapter"``."""
-        self.adapter.eval()
-        prompt_ids = self.lm.encode([r["prompt"] for r in rows])
-        targets = self.sft_targets(rows)
-        idx = list(range(len(rows)))
-        n_tokens = sum(len(t) for t in targets)
-        nll_sum = 0.0
-        for micro in self._micro_batches(idx):
-            args = ([prompt_ids[i] for i in micro], [self.inference_prefix] * len(micro), [targets[i] for i in micro])
-            if self.cfg.sft_target == "adapter":
-                nll = self.adapter_nll(*args)
-            else:
-                st = self.token_stats(*args, kl=False, eos_mask=False)
-                nll = -(st["logprob"] * st["mask"]).sum()
-            (nll / n_tokens).backward()
-            nll_sum += float(nll.detach())
-        return {"sft/nll": nll_sum / n_tokens, "sft/grad_norm": self._optimizer_step()}
-
-    # -- Quark ---------------------------------------------------------------------------
-
-    def quark_backward(self, idx: list[int]) -> dict:
-        """Accumulate the Quark loss gradient of pool samples ``idx`` (split into
-        ``grad_accum`` micro-batches; normalised by the minibatch's token count)."""
-        pool = self.pool
-        n_tokens = sum(len(pool.response_ids[i]) for i in idx)
-        sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "entropy": 0.0}
-        for micro in self._micro_batches(idx):
-            st = self.token_stats([pool.prompt_ids[i] for i in micro],
-                                  [[self.control_ids[pool.quantiles[i]]] for i in micro],
-                                  [pool.response_ids[i] for i in micro])
-            m = st["mask"]
-            nll, kl, ent = -(st["logprob"] * m).sum(), (st["kl"] * m).sum(), (st["entropy"] * m).sum()
-            loss = (nll + self.kl_ctl.value * kl - self.cfg.entropy_coef * ent) / n_tokens
-            loss.backward()
-            for k, v in (("loss", loss * n_tokens), ("nll", nll), ("kl", kl), ("entropy", ent)):
-                sums[k] += float(v.detach())
-        return {k: v / n_tokens for k, v in sums.items()}
-
-    def quark_update(self, step: int, prompt_ids, responses, scores) -> dict:
-        self.pool.add(prompt_ids, responses, scores)
-        stats = []
-        for u in range(self.cfg.quark_updates):
-            g = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, 2, u))
-            s = self.quark_backward(self.pool.sample(self.cfg.minibatch_size, g))
-            s["grad_norm"] = self._optimizer_step()
-            stats.append(s)
-        mean = {f"quark/{k}": float(np.mean([s[k] for s in stats])) for k in stats[0]}
-        self.kl_ctl.update(mean["quark/kl"], self.cfg.minibatch_size * self.cfg.quark_updates)
-        mean["quark/pool_size"] = len(self.pool)
-        return mean
-
-    # -- PPO -----------------------------------------------------------------------------
-
-    def ppo_prepare(self, prompt_ids, responses, scores) -> dict:
-        """Old log-probs, values, per-token rewards, advantages and returns of a rollout."""
-        prefixes = [self.inference_prefix] * len(responses)
-        with torch.no_grad():
-            old = self.token_stats(prompt_ids, prefixes, responses, values=True)
-        m = old["mask"]
-        shaped = P.shape_scores(torch.tensor(scores), self.cfg.whiten_scores, self.cfg.score_clip)
-        rewards = P.token_rewards(shaped, old["kl"], m, self.kl_ctl.value)
-        adv, returns = P.gae(rewards, old["values"], m, self.cfg.gamma, self.cfg.lam)
-        adv = P.masked_whiten(adv, m) * m
-        return {"prompt_ids": prompt_ids, "prefixes": prefixes, "responses": responses, "mask": m,
-                "old_logprob": old["logprob"], "old_values": old["values"], "kl": old["kl"],
-                "entropy": old["entropy"], "advantages": adv, "returns": returns}
-
-    def ppo_backward(self, data: dict, idx: list[int]) -> dict:
-        """Accumulate the PPO loss gradient of rollout rows ``idx`` (``grad_accum``
-        micro-batches; normalised by the minibatch's token count)."""
-        c = self.cfg
-        n_tokens = float(data["mask"][idx].sum())
-        sums: dict[str, float] = {}
-        for micro in self._micro_batches(idx):
-            st = self.token_stats([data["prompt_ids"][i] for i in micro], [data["prefixes"][i] for i in micro],
-                                  [data["responses"][i] for i in micro], values=True)
-            R = st["mask"].shape[1]
-            sel = lambda k: data[k][micro][:, :R]  # noqa: E731 - rows padded to the rollout's width
-            m = st["mask"]
-            pl, ps = P.policy_loss(st["logprob"], sel("old_logprob"), sel("advantages"), m, c.cliprange, n_tokens)
-            vl, vs = P.value_loss(st["values"], sel("old_values"), sel("returns"), m, c.cliprange_value, n_tokens)
-            (pl + c.vf_coef * vl).backward()
-            for k, v in {"policy_loss": float(pl.detach()) * n_tokens, "value_loss": float(vl.detach()) * n_tokens, **ps, **vs}.items():
-                sums[k] = sums.get(k, 0.0) + v
-        return {k: v / n_tokens for k, v in sums.items()}
-
-    def ppo_update(self, step: int, prompt_ids, responses, scores) -> dict:
-        c = self.cfg
-        data = self.ppo_prepare(prompt_ids, responses, scores)
-        B = len(responses)
-        stats, stopped = [], False
-        for epoch in range(c.ppo_epochs):
-            g = torch.Generator().manual_seed(step_seed(c.seed, step, 3, epoch))
-            perm = torch.randperm(B, generator=g).tolist()
-            for s in range(0, B - c.minibatch_size + 1, c.minibatch_size):
-                st = self.ppo_backward(data, perm[s:s + c.minibatch_size])
-                st["grad_norm"] = self._optimizer_step()
-                stats.append(st)
-                if c.early_stop_kl is not None and st["approx_kl"] > 1.5 * c.early_stop_kl:
-                    stopped = True
-                    break
-            if stopped:
-                break
-        m = data["mask"]
-        seq_kl = float((data["kl"] * m).sum(1).mean())
-        out = {f"ppo/{k}": float(np.mean([s[k] for s in stats])) for k in stats[0]}
-        out.update({"ppo/ratio_first": stats[0]["ratio"], "ppo/early_stopped": stopped,
-                    "ppo/updates": len(stats), "ppo/kl_seq": seq_kl,
-                    "ppo/entropy": float(P.masked_mean(data["entropy"], m)),
-                    "ppo/returns_mean": float(P.masked_mean(data["returns"], m))})
-        self.kl_ctl.update(seq_kl, B)
-        return out
 
     # ------------------------------------------------------------------------------------
     # one step, evaluation, checkpoints
@@ -557,15 +338,15 @@ class Trainer:
         rows = [self.train_rows[i] for i in self._prompt_batch(step)]
         if step <= c.sft_steps:
             stats = self.sft_step(step, rows)
-            self.scheduler.step()
+            self.updater.scheduler.step()
             self.step = step
-            return {"type": "sft", "step": step, "lr": self.scheduler.get_last_lr()[0], **stats,
+            return {"type": "sft", "step": step, "lr": self.updater.last_lr(), **stats,
                     "time/step": time.perf_counter() - t0}
-        if c.sft_steps and step == c.sft_steps + 1 and self.ref_adapter is not None:
+        if c.sft_steps and step == c.sft_steps + 1:
             # the first RL step: the warm-started adapter becomes the KL reference (here rather
             # than at the end of the last warm-start step, so a run resumed with a smaller
             # --sft-steps still gets it)
-            self.ref_adapter.load_state_dict(self.adapter.state_dict())
+            self.policy.reset_reference()
         rng = ckpt.rng_state()  # as at the end of the last step: a failure checkpoints that
         gen = self.rollout(rows, step_seed(c.seed, step, 0))
         t1 = time.perf_counter()
@@ -578,15 +359,18 @@ class Trainer:
         if c.repeat_coef:
             shaped = [s - c.repeat_coef * repeated_bigram_fraction(ids) for s, ids in zip(scores, gen.token_ids)]
         t2 = time.perf_counter()
-        update = self.quark_update if c.algo == "quark" else self.ppo_update
+        # the algorithm's step, looked up under its name here (quark_update / ppo_update), so a
+        # wrapper set on this instance sees every call
+        update = getattr(self, f"{self.rl.name}_update")
         stats = update(step, gen.prompt_token_ids, gen.token_ids, shaped)
-        self.scheduler.step()
+        self.updater.scheduler.step()
         self.step = step
         t3 = time.perf_counter()
         lens = [len(t) for t in gen.token_ids]
         return {"type": "train", "step": step, "reward": float(np.mean(scores)),
                 "reward_std": float(np.std(scores)), "response_len": float(np.mean(lens)),
-                "kl_coef": self.kl_ctl.value, "lr": self.scheduler.get_last_lr()[0], **({"score_shaped": float(np.mean(shaped))} if c.repeat_coef else {}), **stats,
+                "kl_coef": self.rl.kl_ctl.value, "lr": self.updater.last_lr(),
+                **({"score_shaped": float(np.mean(shaped))} if c.repeat_coef else {}), **stats,
                 "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0}
 
     def evaluate(self) -> dict:
@@ -611,39 +395,45 @@ class Trainer:
         return rec
 
     def state_dict(self, rng: dict | None = None) -> dict:
-        """Everything a resumed run needs (``rng``: the global RNG states to record, default now)."""
+        """Everything a resumed run needs (``rng``: the global RNG states to record, default now):
+        the adapter and its reference, the algorithm's state (``value_head``, ``kl_controller``,
+        ``pool``, ``control_ids``), the optimiser and schedule, the RNG states and the evaluations."""
+        policy = self.policy
         return {"step": self.step, "config": dataclasses.asdict(self.cfg), "data": self.data_fingerprint(),
-                "adapter": self.adapter.state_dict(),
-                "ref_adapter": None if self.ref_adapter is None else self.ref_adapter.state_dict(),
-                "value_head": None if self.value_head is None else self.value_head.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "kl_controller": self.kl_ctl.state_dict(),
-                "pool": None if self.pool is None else self.pool.state_dict(),
-                "control_ids": self.control_ids, "rng": rng or ckpt.rng_state(),
+                "adapter": policy.adapter.state_dict(),
+                "ref_adapter": None if policy.ref_adapter is None else policy.ref_adapter.state_dict(),
+                **self.rl.state_dict(),
+                "optimizer": self.updater.optimizer.state_dict(), "scheduler": self.updater.scheduler.state_dict(),
+                "rng": rng or ckpt.rng_state(),
                 "initial_eval": self.initial_eval, "last_eval": self.last_eval, "last_samples": self.last_samples}
 
     def load_state_dict(self, state: dict) -> None:
-        self.adapter.load_state_dict(state["adapter"])
-        if self.ref_adapter is not None and state["ref_adapter"] is not None:
-            self.ref_adapter.load_state_dict(state["ref_adapter"])
-        if self.value_head is not None:
-            self.value_head.load_state_dict(state["value_head"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.kl_ctl.load_state_dict(state["kl_controller"])
-        if self.pool is not None:
-            self.pool.load_state_dict(state["pool"])
-        self.control_ids = list(state["control_ids"])
+        policy = self.policy
+        policy.adapter.load_state_dict(state["adapter"])
+        if policy.ref_adapter is not None and state["ref_adapter"] is not None:
+            policy.ref_adapter.load_state_dict(state["ref_adapter"])
+        self.rl.load_state_dict(state)
+        self.updater.optimizer.load_state_dict(state["optimizer"])
+        self.updater.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.initial_eval, self.last_eval = state["initial_eval"], state["last_eval"]
         self.last_samples = state["last_samples"]
 
     def data_fingerprint(self) -> dict:
-        """sha256 of the training and evaluation prompt rows (a resumed run must see the same)."""
+        """sha256 of the training and evaluation prompt rows and, when there are any, of the
+        frozen experts' records (names, weights, prefixes, weight files' sha256): a resumed run
+        must see the same."""
         def digest(rows):
             return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
-        return {"train_prompts": digest(self.train_rows), "eval_prompts": digest(self.eval_rows)}
+        out = {"train_prompts": digest(self.train_rows), "eval_prompts": digest(self.eval_rows)}
+        if self.policy.frozen:
+            out["frozen_experts"] = digest(self.frozen_records())
+        return out
+
+    def frozen_records(self) -> list[dict]:
+        """The frozen experts this adapter is trained with (see :meth:`FrozenExpert.record`)."""
+        return [e.record() for e in self.policy.frozen]
 
     def save_checkpoint(self, rng: dict | None = None) -> Path:
         """Checkpoint the current step (an existing good checkpoint of this step is kept)."""
@@ -657,7 +447,8 @@ class Trainer:
         for f in dataclasses.fields(self.cfg):
             if f.name in RESUME_MAY_CHANGE:
                 continue
-            old, new = saved.get(f.name, f.default), getattr(self.cfg, f.name)
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            old, new = saved.get(f.name, default), getattr(self.cfg, f.name)
             if old != new:
                 changes.append((f.name, old, new))
         data = state.get("data", {})
@@ -700,16 +491,8 @@ class Trainer:
     def _apply_forced_settings(self) -> None:
         """After a forced resume: the optimiser, schedule and fixed KL coefficient follow this
         run's settings (the checkpoint's would otherwise stay in force)."""
-        c = self.cfg
-        for g in self.optimizer.param_groups:
-            g.update(initial_lr=c.lr, eps=c.adam_eps, weight_decay=c.weight_decay)
-        self.scheduler.base_lrs = [c.lr] * len(self.optimizer.param_groups)
-        factor = self._lr_factor(self.scheduler.last_epoch)
-        for g in self.optimizer.param_groups:
-            g["lr"] = c.lr * factor
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-        if not c.kl_target:
-            self.kl_ctl.value = float(c.kl_coef)
+        self.updater.follow_config()
+        self.rl.follow_config()
 
     def save_final_adapter(self) -> Path:
         c = self.cfg
@@ -719,10 +502,13 @@ class Trainer:
             tok = copy.deepcopy(tok)
             names = [f"<|quark_q{i}|>" for i in range(len(self.control_ids))]
             tok.add_special_tokens({"additional_special_tokens": names})
+        # frozen_experts: what to compose this adapter with (their names, weights, prefixes and
+        # weight files' sha256); empty when it was trained alone with the base
         return save_adapter(self.out / "adapter", self.adapter, tok, alpha=c.alpha,
                             adapter_prefix=self.inference_prefix, vocab_size=self.V, base=c.base,
                             reference_policy=c.reference, control_tokens=names,
-                            extra={"algo": c.algo, "steps": self.step, "quark_control_ids": self.control_ids})
+                            extra={"algo": c.algo, "steps": self.step, "quark_control_ids": self.control_ids,
+                                   "frozen_experts": self.frozen_records()})
 
     # ------------------------------------------------------------------------------------
 
@@ -790,7 +576,7 @@ class Trainer:
         phases = {k.split("/")[1]: float(np.mean([r[k] for r in train])) for k in
                   ("time/rollout", "time/reward", "time/update", "time/step")} if train else {}
         return {"steps": self.step, "algo": self.cfg.algo, "reward_fn": reward_name(self.reward),
-                "base": self.cfg.base, "adapter_init": self.cfg.adapter,
+                "base": self.cfg.base, "adapter_init": self.cfg.adapter, "frozen_experts": self.frozen_records(),
                 "initial_eval": self.initial_eval, "final_eval": self.last_eval,
                 "checkpoint": str(checkpoint_dir), "adapter": str(adapter_dir),
                 "metrics": str(self.out / "metrics.jsonl"), "reward_curve": str(self.out / "reward_curve.png"),
@@ -801,7 +587,7 @@ class Trainer:
 # the end-of-run summary warns when held-out distinct-2 falls by more than this (relative):
 # a reward that rises while the text collapses into loops is the reward hack to catch first
 DIVERSITY_DROP_WARN = 0.20
-KL_KEYS = ("ppo/kl_seq", "quark/kl")  # the KL to the reference each algorithm logs per step
+KL_KEYS = tuple(A.kl_key for A in ALGORITHMS.values())  # the KL to the reference each algorithm logs per step
 
 
 def train_kl(rec: dict) -> tuple[str, float] | None:
@@ -952,14 +738,17 @@ def _as_rows(prompts) -> list[dict]:
 
 
 def train(config: TrainConfig, *, reward: Callable | None = None, train_prompts=None, eval_prompts=None,
-          base=None, adapter=None, tokenizer=None, resume: bool = False, force: bool = False) -> dict:
+          base=None, adapter=None, tokenizer=None, resume: bool = False, force: bool = False,
+          frozen_experts: list[FrozenExpert] | None = None) -> dict:
     """Train an adapter; return the run summary (``steps``, ``initial_eval``, ``final_eval``,
     ``checkpoint``, ``adapter``, timings, ...).
 
     Anything not passed comes from ``config``: the reward from ``config.reward`` or the task's
     built-in, prompts from ``config.prompts`` / the task's data (lists of strings or of dicts
     with ``"prompt"`` are accepted here), models from ``config.base`` / ``config.adapter`` or
-    the defaults (see :mod:`ipa_fast.training.loading`). ``resume`` continues the run in
+    the defaults (see :mod:`ipa_fast.training.loading`), frozen experts from
+    ``config.frozen_adapters`` unless ``frozen_experts`` (a list of
+    :class:`~ipa_fast.training.policy.FrozenExpert`) is given. ``resume`` continues the run in
     ``config.out`` from its newest good checkpoint up to ``config.steps``; it refuses a
     checkpoint made with other settings (see :data:`RESUME_MAY_CHANGE`) unless ``force``.
     """
@@ -1011,5 +800,5 @@ def train(config: TrainConfig, *, reward: Callable | None = None, train_prompts=
     if not resume and ckpt.checkpoint_dirs(out / "checkpoints"):
         raise ValueError(f"{out} already holds checkpoints: pass --resume to continue that run, "
                          "or choose another --out")
-    trainer = Trainer(config, base, adapter, tokenizer, reward, train_rows, eval_rows)
+    trainer = Trainer(config, base, adapter, tokenizer, reward, train_rows, eval_rows, frozen_experts)
     return trainer.fit(resume=resume, force=force)
