@@ -54,7 +54,9 @@ def zero_output(model) -> None:
         if getattr(norm, "bias", None) is not None:
             norm.bias.zero_()
         device = next(model.parameters()).device
-        logits = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False).logits
+        # a few ordinary tokens (token 0 may be a padding row whose embedding is zero)
+        probe = torch.arange(1, 4, device=device).clamp_(max=model.get_input_embeddings().num_embeddings - 1)
+        logits = model(input_ids=probe.view(1, -1), use_cache=False).logits
     if logits.abs().max().item() != 0:  # e.g. a norm computing (1 + gain) * x
         raise ValueError(f"zero_init_output: zeroing {type(model).__name__}'s final norm does not zero its logits")
 
