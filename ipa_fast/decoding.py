@@ -501,12 +501,17 @@ class TailoredLM:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         alphas, prefixes = per_adapter["alpha"], per_adapter["adapter_prefix"]
         for k, (path, meta) in enumerate(zip(paths, metas)):
+            # composed adapters share the vocabulary below V (checked above) but may each add their own
+            # tokens (Quark's control tokens): each is checked against, and its prefix read with, its own
+            own = ad_toks[k] if len(paths) > 1 and ad_toks[k] is not None else tokenizer
             if meta:
-                if meta.get("tokenizer_hash") and meta["tokenizer_hash"] != tokenizer_hash(tokenizer):
+                if meta.get("tokenizer_hash") and meta["tokenizer_hash"] != tokenizer_hash(own):
                     raise ValueError(f"tokenizer mismatch: {path} was saved with tokenizer "
-                                     f"{meta['tokenizer_hash'][:12]}…, got {tokenizer_hash(tokenizer)[:12]}…")
+                                     f"{meta['tokenizer_hash'][:12]}…, got {tokenizer_hash(own)[:12]}…")
                 alphas[k] = meta.get("alpha", 1.0) if alphas[k] is None else alphas[k]
                 prefixes[k] = meta.get("adapter_prefix") if prefixes[k] is None else prefixes[k]
+            if isinstance(prefixes[k], str) and own is not tokenizer:
+                prefixes[k] = own(prefixes[k], add_special_tokens=False)["input_ids"]
             alphas[k] = 1.0 if alphas[k] is None else alphas[k]
         sizes = {m["vocab_size"] for m in metas if m and m.get("vocab_size") is not None}
         if len(sizes) > 1:

@@ -324,6 +324,34 @@ def test_from_pretrained_composes_saved_adapters(trio, tmp_path):
         TailoredLM.from_pretrained(tmp_path / "base", [tmp_path / "a1", tmp_path / "a2"], alpha=0.5)
 
 
+def test_from_pretrained_composes_an_adapter_with_its_own_added_tokens(trio, tmp_path):
+    """A Quark adapter's tokenizer adds control tokens (ids >= V) that another adapter's lacks:
+    they still compose, each checked against its own tokenizer, each reading its own prefix."""
+    import copy
+
+    from ipa_fast.decoding import save_adapter
+
+    base, (m1, m2, _), tok = trio
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    tok_q, m1q = copy.deepcopy(tok), copy.deepcopy(m1)
+    tok_q.add_tokens(["<|ctrl_0|>", "<|ctrl_1|>"], special_tokens=True)
+    m1q.resize_token_embeddings(len(tok_q))
+    ctrl = tok_q.convert_tokens_to_ids(["<|ctrl_1|>"])
+    save_adapter(tmp_path / "q", m1q, tok_q, alpha=0.6, adapter_prefix=ctrl, base=str(tmp_path / "base"),
+                 vocab_size=len(tok))
+    save_adapter(tmp_path / "plain", m2, tok, alpha=0.4, base=str(tmp_path / "base"))
+    for order in (["q", "plain"], ["plain", "q"]):
+        lm = TailoredLM.from_pretrained(tmp_path / "base", [tmp_path / d for d in order])
+        got = dict(zip(order, lm.prefixes))
+        assert got == {"q": ctrl, "plain": []}
+        models = {"q": m1q, "plain": m2}
+        want = TailoredLM.compose(base, [models[d] for d in order], tok, weights=[{"q": 0.6, "plain": 0.4}[d] for d in order],
+                                  prefixes=[got[d] for d in order])
+        kw = dict(temperature=2.0, seed=4, eos_token_id=[])
+        assert lm.generate(PROMPTS, 5, **kw).token_ids == want.generate(PROMPTS, 5, **kw).token_ids
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one-line errors naming the problem
 
