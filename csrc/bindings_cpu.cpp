@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include <cstdint>
@@ -86,4 +87,20 @@ PYBIND11_MODULE(_C, m) {
   m.def("exp_nonpositive", &ipa_fast::cpu::exp_nonpositive, py::arg("x"),
         "exp(x) for x <= 0 as the kernel computes it (0 below -87).");
   m.attr("kChunk") = ipa_fast::cpu::kChunk;
+  // Private: which build of the CPU kernel runs ("scalar" or "avx2", chosen at load from the
+  // CPU's features); _set_isa switches it for tests and benchmarks and returns the previous one.
+  m.def("_isas", &ipa_fast::cpu::isas, "The builds of the CPU kernel this CPU runs, 'scalar' first.");
+  m.def("_isa", &ipa_fast::cpu::isa, "The build of the CPU kernel in use.");
+  m.def(
+      "_set_isa",
+      [](const std::string& name) {
+        std::string previous = ipa_fast::cpu::isa();
+        if (!ipa_fast::cpu::set_isa(name)) {
+          std::string known;
+          for (const std::string& n : ipa_fast::cpu::isas()) known += (known.empty() ? "" : ", ") + n;
+          throw std::invalid_argument("_set_isa: '" + name + "' is not a build this CPU runs (" + known + ")");
+        }
+        return previous;
+      },
+      py::arg("name"), "Use the build 'scalar' or 'avx2' of the CPU kernel; returns the previous one.");
 }

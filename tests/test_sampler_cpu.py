@@ -150,3 +150,72 @@ def test_property_cpu_equals_reference(case):
     ok = ref.valid
     torch.testing.assert_close(cpu.logprobs[ok], ref.logprobs[ok], rtol=0, atol=3e-5)
     torch.testing.assert_close(cpu.filtered_logprobs[ok], ref.filtered_logprobs[ok], rtol=0, atol=3e-5)
+
+
+# ---------------------------------------------------------------- the scalar and AVX2 builds
+
+def with_isa(isa: str, fn):
+    """``fn()`` on the kernel build ``isa`` ("scalar" or "avx2"), then the build chosen at load again."""
+    previous = _C._set_isa(isa)
+    try:
+        return fn()
+    finally:
+        _C._set_isa(previous)
+
+
+needs_avx2 = pytest.mark.skipif("avx2" not in _C._isas(), reason="this CPU lacks AVX2 / FMA / F16C")
+
+
+def assert_same_bits(a, b):
+    assert torch.equal(a.valid, b.valid) and torch.equal(a.tokens, b.tokens)
+    for x, y in ((a.logprobs, b.logprobs), (a.filtered_logprobs, b.filtered_logprobs)):
+        assert torch.equal(x.isnan(), y.isnan()) and torch.equal(x[~x.isnan()], y[~y.isnan()])
+
+
+def test_isa_choice():
+    """The build in use is the fastest this CPU runs; an unknown or unsupported build is refused."""
+    assert _C._isas()[0] == "scalar" and _C._isa() == _C._isas()[-1]
+    with pytest.raises(ValueError, match="'avx512' is not a build this CPU runs"):
+        _C._set_isa("avx512")
+    assert with_isa("scalar", _C._isa) == "scalar" and _C._isa() == _C._isas()[-1]
+
+
+@needs_avx2
+@pytest.mark.parametrize("threads", [1, 3])  # 3: B < threads splits each row's chunks across the team
+def test_scalar_and_avx2_builds_agree_bit_for_bit(threads):
+    """Every path (the mix of 1-3 experts of each dtype with tails, each filter, greedy, invalid
+    rows): the portable scalar build gives the AVX2 build's tokens and log-prob bits."""
+    torch.set_num_threads(threads)
+    B, V = 2, 50257  # several chunks and a tail that is not a multiple of 8
+    experts = [random_logits(B, V, seed=70, scale=3.0, masked=0.02),
+               random_logits(B, V, seed=71, scale=2.0, dtype=torch.float16),
+               random_logits(B, V, seed=72, scale=2.0, dtype=torch.bfloat16)]
+    bad = experts[0].clone()
+    bad[1, 777] = float("nan")
+    calls = [lambda kw=kw: ipa_fast.sample_experts(experts[:k], [1.0, -0.4, 0.7][:k], seed=3, offset=9,
+                                                   backend="cpu", validate=False, **kw)
+             for k in (1, 2, 3)
+             for kw in (dict(), dict(top_p=0.9), dict(top_p=0.999), dict(top_k=50), dict(top_k=50, top_p=0.8),
+                        dict(top_k=3000), dict(min_p=0.05), dict(top_p=0.7, min_p=0.2), dict(temperature=0.0),
+                        dict(temperature=0.3, top_k=7, min_p=0.5))]
+    calls.append(lambda: ipa_fast.sample(bad, experts[1], alpha=0.5, top_p=0.9, seed=1, backend="cpu", validate=False))
+    for call in calls:
+        assert_same_bits(with_isa("scalar", call), with_isa("avx2", call))
+
+
+@needs_avx2
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_property_scalar_equals_avx2(case):
+    B, V, dtype, scale, masked, with_adapter, data_seed, kw = case
+    base = random_logits(B, V, seed=data_seed, scale=scale, dtype=dtype, masked=masked)
+    adapter = random_logits(B, V, seed=data_seed + 1, scale=scale, dtype=dtype) if with_adapter else None
+    call = lambda: ipa_fast.sample(base, adapter, backend="cpu", validate=False, **kw)  # noqa: E731
+    assert_same_bits(with_isa("scalar", call), with_isa("avx2", call))
+
+
+@needs_avx2
+def test_read_pass_builds_agree():
+    x = random_logits(3, 5001, seed=5)
+    assert with_isa("scalar", lambda: cpu_backend.read_pass(x, x.half())) == \
+        with_isa("avx2", lambda: cpu_backend.read_pass(x, x.half()))

@@ -3,6 +3,8 @@
 // pointers and dtype codes come from csrc/bindings_cpu.cpp. Semantics: ipa_fast/reference.py.
 #pragma once
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace ipa_fast {
 namespace cpu {
@@ -56,6 +58,15 @@ double read_pass(const void* base, int base_dtype, const void* adapter, int adap
 
 // exp(x) for x <= 0 as the kernel computes it (0 below -87); exposed for tests.
 float exp_nonpositive(float x);
+
+// The builds of the row code: "scalar" (portable) and, on x86 with GCC / Clang, "avx2" (AVX2 +
+// FMA + F16C, compiled through function targets, so a portable build carries it too). Both give
+// the same results. isas(): the builds this CPU runs, "scalar" first; isa(): the one sample and
+// read_pass use, the fastest at load; set_isa(name) switches (tests, benchmarks) and returns
+// false, changing nothing, for a build that is not in isas().
+std::vector<std::string> isas();
+std::string isa();
+bool set_isa(const std::string& name);
 
 }  // namespace cpu
 }  // namespace ipa_fast
