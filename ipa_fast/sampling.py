@@ -146,10 +146,15 @@ def raise_pending(pending: list, valid: torch.Tensor | None = None, mix: str = "
             f"weight is +inf), or every token is -inf")
 
 
-def seeds_for(seed, generator, batch: int, device, *, validate: bool = True) -> torch.Tensor:
+def seeds_for(seed, generator, batch: int, device, *, validate: bool = True, reuse: bool = False) -> torch.Tensor:
     """``[B]`` int64 per-row seeds (uint64 bit patterns): ``seed + row`` for an int seed (modulo
     2**64), the tensor's values for a tensor, or drawn from ``generator`` (torch's default
-    generator when None)."""
+    generator when None). ``reuse``: an int seed's tensor may be one kept from an earlier call
+    (see :func:`prepare`)."""
+    if reuse and seed is not None and generator is None and isinstance(seed, numbers.Integral) \
+            and not isinstance(seed, bool):
+        return _reused(("seed", type(seed), seed, batch, device, validate),
+                       lambda: seeds_for(seed, None, batch, device, validate=validate))
     if seed is not None and generator is not None:
         raise TypeError("pass either seed or generator, not both")
     if seed is None:
@@ -167,21 +172,55 @@ def seeds_for(seed, generator, batch: int, device, *, validate: bool = True) -> 
 
 _SAMPLER_PARAMS = ("alpha", "temperature", "top_k", "top_p", "min_p")
 
+# The [B] tensors of Python-number parameters, kept between calls of sample / sample_experts (a
+# decode loop passes the same numbers every step; building them costs about as much as a B = 1
+# draw). Only those calls reuse them, outside tracing, and hand them to the op alone: no backend
+# writes to its inputs. The key holds the value with its type (True is not 1), B, the device and
+# validate (an out-of-range number is a marker without validate, an error with it); 0.0 and -0.0
+# share one, as every backend reads them alike.
+_REUSED: dict = {}
+_REUSED_MAX = 512
+
+
+def _reused(key, make) -> torch.Tensor:
+    t = _REUSED.get(key)
+    if t is None:
+        with torch.inference_mode(False):  # an inference tensor could not serve later autograd calls
+            t = make()
+        if len(_REUSED) >= _REUSED_MAX:
+            _REUSED.clear()
+        _REUSED[key] = t
+    return t
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, torch.Tensor))
+
+
+def _param(name: str, value, batch: int, device, *, validate: bool, pending, reuse: bool) -> torch.Tensor:
+    """:func:`param_tensor`, from :data:`_REUSED` when ``reuse`` and ``value`` is a number."""
+    if reuse and _is_number(value):
+        return _reused((name, type(value), value, batch, device, validate),
+                       lambda: param_tensor(name, value, batch, device, validate=validate))
+    return param_tensor(name, value, batch, device, validate=validate, pending=pending)
+
 
 def prepare(logits, adapter_logits, *, alpha, temperature, top_k, top_p, min_p, seed, generator, offset,
-            validate: bool, pending: list | None = None):
+            validate: bool, pending: list | None = None, reuse: bool = False):
     """Check and normalise :func:`sample`'s arguments: ``(logits, adapter_logits, params)`` with
     every parameter a contiguous ``[B]`` tensor on the logits' device, as backends take them.
-    Nothing here synchronises with the device; tensor range checks go to ``pending``."""
+    Nothing here synchronises with the device; tensor range checks go to ``pending``.
+    ``reuse=True`` (what :func:`sample` passes outside tracing): the tensors of Python-number
+    parameters may be shared with earlier calls, so they must only be read."""
     check_logits("logits", logits)
     if adapter_logits is not None:
         check_logits("adapter_logits", adapter_logits, like=logits)
     B, dev = logits.shape[0], logits.device
     raw = dict(alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    params = {name: param_tensor(name, raw[name], B, dev, validate=validate, pending=pending)
+    params = {name: _param(name, raw[name], B, dev, validate=validate, pending=pending, reuse=reuse)
               for name in _SAMPLER_PARAMS}
-    params["seed"] = seeds_for(seed, generator, B, dev, validate=validate)
-    params["offset"] = param_tensor("offset", offset, B, dev, validate=validate)
+    params["seed"] = seeds_for(seed, generator, B, dev, validate=validate, reuse=reuse)
+    params["offset"] = _param("offset", offset, B, dev, validate=validate, pending=None, reuse=reuse)
     return unit_columns(logits), None if adapter_logits is None else unit_columns(adapter_logits), params
 
 
@@ -205,7 +244,7 @@ def check_experts(experts) -> list:
 
 
 def weights_tensor(weights, num_experts: int, batch: int, device, *, validate: bool,
-                   pending: list | None = None) -> torch.Tensor:
+                   pending: list | None = None, reuse: bool = False) -> torch.Tensor:
     """The experts' weights as the kernels take them: float32 ``[B, K]``, contiguous.
 
     ``weights``: K numbers (or K scalars / ``[B]`` tensors, one per expert), a ``[K]`` tensor
@@ -213,7 +252,11 @@ def weights_tensor(weights, num_experts: int, batch: int, device, *, validate: b
     ``RANGES["weights"]`` (finite, ``|w| <= 3.4028235e38``): a Python number outside raises
     ``ValueError`` when ``validate``, else becomes NaN (an invalid row); tensor values go to
     ``pending`` as :func:`param_tensor` does. A wrong count or shape raises ``ValueError``
-    naming ``weights``."""
+    naming ``weights``. ``reuse``: K numbers' tensor may be one kept from an earlier call (see
+    :func:`prepare`)."""
+    if reuse and isinstance(weights, (list, tuple)) and all(_is_number(x) for x in weights):
+        return _reused(("weights", tuple((type(x), x) for x in weights), num_experts, batch, device, validate),
+                       lambda: weights_tensor(weights, num_experts, batch, device, validate=validate))
     K, r = num_experts, RANGES["weights"]
     device = torch.device(device)
     if isinstance(weights, torch.Tensor):
@@ -253,15 +296,16 @@ def weights_tensor(weights, num_experts: int, batch: int, device, *, validate: b
 
 
 def prepare_experts(experts, weights, *, temperature, top_k, top_p, min_p, seed, generator, offset,
-                    validate: bool, pending: list | None = None):
+                    validate: bool, pending: list | None = None, reuse: bool = False):
     """:func:`prepare` for :func:`sample_experts`: ``(experts, weights [B, K] float32, params)``."""
     experts = check_experts(experts)
     B, dev = experts[0].shape[0], experts[0].device
-    w = weights_tensor(weights, len(experts), B, dev, validate=validate, pending=pending)
+    w = weights_tensor(weights, len(experts), B, dev, validate=validate, pending=pending, reuse=reuse)
     raw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    params = {name: param_tensor(name, raw[name], B, dev, validate=validate, pending=pending) for name in raw}
-    params["seed"] = seeds_for(seed, generator, B, dev, validate=validate)
-    params["offset"] = param_tensor("offset", offset, B, dev, validate=validate)
+    params = {name: _param(name, raw[name], B, dev, validate=validate, pending=pending, reuse=reuse)
+              for name in raw}
+    params["seed"] = seeds_for(seed, generator, B, dev, validate=validate, reuse=reuse)
+    params["offset"] = _param("offset", offset, B, dev, validate=validate, pending=None, reuse=reuse)
     return [unit_columns(x) for x in experts], w, params
 
 
@@ -336,14 +380,46 @@ torch.library.register_autograd("ipa_fast::check_rows", _check_rows_backward, se
                                 lib=_LIB)
 
 
+def _modes_probe():
+    """A function telling whether a torch function / dispatch mode or a functorch transform is
+    active (each would see the op), or None where this torch lacks one of the probes."""
+    try:
+        function_mode = torch._C._is_torch_function_mode_enabled
+        dispatch_modes = torch._C._len_torch_dispatch_stack
+        transforms = torch._C._are_functorch_transforms_active
+    except AttributeError:
+        return None
+    return lambda: function_mode() or dispatch_modes() > 0 or transforms()
+
+
+_MODES_ACTIVE = _modes_probe()
+
+
+def _plain_eager(tensors) -> bool:
+    """True when calling the registered op would only call its implementation: nothing traces
+    (torch.compile, export, make_fx), no mode or transform is active, and every input is a plain
+    tensor that needs no gradient (the op's autograd rule would only detach the outputs)."""
+    if _MODES_ACTIVE is None or torch.compiler.is_compiling() or _MODES_ACTIVE():
+        return False
+    for t in tensors:
+        if type(t) is not torch.Tensor or t.requires_grad:
+            return False
+    return True
+
+
 def _run_op(experts, weights, params, *, unit_first: bool, backend, pending, mix: str) -> SampleOutput:
     """The registered op on checked inputs, then :func:`raise_pending` when ``pending`` is a list
-    (``validate=True``), through :func:`check_pending`."""
+    (``validate=True``), through :func:`check_pending`. In plain eager mode (:func:`_plain_eager`)
+    the op's implementation is called directly: torch.library's dispatch costs about as much as
+    a B = 1 draw and would change nothing there."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    out = torch.ops.ipa_fast.sample_experts(experts, weights, params["temperature"], params["top_k"],
-                                            params["top_p"], params["min_p"], params["seed"], params["offset"],
-                                            unit_first, backend)
+    args = (experts, weights, params["temperature"], params["top_k"], params["top_p"], params["min_p"],
+            params["seed"], params["offset"], unit_first, backend)
+    if _plain_eager([*experts, weights, *params.values()]):
+        out = _sample_op(*args)
+    else:
+        out = torch.ops.ipa_fast.sample_experts(*args)
     if pending is not None:
         out = check_pending(pending, out, valid=out[3], mix=mix)
     return SampleOutput(*out)
@@ -388,7 +464,8 @@ def sample_experts(experts, weights, *, temperature=1.0, top_k=0, top_p=1.0, min
     pending = [] if validate else None
     experts, w, params = prepare_experts(
         experts, weights, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
-        generator=generator, offset=offset, validate=validate, pending=pending)
+        generator=generator, offset=offset, validate=validate, pending=pending,
+        reuse=not torch.compiler.is_compiling())
     return _run_op(experts, w, params, unit_first=False, backend=backend, pending=pending,
                    mix="sum_k weights[k] * experts[k]")
 
@@ -451,7 +528,8 @@ def sample(logits, adapter_logits=None, *, alpha=1.0, temperature=1.0, top_k=0, 
     pending = [] if validate else None
     logits, adapter_logits, params = prepare(
         logits, adapter_logits, alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        seed=seed, generator=generator, offset=offset, validate=validate, pending=pending)
+        seed=seed, generator=generator, offset=offset, validate=validate, pending=pending,
+        reuse=not torch.compiler.is_compiling())
     alpha = params.pop("alpha")
     experts = [logits] if adapter_logits is None else [logits, adapter_logits]
     return _run_op(experts, alpha, params, unit_first=True, backend=backend, pending=pending,

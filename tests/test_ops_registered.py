@@ -190,6 +190,71 @@ def test_compiled_caller_keeps_one_graph_and_the_tokens(one_thread):
         compiled(nan, adapter, top_k, seed)
 
 
+# ---------------------------------------------------------------- eager fast paths
+
+def test_eager_calls_the_implementation_directly_and_modes_still_see_the_op(monkeypatch):
+    """Plain eager tensors skip torch.library's dispatch (same outputs); under a dispatch mode, or
+    with an input that requires grad, the call goes through the registered op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    direct = []
+    impl = sampling._sample_op
+    monkeypatch.setattr(sampling, "_sample_op", lambda *a: direct.append(a[-1]) or impl(*a))
+    base, adapter, third, alpha, p = golden_inputs()
+
+    def call(backend, experts=(base, adapter, third)):
+        return ipa_fast.sample_experts(list(experts), [1.0, 0.6, -0.3], seed=99, offset=3, backend=backend, **p)
+
+    for backend in ("cpu", "reference"):
+        eager = call(backend)
+        assert direct == [backend] and eager.tokens.tolist() == GOLDEN["experts"]
+        direct.clear()
+        mode = Record()
+        with mode:
+            traced = call(backend)
+        assert direct == [] and "ipa_fast.sample_experts.default" in mode.ops
+        for a, b in zip((eager.tokens, eager.logprobs, eager.filtered_logprobs, eager.valid),
+                        (traced.tokens, traced.logprobs, traced.filtered_logprobs, traced.valid)):
+            assert torch.equal(a, b)
+    graded = call("reference", (base, adapter.clone().requires_grad_(True), third))
+    assert direct == [] and torch.equal(graded.tokens, eager.tokens) and not graded.logprobs.requires_grad
+
+
+def test_reused_parameter_tensors_keep_every_check():
+    """Number parameters' tensors are reused between calls: keyed by type and validate, so a
+    cached value never skips a check, and bounded."""
+    base = random_logits(2, 50, seed=4)
+    ipa_fast.sample(base, top_k=1, seed=0)
+    with pytest.raises(TypeError, match="top_k must be a number"):
+        ipa_fast.sample(base, top_k=True, seed=0)
+    bad = ipa_fast.sample(base, top_p=1.5, seed=0, validate=False)   # the invalid marker, cached
+    assert not bad.valid.any()
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        ipa_fast.sample(base, top_p=1.5, seed=0)
+    with pytest.raises(ValueError, match="weights must be finite"):
+        ipa_fast.sample_experts([base], [float("inf")], seed=0)
+    # the same draws as freshly built tensors (reference backend, on its own kernel-form inputs)
+    for seed in (0, 2**64 - 1, -5):
+        got = ipa_fast.sample(base, temperature=0.8, top_k=5, seed=seed, offset=7)
+        again = ipa_fast.sample(base, temperature=0.8, top_k=5, seed=seed, offset=7)
+        _, _, prm = sampling.prepare(base, None, alpha=1.0, temperature=0.8, top_k=5, top_p=1.0, min_p=0.0,
+                                     seed=seed, generator=None, offset=7, validate=True)
+        ref = reference.sample(base, None, **prm)
+        assert torch.equal(got.tokens, ref[0]) and torch.equal(again.tokens, ref[0])
+    for t in range(sampling._REUSED_MAX + 20):
+        ipa_fast.sample(base, temperature=0.5 + t / 1000, seed=t)
+    assert len(sampling._REUSED) <= sampling._REUSED_MAX
+
+
 # ---------------------------------------------------------------- the training op
 
 def stats_args(N=5, Vs=90):
