@@ -8,10 +8,10 @@ ipa_fast/_version.py) lives in pyproject.toml.
                        come from ``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;9.0"), default 80;90.
 
 Compiler flags are portable by default (``-O3``, the compiler's baseline target), so a wheel
-runs on any CPU of its platform. ``IPA_FAST_NATIVE=1`` tunes the CPU kernels for the building
-machine (``-march=native``; on x86-64 this turns on their AVX2/FMA/F16C path, several times
-faster than the portable scalar path); ``make install`` sets it, since its venv is this
-machine's. ``IPA_FAST_BUILD_TYPE`` (default Release) and ``CMAKE_BUILD_PARALLEL_LEVEL`` are
+runs on any CPU of its platform; on x86-64 the CPU kernel still carries an AVX2/FMA/F16C copy
+(function-level target attributes) chosen at load when the CPU has them, bit-identical to the
+scalar copy. ``IPA_FAST_NATIVE=1`` adds ``-march=native`` for the rest of the code; ``make
+install`` sets it, since its venv is this machine's. ``IPA_FAST_BUILD_TYPE`` (default Release) and ``CMAKE_BUILD_PARALLEL_LEVEL`` are
 passed to CMake.
 
 torch is not a build requirement (pyproject.toml): it is imported here only to detect CUDA, and
