@@ -176,11 +176,16 @@ def run_task(task: str, rows: list[dict], init_lm, trained: Path | None, seeds: 
         lm = load_pair(init_lm.base, trained, init_lm.tokenizer)
         variants["ipa"] = evaluate(lm, alpha=lm.alpha)
         # the same product with the *initial* adapter: a second LM alone reshapes the base, so this
-        # row separates what training added
-        variants["ipa_untrained"] = evaluate(init_lm, alpha=lm.alpha)
+        # row separates what training added. An adapter trained from a zeroed output started as
+        # the base itself (its initial logits are all 0): its untrained row is the base's.
+        zeroed = bool(lm.metadata.get("zero_init_output"))
+        variants["ipa_untrained"] = (dict(variants["base"], untrained_is_base=True) if zeroed else
+                                     evaluate(init_lm, alpha=lm.alpha))
         variants["adapter_only"] = evaluate(lm, alpha=1.0, base_weight=0.0, ppl_model=init_lm.base)
     else:  # the product at the alpha the task's recipe trains at (`ipa-fast train --task T`'s preset)
-        variants["ipa_untrained"] = evaluate(init_lm, alpha=tasks.get(task).recipe.get("alpha", init_lm.alpha))
+        recipe = tasks.get(task).recipe
+        variants["ipa_untrained"] = (dict(variants["base"], untrained_is_base=True) if recipe.get("zero_init_output")
+                                     else evaluate(init_lm, alpha=recipe.get("alpha", init_lm.alpha)))
         variants["adapter_init_only"] = evaluate(init_lm, alpha=1.0, base_weight=0.0)
     base_per = variants["base"]["per_prompt"]
     for name, v in variants.items():  # paired difference to the base alone, over the same prompts

@@ -134,3 +134,26 @@ def test_demo_quick_on_the_embedded_default(tmp_path):
     for task in ("lexical", "detox"):
         for m in result["tasks"][task].values():
             assert 0.0 <= m["score"] <= 1.0 and m["perplexity"] > 1.0 and 0.0 <= m["distinct_2"] <= 1.0
+
+
+def test_an_adapter_trained_from_a_zeroed_output_has_the_base_as_its_untrained_row(home, tmp_path, monkeypatch):
+    """zero_init_output: the untrained product was the base itself, so the untrained row is the base's
+    (not the initial adapter's product, which would flatter the trained adapter)."""
+    import shutil
+    from ipa_fast.decoding import load_adapter_metadata
+    h = tmp_path / "h"
+    shutil.copytree(home, h)
+    meta_path = h / "models/adapters/lexical/ipa_adapter.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "zero_init_output": True}))
+    assert load_adapter_metadata(h / "models/adapters/lexical")["zero_init_output"] is True
+    monkeypatch.setenv("IPA_FAST_HOME", str(h))
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--quick", "--prompts", "2", "--train-steps", "0", "--out", str(tmp_path / "run"),
+                 "--json", str(out)]) == 0
+    lex = json.loads(out.read_text())["tasks"]["lexical"]
+    assert lex["ipa_untrained"]["untrained_is_base"] is True
+    assert lex["ipa_untrained"]["score"] == lex["base"]["score"]
+    assert lex["ipa"]["delta_vs_untrained_ci95"] == lex["ipa"]["delta_vs_base_ci95"]
+    detox = json.loads(out.read_text())["tasks"]["detox"]
+    assert "untrained_is_base" not in detox["ipa_untrained"]  # its adapter records no zeroed start

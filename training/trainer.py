@@ -508,7 +508,9 @@ class Trainer:
                             adapter_prefix=self.inference_prefix, vocab_size=self.V, base=c.base,
                             reference_policy=c.reference, control_tokens=names,
                             extra={"algo": c.algo, "steps": self.step, "quark_control_ids": self.control_ids,
-                                   "frozen_experts": self.frozen_records()})
+                                   "frozen_experts": self.frozen_records(),
+                                   # its untrained product was the base itself (the demo's untrained row)
+                                   "zero_init_output": c.zero_init_output})
 
     # ------------------------------------------------------------------------------------
 
