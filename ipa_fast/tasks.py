@@ -86,7 +86,11 @@ _TASKS = (
         # close to the base only at a small alpha (validation coverage 0.30 / 0.35 / 0.31 / 0.24 at alpha
         # 0 / 0.1 / 0.2 / 0.3, 48 prompts); tried: a tailored-NLL warm start at alpha 1 and 0.5 (coverage
         # stayed ~0.2), 150 adapter-NLL warm-start steps at alpha 0.2 (no gain), PPO at lr 1e-3 (KL to the
-        # initial policy 13 nats after 15 steps, coverage 0.36 -> 0.26), PPO at lr 1e-4 (30 steps, no gain)
+        # initial policy 13 nats after 15 steps, coverage 0.36 -> 0.26), PPO at lr 1e-4 (30 steps, no gain);
+        # from a zeroed adapter output (zero_init_output, the untrained product = the base) at alpha 1:
+        # 50 tailored-NLL steps on the references (0.387 -> 0.396), and 120 steps on the best of 4 base
+        # samples of 281 train prompts (scripts/best_of_n.py; best-of-4 coverage 0.70 vs 0.41 mean):
+        # validation coverage 0.358 -> 0.385, all-concepts 0.104 -> 0.104 (48 prompts: no real gain)
         recipe=dict(algo="ppo", alpha=0.2, reference="initial", steps=60, batch_size=16, minibatch_size=8,
                     ppo_epochs=2, lr=1e-4, kl_coef=0.05, min_new_tokens=8, eval_every=15, eval_size=48,
                     checkpoint_every=15, freeze_shared_embedding=True),
