@@ -136,10 +136,8 @@ RowParams row_params(const SamplerArgs& a, int64_t row) {
   p.min_p = a.min_p[row];
   p.seed = static_cast<uint64_t>(a.seed[row]);
   p.offset = static_cast<uint64_t>(a.offset[row]);
-  // Written so that NaN parameters fail: comparisons with NaN are false.
-  p.ok = p.temperature >= 0.0f && p.top_k >= 0 && p.top_p > 0.0f && p.top_p <= 1.0f && p.min_p >= 0.0f &&
-         p.min_p <= 1.0f;
-  p.greedy = p.temperature == 0.0f;
+  p.ok = params_ok(p.temperature, p.top_k, p.top_p, p.min_p);  // csrc/rules.h; NaN fails
+  p.greedy = is_greedy(p.temperature);
   return p;
 }
 
@@ -243,7 +241,7 @@ struct Lanes8 {
 };
 
 void write_invalid(const SamplerArgs& args, int64_t row) {
-  args.tokens[row] = 0;
+  args.tokens[row] = kInvalidToken;
   args.logprobs[row] = static_cast<float>(kNaN);
   args.filtered_logprobs[row] = static_cast<float>(kNaN);
   args.valid[row] = false;

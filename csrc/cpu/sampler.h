@@ -6,11 +6,10 @@
 #include <string>
 #include <vector>
 
+#include "rules.h"  // dtype codes (kFloat32, kFloat16, kBFloat16) and parameter rules
+
 namespace ipa_fast {
 namespace cpu {
-
-// dtype codes of the logits tensors (the Python wrapper maps torch dtypes to these).
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // A row's vocabulary is cut into fixed chunks (reductions are merged in chunk order, so a
 // row's result depends only on V, never on B or on the number of threads) and into blocks

@@ -225,9 +225,7 @@ enum Mode : int { kDone = 0, kAll = 1, kCand = 2, kRowSearch = 3 };
 struct RowParams {
   float temperature, p, min_p;
   int64_t k;
-  __device__ __forceinline__ bool valid_params() const {
-    return temperature >= 0.0f && k >= 0 && p > 0.0f && p <= 1.0f && min_p >= 0.0f && min_p <= 1.0f;
-  }
+  __device__ __forceinline__ bool valid_params() const { return params_ok(temperature, k, p, min_p); }
 };
 
 __device__ __forceinline__ RowParams row_params(const SampleArgs& a, int64_t r) {
@@ -239,7 +237,7 @@ template <typename T>
 __device__ __forceinline__ Row<T> make_row(const SampleArgs& a, int64_t r, float temperature) {
   Row<T> row{};
   row.n = 0;
-  row.t = temperature > 0.0f ? temperature : 1.0f;
+  row.t = temperature > kTemperatureMin ? temperature : kGreedyLogprobTemperature;
   row.vocab = a.vocab;
   const float* weights = reinterpret_cast<const float*>(a.weights);
 #pragma unroll
@@ -321,8 +319,8 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_hist_kernel(SampleArgs a,
   const float m = block_reduce<kChunkThreads>(tm, Max<float>(), s.f);
   const bool valid = block_reduce<kChunkThreads>(tbad, Sum<int>(), s.i) == 0 &&
                      block_reduce<kChunkThreads>(tfin, Sum<int>(), s.i) > 0 && q.valid_params();
-  const bool filtered = (q.k > 0 && q.k < V) || q.p < 1.0f || q.min_p > 0.0f;
-  if (!valid || q.temperature == 0.0f || !filtered) return;  // uniform over the block
+  const bool filtered = top_k_on(q.k, V) || top_p_on(q.p) || min_p_on(q.min_p);
+  if (!valid || is_greedy(q.temperature) || !filtered) return;  // uniform over the block
   for (int b = threadIdx.x; b < kBins; b += kChunkThreads) hist[b] = 0;
   __syncthreads();
   const Row<T> row = make_row<T>(a, r, q.temperature);
@@ -371,10 +369,10 @@ __global__ void __launch_bounds__(kBins) plan_kernel(SampleArgs a, Workspace w, 
   const bool valid = block_reduce<kBins>(tbad, Sum<int>(), s.i) == 0 &&
                      block_reduce<kBins>(tfin, Sum<int>(), s.i) > 0 && q.valid_params();
   const float lse = logf(se);  // relative to m: z - m is exact near the max
-  const bool k_on = q.k > 0 && q.k < V, p_on = q.p < 1.0f, mp_on = q.min_p > 0.0f;
-  if (!valid || q.temperature == 0.0f) {
+  const bool k_on = top_k_on(q.k, V), p_on = top_p_on(q.p), mp_on = min_p_on(q.min_p);
+  if (!valid || is_greedy(q.temperature)) {
     if (threadIdx.x == 0) {
-      reinterpret_cast<int64_t*>(a.tokens)[r] = valid ? argmax : 0;
+      reinterpret_cast<int64_t*>(a.tokens)[r] = valid ? argmax : kInvalidToken;
       reinterpret_cast<float*>(a.logprobs)[r] = valid ? -lse : NAN;
       reinterpret_cast<float*>(a.filtered_logprobs)[r] = valid ? 0.0f : NAN;
       reinterpret_cast<bool*>(a.valid)[r] = valid;
@@ -591,7 +589,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(SampleArgs a, Workspac
   }
   if (threadIdx.x == 0) {
     const bool ok = d.token >= 0;
-    reinterpret_cast<int64_t*>(a.tokens)[r] = ok ? d.token : 0;
+    reinterpret_cast<int64_t*>(a.tokens)[r] = ok ? d.token : kInvalidToken;
     reinterpret_cast<float*>(a.logprobs)[r] = ok ? (d.z - m) - lse : NAN;
     reinterpret_cast<float*>(a.filtered_logprobs)[r] =
         ok ? static_cast<float>(static_cast<double>(d.z) - static_cast<double>(m) - log(total)) : NAN;

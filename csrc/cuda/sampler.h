@@ -3,10 +3,10 @@
 #pragma once
 #include <cstdint>
 
+#include "rules.h"  // dtype codes (kFloat32, kFloat16, kBFloat16) and parameter rules
+
 namespace ipa_fast {
 namespace cuda {
-
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Experts a launch reads in place (more are folded by the Python wrapper first).
 constexpr int kMaxExperts = 8;
