@@ -3,9 +3,10 @@
 (the base alone by default), score them with the task's reward, and keep the best one per prompt
 in a ``best`` field (rejection sampling, as in RAFT / ReST / Quark's top quantile).
 
-The output is the task's prompt rows plus ``best`` and ``best_reward`` (and ``mean_reward``, the
-prompt's mean over its n samples), ready for a supervised warm start of the adapter through the
-product of experts:
+The output is the task's prompt rows plus ``best`` and ``best_reward``, ``worst`` and
+``worst_reward``, ``mean_reward`` (the prompt's mean over its n samples) and ``samples`` (every
+sample with its reward, e.g. for preference pairs), ready for a supervised warm start of the
+adapter through the product of experts:
 
     python scripts/best_of_n.py --task lexical --rows 256 --n 4 --out runs/lexical-best4.jsonl
     ipa-fast train --task lexical --prompts runs/lexical-best4.jsonl --sft-field best --sft-steps 200 ...
@@ -26,7 +27,7 @@ SEED_STRIDE = 1_000_003  # sample j of row r uses seed SEED + SEED_STRIDE * j + 
 
 def best_of_n(lm, task_name: str, rows: list[dict], n: int, *, alpha: float, max_new_tokens: int,
               temperature: float, top_p: float, chunk: int = 32, log=print) -> list[dict]:
-    """``rows`` with ``best``, ``best_reward`` and ``mean_reward`` added (n samples each)."""
+    """``rows`` with ``best``/``worst`` (+ their rewards), ``mean_reward`` and ``samples`` added."""
     from ipa_fast import tasks
     from ipa_fast.training.rewards import call_reward
 
@@ -49,7 +50,10 @@ def best_of_n(lm, task_name: str, rows: list[dict], n: int, *, alpha: float, max
     out = []
     for r, ts, ss in zip(rows, texts, scores):
         k = max(range(len(ss)), key=ss.__getitem__)
-        out.append({**r, "best": ts[k].strip(), "best_reward": ss[k], "mean_reward": sum(ss) / len(ss)})
+        w = min(range(len(ss)), key=ss.__getitem__)
+        out.append({**r, "best": ts[k].strip(), "best_reward": ss[k], "worst": ts[w].strip(), "worst_reward": ss[w],
+                    "mean_reward": sum(ss) / len(ss),
+                    "samples": [{"text": t.strip(), "reward": x} for t, x in zip(ts, ss)]})
     return out
 
 

@@ -21,16 +21,22 @@ from ipa_fast import embedded, tasks
 
 def sweep(adapter: str, task: str, alphas: list[float], split: str, rows: int, base: str) -> list[dict]:
     from ipa_fast import TailoredLM
-    from ipa_fast.demo import evaluate_variant
+    from ipa_fast.demo import evaluate_variant, mean_ci95
 
     lm = TailoredLM.from_pretrained(base, adapter)
     data = embedded.read_task(task, split)[:rows]
-    out = []
+    out, first = [], None
     for a in alphas:
         r = evaluate_variant(lm, task, data, alpha=a)
-        out.append({"alpha": a, "score": r["score"], "perplexity": r["perplexity"], "distinct_2": r["distinct_2"]})
-        print(f"alpha {a:g}: score {r['score']:.3f}  perplexity under the base {r['perplexity']:.1f}  "
-              f"distinct-2 {r['distinct_2']:.3f}  e.g. {r['texts'][0]!r}", flush=True)
+        first = first or r["per_prompt"]
+        delta = mean_ci95([x - y for x, y in zip(r["per_prompt"], first)])  # paired, against the first alpha
+        out.append({"alpha": a, "score": r["score"], "score_ci95": r["score_ci95"], "delta_vs_first_ci95": delta,
+                    "perplexity": r["perplexity"], "distinct_2": r["distinct_2"],
+                    **{k: v for k, v in r.items() if k not in ("score", "score_ci95", "per_prompt", "texts",
+                                                                "perplexity", "distinct_2")}})
+        print(f"alpha {a:g}: score {r['score']:.3f} [{r['score_ci95'][0]:.3f}, {r['score_ci95'][1]:.3f}]  "
+              f"vs alpha {alphas[0]:g} {delta[0]:+.3f}..{delta[1]:+.3f}  perplexity under the base "
+              f"{r['perplexity']:.1f}  distinct-2 {r['distinct_2']:.3f}  e.g. {r['texts'][0]!r}", flush=True)
     return out
 
 
