@@ -1,0 +1,26 @@
+"""scripts/best_of_n.py: n samples per prompt scored by the task's reward, the best and worst kept."""
+import pytest
+
+from ipa_fast.decoding import TailoredLM
+from scripts.best_of_n import SEED, SEED_STRIDE, best_of_n
+from tiny_models import make_tiny_pair
+
+
+def test_best_and_worst_are_the_extremes_of_the_samples_drawn_with_the_documented_seeds():
+    base, adapter, tok = make_tiny_pair(seed=5, base_arch="llama", adapter_arch="llama")
+    lm = TailoredLM(base, adapter, tok, alpha=0.0)
+    rows = [{"prompt": p, "concepts": ["the", "a"]} for p in ("the cat", "a dog sat", "one more")]
+    out = best_of_n(lm, "lexical", rows, 3, alpha=0.0, max_new_tokens=6, temperature=1.0, top_p=1.0, chunk=2,
+                    log=lambda *_: None)
+    from ipa_fast.training.rewards import lexical_coverage
+    for i, r in enumerate(out):
+        assert r["prompt"] == rows[i]["prompt"] and r["concepts"] == rows[i]["concepts"]
+        # sample j of row i is the generation with seed SEED + SEED_STRIDE * j + i (chunk start + offset)
+        texts = [lm.generate([rows[i]["prompt"]], max_new_tokens=6, top_p=1.0, alpha=0.0,
+                             seed=SEED + SEED_STRIDE * j + (i // 2) * 2 + i % 2).texts[0].strip() for j in range(3)]
+        assert [s["text"] for s in r["samples"]] == texts
+        rewards = lexical_coverage([r["prompt"]] * 3, texts, [r["concepts"]] * 3)
+        assert [s["reward"] for s in r["samples"]] == pytest.approx(rewards)
+        assert r["best_reward"] == max(rewards) and r["worst_reward"] == min(rewards)
+        assert r["best"] == texts[rewards.index(max(rewards))] and r["worst"] == texts[rewards.index(min(rewards))]
+        assert r["mean_reward"] == pytest.approx(sum(rewards) / 3)
