@@ -134,21 +134,22 @@ def value_loss(values, old_values, returns, mask, cliprange_value: float, normal
 
 @dataclass(frozen=True)
 class PPOConfig:
-    """PPO's settings: a view of TrainConfig (``ppo_epochs`` is ``epochs`` here)."""
-    seed: int = 0
-    epochs: int = 4
-    minibatch_size: int = 8
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_scores: bool = True
-    score_clip: float | None = None
-    early_stop_kl: float | None = 1.0
-    kl_coef: float = 0.05
-    kl_target: float | None = None
-    kl_horizon: float = 10000.0
+    """PPO's settings: a view of TrainConfig (``ppo_epochs`` is ``epochs`` here), built by
+    :meth:`view`; the defaults are TrainConfig's only."""
+    seed: int
+    epochs: int
+    minibatch_size: int
+    cliprange: float
+    cliprange_value: float
+    vf_coef: float
+    gamma: float
+    lam: float
+    whiten_scores: bool
+    score_clip: float | None
+    early_stop_kl: float | None
+    kl_coef: float
+    kl_target: float | None
+    kl_horizon: float
 
     @classmethod
     def view(cls, config) -> "PPOConfig":

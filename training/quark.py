@@ -92,15 +92,16 @@ class DataPool:
 
 @dataclass(frozen=True)
 class QuarkConfig:
-    """Quark's settings: a view of TrainConfig (``quark_updates`` is ``updates`` here)."""
-    seed: int = 0
-    n_quantiles: int = 5
-    updates: int = 1              # optimiser steps on pool minibatches per rollout
-    minibatch_size: int = 8       # pool samples per optimiser step
-    kl_coef: float = 0.05         # the KL term's coefficient (the controller's start)
-    kl_target: float | None = None
-    kl_horizon: float = 10000.0
-    entropy_coef: float = 0.0
+    """Quark's settings: a view of TrainConfig (``quark_updates`` is ``updates`` here), built by
+    :meth:`view`; the defaults are TrainConfig's only."""
+    seed: int
+    n_quantiles: int
+    updates: int  # optimiser steps on pool minibatches per rollout
+    minibatch_size: int  # pool samples per optimiser step
+    kl_coef: float  # the KL term's coefficient (the controller's start)
+    kl_target: float | None
+    kl_horizon: float
+    entropy_coef: float
 
     @classmethod
     def view(cls, config) -> "QuarkConfig":

@@ -18,11 +18,12 @@ from .policy import Policy
 
 @dataclass(frozen=True)
 class SFTConfig:
-    """The warm start's settings: a view of TrainConfig's ``sft_*`` fields."""
-    steps: int = 0
-    field: str = "reference"
-    target: str = "tailored"
-    max_new_tokens: int = 32      # targets are cut to max_new_tokens - 1 tokens, then EOS
+    """The warm start's settings: a view of TrainConfig's ``sft_*`` fields, built by :meth:`view`;
+    the defaults are TrainConfig's only."""
+    steps: int
+    field: str
+    target: str
+    max_new_tokens: int  # targets are cut to max_new_tokens - 1 tokens, then EOS
 
     @classmethod
     def view(cls, config) -> "SFTConfig":
