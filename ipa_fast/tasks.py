@@ -90,7 +90,7 @@ _TASKS = (
         # from a zeroed adapter output (zero_init_output, the untrained product = the base) at alpha 1:
         # 50 tailored-NLL steps on the references (0.387 -> 0.396), and 120 steps on the best of 4 base
         # samples of 281 train prompts (scripts/best_of_n.py; best-of-4 coverage 0.70 vs 0.41 mean):
-        # validation coverage 0.358 -> 0.385, all-concepts 0.104 -> 0.104 (48 prompts; on 200: 0.371 -> 0.391,
+        # validation coverage 0.358 -> 0.385, all-concepts 0.104 -> 0.104 (48 prompts; on 200, one seed: 0.371 -> 0.391,
         # paired difference [-0.040, +0.079]: no real gain); 40 PPO steps from the zeroed output at lr 2e-4
         # (KL to the base 0.03 nats): 0.387 -> 0.380
         recipe=dict(algo="ppo", alpha=0.2, reference="initial", steps=60, batch_size=16, minibatch_size=8,
