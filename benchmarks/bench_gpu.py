@@ -22,8 +22,9 @@ import traceback
 import torch
 
 import ipa_fast
-from ipa_fast import dispatch, reference
-from ipa_fast.bench_sampler import hf_chain, kernel_params
+from ipa_fast.ops import dispatch
+from ipa_fast.ops import reference
+from ipa_fast.ops.bench_sampler import hf_chain, kernel_params
 
 BATCHES = (1, 8, 64, 256)
 VOCABS = (50257, 128256)
@@ -126,7 +127,7 @@ def write(args, card, rows):
                 if B == 1:
                     goals.append(f"{d} B=1 V={V}: best fused = {best:.1f} us (goal <= 15 us)")
     lines += ["", "Goals:", ""] + [f"- {g}" for g in goals]
-    lines += ["", f"backend='auto' on CUDA picks: {dispatch.auto_choice('cuda')} (ORDER_CUDA in ipa_fast/dispatch.py)", ""]
+    lines += ["", f"backend='auto' on CUDA picks: {dispatch.auto_choice('cuda')} (ORDER_CUDA in ipa_fast/ops/dispatch.py)", ""]
     text = "\n".join(lines)
     with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
         f.write(text)

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import ipa_fast
-from ipa_fast.bench_sampler import hf_chain
+from ipa_fast.ops.bench_sampler import hf_chain
 
 if ipa_fast.backends()["cpu"] != "ok":
     pytest.skip("the cpu backend is not built", allow_module_level=True)
 
-from ipa_fast import cpu_backend  # noqa: E402
+from ipa_fast.ops import cpu_backend  # noqa: E402
 
 CASES = [(1, 50257), (32, 50257), (8, 128256)]
 

@@ -13,14 +13,14 @@ A frozen base LM and a small RL-trained adapter LM combined as a product of expe
 The product semantics these cite (sampler, RNG stream, decoding, training op, evaluation
 protocol) are written down in docs/DESIGN.md.
 """
-from ._version import __version__
-from .api_base import APIBase
-from .decoding import GenerationOutput, ScoreOutput, TailoredLM, save_adapter
-from .dispatch import backends
-from .ops import experts_log_softmax, tailored_log_softmax
-from .rng import RNG_STREAM_VERSION
-from .sampling import SampleOutput, sample, sample_experts
-from .token_stats import experts_token_stats, tailored_token_stats
+from ipa_fast._version import __version__
+from ipa_fast.decoding.api_base import APIBase
+from ipa_fast.decoding.tailored import GenerationOutput, ScoreOutput, TailoredLM, save_adapter
+from ipa_fast.ops.dispatch import backends
+from ipa_fast.ops.log_softmax import experts_log_softmax, tailored_log_softmax
+from ipa_fast.ops.rng import RNG_STREAM_VERSION
+from ipa_fast.ops.sampling import SampleOutput, sample, sample_experts
+from ipa_fast.ops.token_stats import experts_token_stats, tailored_token_stats
 
 __all__ = ["sample", "sample_experts", "SampleOutput", "experts_log_softmax", "experts_token_stats", "backends", "tailored_log_softmax", "tailored_token_stats",
            "TailoredLM", "GenerationOutput", "ScoreOutput", "save_adapter", "APIBase", "RNG_STREAM_VERSION",

@@ -1,7 +1,7 @@
 """Triton ``tailored_log_softmax``: ``log_softmax((base + alpha*adapter) / T)`` with autograd, and
 its K-expert form ``log_softmax((sum_k w_k * l_k) / T)`` (:func:`experts_log_softmax`).
 
-Same semantics as :func:`ipa_fast.ops.tailored_log_softmax` (rows with ``alpha == 0`` ignore the
+Same semantics as :func:`ipa_fast.ops.log_softmax.tailored_log_softmax` (rows with ``alpha == 0`` ignore the
 adapter; ``T > 0``): forward one program per row (online max / sum-exp over fixed blocks, then
 one write pass), saving only the row's log-sum-exp; backward recomputes ``softmax`` from the
 saved output: ``dz = g - softmax(z) * sum(g)``, ``d adapter = dz * alpha / T``,

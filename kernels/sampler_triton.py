@@ -1,6 +1,6 @@
 """Triton backend of :func:`ipa_fast.sample` (backend ``"triton"``).
 
-Semantics are exactly :mod:`ipa_fast.reference`'s; this module only organises the work so that
+Semantics are exactly :mod:`ipa_fast.ops.reference`'s; this module only organises the work so that
 each input is read a small, fixed number of times and nothing is sorted.
 
 Kernels (every reduction has a fixed shape that depends on V only, never on B, so a row's
@@ -24,7 +24,7 @@ result is batch-invariant):
    mass (the smallest key whose mass above is < p * that), min-p per token. Up to PAIR tokens
    compare all pairs in one pass; more take a 16-pivot search (at most 10 passes, a fixed cap).
    Then the inverse-CDF draw in index order over fixed-size blocks (block sums then an in-block
-   scan) with one Philox uniform per row (``tl.randint4x`` = :mod:`ipa_fast.rng`).
+   scan) with one Philox uniform per row (``tl.randint4x`` = :mod:`ipa_fast.ops.rng`).
    CAND rows search their candidate buffer, ROW rows re-read the raw row (slow but exact),
    ALL rows draw from the chunk masses of step 1 and scan a single chunk.
 
@@ -59,7 +59,7 @@ def chunk_size(V: int) -> int:
 def _mixed_z(X, ST, W, WS, r, offs, mask, t, K: tl.constexpr, FIRST: tl.constexpr):
     """float32 ``(sum_k w_k * l_k) / t`` for one block of row ``r``; -inf outside ``mask``.
 
-    The mix of :func:`ipa_fast.reference.mix_experts`: expert k's row starts at ``X[k] + r*ST[k]``;
+    The mix of :func:`ipa_fast.ops.reference.mix_experts`: expert k's row starts at ``X[k] + r*ST[k]``;
     its weight is ``W[r*WS + k - FIRST]`` (and 1 for k = 0 when FIRST = 1: the two-expert entry
     passes alpha as a [B] column). Terms ``w_k * l_k`` (0 where w_k == 0, so an ignored expert's
     -inf or NaN never enters) summed left to right, no FMA (the launches disable fusion)."""
@@ -498,7 +498,7 @@ def _launch(experts, weights, first: int, temperature, top_k, top_p, min_p, seed
 
 
 def sample(base, adapter, *, alpha, temperature, top_k, top_p, min_p, seed, offset):
-    """Backend entry point (see :mod:`ipa_fast.dispatch`): no host sync, no data-dependent shapes.
+    """Backend entry point (see :mod:`ipa_fast.ops.dispatch`): no host sync, no data-dependent shapes.
     The two-expert case: expert 0 (base) has weight 1, alpha is expert 1's weight column."""
     experts = [base] if adapter is None else [base, adapter]
     return _launch(experts, alpha, 1, temperature, top_k, top_p, min_p, seed, offset)

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     import torch
 
     from ipa_fast import embedded
-    from ipa_fast.decoding import TailoredLM
+    from ipa_fast.decoding.tailored import TailoredLM
 
     if args.threads:
         torch.set_num_threads(args.threads)

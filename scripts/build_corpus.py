@@ -150,7 +150,7 @@ def main(argv=None) -> int:
             counts[kind] = counts.get(kind, 0) + 1
             splits[split_of(key)].append(line)
 
-    from ipa_fast.tokenizer import load_gpt2_tokenizer, tokenizer_hash
+    from ipa_fast.decoding.tokenizer import load_gpt2_tokenizer, tokenizer_hash
 
     tok = load_gpt2_tokenizer()
     manifest = {

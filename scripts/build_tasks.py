@@ -209,7 +209,7 @@ def load_base(base_dir: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sys.path.insert(0, str(ROOT))
-    from ipa_fast.tokenizer import load_gpt2_tokenizer
+    from ipa_fast.decoding.tokenizer import load_gpt2_tokenizer
 
     if (Path(base_dir) / "tokenizer.json").is_file() or (Path(base_dir) / "tokenizer_config.json").is_file():
         tok = AutoTokenizer.from_pretrained(base_dir)
@@ -227,7 +227,7 @@ def base_alone(base_dir: str):
     from transformers import AutoModelForCausalLM
 
     tok, model = load_base(base_dir)  # puts the repository on sys.path
-    from ipa_fast.decoding import TailoredLM
+    from ipa_fast.decoding.tailored import TailoredLM
 
     from ipa_fast import embedded
     init = AutoModelForCausalLM.from_pretrained(str(embedded.adapter_init_path()), dtype=torch.float32).eval()

@@ -28,7 +28,7 @@ def perplexity(model_dir: str, split: str = "test", max_tokens: int = 0,
                batch_size: int = 8) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from ipa_fast.tokenizer import load_gpt2_tokenizer
+    from ipa_fast.decoding.tokenizer import load_gpt2_tokenizer
 
     tok = load_gpt2_tokenizer()
     with gzip.open(ROOT / "data/corpus" / f"{split}.txt.gz", "rt", encoding="utf-8") as f:

@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     import httpx
     from transformers import AutoTokenizer
 
-    from ipa_fast.api_base import LLAMA_CPP_PYTHON_PIECE, APIBase, printed_table
+    from ipa_fast.decoding.api_base import LLAMA_CPP_PYTHON_PIECE, APIBase, printed_table
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine-python", default=str(ENGINE_VENV / "bin" / "python"))

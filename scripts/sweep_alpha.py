@@ -21,7 +21,7 @@ from ipa_fast import embedded, tasks
 
 def sweep(adapter: str, task: str, alphas: list[float], split: str, rows: int, base: str) -> list[dict]:
     from ipa_fast import TailoredLM
-    from ipa_fast.demo import evaluate_variant, mean_ci95
+    from ipa_fast.cli.demo import evaluate_variant, mean_ci95
 
     lm = TailoredLM.from_pretrained(base, adapter)
     data = embedded.read_task(task, split)[:rows]

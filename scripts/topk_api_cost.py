@@ -2,7 +2,7 @@
 """What an API base's top-k log-probs cost the tailored policy, on the embedded default.
 
 An API-only base returns its top-k log-probs, so the tailored policy is computed with the base at
-``-inf`` outside them (``TailoredLM(base_top_k=k)``, ``ipa_fast.decoding.densify_top_k``). This
+``-inf`` outside them (``TailoredLM(base_top_k=k)``, ``ipa_fast.decoding.tailored.densify_top_k``). This
 measures, on real decoding positions, how far that policy is from the one with the full local base:
 the total variation TV = 0.5 * sum |pi_full - pi_topk| of the next-token distributions (T = 1,
 before top-p), and the probability mass pi_full puts outside the base's top-k (what a draw from

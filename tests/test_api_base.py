@@ -1,4 +1,4 @@
-"""API-only bases: a real HTTP server on 127.0.0.1 (ipa_fast.serve, tiny model, top-k
+"""API-only bases: a real HTTP server on 127.0.0.1 (ipa_fast.decoding.serve, tiny model, top-k
 log-probs) against the in-process sparse-base path; key mapping; dialect detection; faults
 (hang, drip-feed, 5xx, reset, truncated body, bad status line, malformed JSON, wrong entry
 count) give an APIBaseError within the deadline (+ retries), never a hang."""
@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from ipa_fast.api_base import APIBase, APIBaseError, completions_url
-from ipa_fast.decoding import TailoredLM
-from ipa_fast.serve import CompletionServer
+from ipa_fast.decoding.api_base import APIBase, APIBaseError, completions_url
+from ipa_fast.decoding.tailored import TailoredLM
+from ipa_fast.decoding.serve import CompletionServer
 
 from fixtures.engines.replay import (FakeEngine, bad_status, drip, hang, json_reply, raw_reply, reset,
                                      truncate)

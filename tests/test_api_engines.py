@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ipa_fast.api_base import LLAMA_CPP_PYTHON_PIECE, APIBase, APIBaseError, printed_table
+from ipa_fast.decoding.api_base import LLAMA_CPP_PYTHON_PIECE, APIBase, APIBaseError, printed_table
 
 from fixtures.engines.live import GGUF, ENGINE_VENV, LlamaCppPythonServer, load_tokenizer
 from fixtures.engines.replay import FakeEngine, replay_routes
@@ -202,7 +202,7 @@ def test_live_llama_cpp_python(tok):
         # a few tailored steps end to end (random tiny adapter over the same vocabulary)
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        from ipa_fast.decoding import TailoredLM
+        from ipa_fast.decoding.tailored import TailoredLM
         torch.manual_seed(0)
         adapter = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=16, n_layer=1,
                                              n_head=2)).eval()

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ipa_fast import bench_decode
+from ipa_fast.decoding import bench as bench_decode
 from tiny_models import make_tiny_pair
 
 

@@ -5,7 +5,7 @@ import types
 
 import pytest
 
-from ipa_fast import bench_sampler
+from ipa_fast.ops import bench_sampler
 from ipa_fast.cli import main
 
 

@@ -1,7 +1,7 @@
 """scripts/best_of_n.py: n samples per prompt scored by the task's reward, the best and worst kept."""
 import pytest
 
-from ipa_fast.decoding import TailoredLM
+from ipa_fast.decoding.tailored import TailoredLM
 from scripts.best_of_n import SEED, SEED_STRIDE, best_of_n
 from tiny_models import make_tiny_pair
 

@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from ipa_fast.cli import build_parser, main
-from ipa_fast.decoding import save_adapter
+from ipa_fast.cli.main import build_parser, main
+from ipa_fast.decoding.tailored import save_adapter
 from tiny_models import make_tiny_pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,12 +38,12 @@ def assert_one_line_error(argv, capsys, *needles):
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail loudly if a command gets past validation into its real work."""
-    import ipa_fast.demo
+    import ipa_fast.cli.demo
     import ipa_fast.training.trainer
 
     def boom(*a, **k):
         raise AssertionError("the command started its work despite a bad input")
-    monkeypatch.setattr(ipa_fast.demo, "run_task", boom)
+    monkeypatch.setattr(ipa_fast.cli.demo, "run_task", boom)
     monkeypatch.setattr(ipa_fast.training.trainer, "train", boom)
 
 
@@ -130,7 +130,7 @@ def test_missing_assets_name_the_asset_and_the_setup_command(tmp_path, monkeypat
 
 
 def test_unexpected_exceptions_are_one_line(monkeypatch, capsys):
-    import ipa_fast.bench_sampler as bs
+    import ipa_fast.ops.bench_sampler as bs
 
     monkeypatch.setattr(bs, "run", lambda args: {}["nope"])
     assert_one_line_error(["bench", "sampler", "--quick"], capsys, "nope")
@@ -186,7 +186,7 @@ def test_generate_api_refuses_and_truncates(tiny_dirs):
 # defaults: saved alpha / prefix, presets
 
 def test_logits_processor_reads_ipa_adapter_json(tiny_dirs):
-    from ipa_fast.hf import TailoredLogitsProcessor
+    from ipa_fast.decoding.hf import TailoredLogitsProcessor
 
     proc = TailoredLogitsProcessor.from_pretrained(str(tiny_dirs / "adapter-prefixed"))
     assert proc.alpha == 2.0 and proc.adapter_prefix == [5, 6] and proc.pad_token_id is not None
@@ -206,7 +206,8 @@ def test_generate_uses_the_saved_alpha_unless_given(tiny_dirs, capsys):
 
 
 def test_generate_task_picks_the_shipped_trained_adapter(monkeypatch, tmp_path):
-    from ipa_fast import embedded, generate_cli
+    from ipa_fast import embedded
+    from ipa_fast.cli import generate as generate_cli
 
     monkeypatch.setattr(embedded, "adapter_path", lambda task: tmp_path / "adapters" / task)
     monkeypatch.setattr(embedded, "base_path", lambda: tmp_path / "base")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ipa_fast import sample, tailored_log_softmax
-from ipa_fast.decoding import GenerationOutput, TailoredLM, load_adapter_metadata
+from ipa_fast.decoding.tailored import GenerationOutput, TailoredLM, load_adapter_metadata
 from tiny_models import (control_token_ids, control_tokens, make_tiny_model, make_tiny_pair, make_tiny_tokenizer)
 
 PROMPTS = ["the cat", "a dog runs in the park with", "Hello"]
@@ -230,7 +230,7 @@ def test_bad_input(lm):
 def test_generate_cli_and_naive_bench_loop(tmp_path, capsys):
     import json
 
-    from ipa_fast.bench_decode import naive_generate
+    from ipa_fast.decoding.bench import naive_generate
     from ipa_fast.cli import main
 
     base, adapter, tok = make_tiny_pair(seed=6)

@@ -3,7 +3,7 @@ presets (IPA, composition, DExperts, proxy-tuning), checked against a reference 
 
 The reference loop (:func:`reference_decode`) is independent of ``TailoredLM``: one row at a
 time, a full no-cache forward of every model at every step, the mix by hand with
-:func:`ipa_fast.reference.mix_experts`, masks and repetition penalty by hand, and the reference
+:func:`ipa_fast.ops.reference.mix_experts`, masks and repetition penalty by hand, and the reference
 sampler with the decoding RNG convention (row r's seed; offset = the unpadded position of the
 token being drawn). Cached decoding and the full forward sum in different orders (float32), so
 a draw may differ where u lands within rounding of a CDF boundary; with these seeds it does not.
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import ipa_fast
-from ipa_fast import reference
-from ipa_fast.decoding import TailoredLM
+from ipa_fast.ops import reference
+from ipa_fast.decoding.tailored import TailoredLM
 from tiny_models import make_tiny_model, make_tiny_pair, make_tiny_tokenizer
 
 PROMPTS = ["the cat", "a dog runs in the park with", "Hello"]
@@ -34,7 +34,7 @@ def reference_decode(base, experts, weights, tok, prompts, n, *, seed, prefixes=
                      base_top_k=None, min_new_tokens=0, bad_words_ids=(), repetition_penalty=1.0,
                      eos_token_id=None, **knobs):
     """``(token_ids, logprobs)`` per prompt: z = base_weight * base + sum_k w_k * expert_k, mixed
-    by :func:`ipa_fast.reference.mix_experts`; ``weights`` [K] or one list per row."""
+    by :func:`ipa_fast.ops.reference.mix_experts`; ``weights`` [K] or one list per row."""
     V = len(tok)
     prefixes = prefixes or [[] for _ in experts]
     eos = [] if eos_token_id is None else [eos_token_id]
@@ -274,9 +274,9 @@ def test_score_is_log_softmax_of_the_mix(trio):
 # Cached-LM experts: an API base, an API expert
 
 def test_api_base_and_api_expert(trio):
-    from ipa_fast.api_base import APIBase
-    from ipa_fast.decoding import CachedLM, SparseBase
-    from ipa_fast.serve import CompletionServer
+    from ipa_fast.decoding.api_base import APIBase
+    from ipa_fast.decoding.tailored import CachedLM, SparseBase
+    from ipa_fast.decoding.serve import CompletionServer
 
     base, (m1, m2, m3), tok = trio
     V, k = len(tok), 8
@@ -302,7 +302,7 @@ def test_api_base_and_api_expert(trio):
 # Loading several adapters
 
 def test_from_pretrained_composes_saved_adapters(trio, tmp_path):
-    from ipa_fast.decoding import save_adapter
+    from ipa_fast.decoding.tailored import save_adapter
 
     base, (m1, m2, _), tok = trio
     base.save_pretrained(tmp_path / "base")
@@ -329,7 +329,7 @@ def test_from_pretrained_composes_an_adapter_with_its_own_added_tokens(trio, tmp
     they still compose, each checked against its own tokenizer, each reading its own prefix."""
     import copy
 
-    from ipa_fast.decoding import save_adapter
+    from ipa_fast.decoding.tailored import save_adapter
 
     base, (m1, m2, _), tok = trio
     base.save_pretrained(tmp_path / "base")
@@ -400,7 +400,7 @@ def test_bad_inputs(trio):
 
 @pytest.fixture(scope="module")
 def saved(trio, tmp_path_factory):
-    from ipa_fast.decoding import save_adapter
+    from ipa_fast.decoding.tailored import save_adapter
 
     d = tmp_path_factory.mktemp("experts")
     base, (m1, m2, _), tok = trio

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from ipa_fast.cli import main
-from ipa_fast.decoding import TailoredLM, save_adapter
+from ipa_fast.decoding.tailored import TailoredLM, save_adapter
 from tiny_models import make_tiny_pair
 
 LEXICAL = [{"prompt": f"Write a sentence with: cat, {w}.\n", "concepts": ["cat", w], "reference": f"the cat and the {w}"}
@@ -75,7 +75,7 @@ def test_demo_quick_end_to_end(home, tmp_path, monkeypatch, live_task):
     assert (tmp_path / "run/demo.png").stat().st_size > 0
 
     # the base-alone lexical score, recomputed independently of the demo's code path
-    from ipa_fast.demo import PROTOCOL
+    from ipa_fast.cli.demo import PROTOCOL
     from ipa_fast.training.rewards import lexical_coverage
     lm = TailoredLM.from_pretrained(str(home / "models/base"), str(home / "models/adapters/lexical"))
     rows = LEXICAL[:4]
@@ -98,8 +98,8 @@ def test_demo_without_a_trained_adapter_says_so(home, tmp_path, monkeypatch, cap
     result = json.loads(out.read_text())
     assert set(result["tasks"]["detox"]) == {"base", "ipa_untrained", "adapter_init_only"}
     # two seeds: the per-prompt score is the mean of two single-seed runs, the second one shifted
-    from ipa_fast import demo
-    from ipa_fast.decoding import TailoredLM
+    from ipa_fast.cli import demo
+    from ipa_fast.decoding.tailored import TailoredLM
     lm = TailoredLM.from_pretrained(str(h / "models/base"), str(h / "models/adapter-init"))
     rows = embedded_rows = LEXICAL[:2]
     one = [demo._evaluate_once(lm, "lexical", rows, alpha=0.0, seed_offset=demo.SEED_STRIDE * s)["per_prompt"]
@@ -140,7 +140,7 @@ def test_an_adapter_trained_from_a_zeroed_output_has_the_base_as_its_untrained_r
     """zero_init_output: the untrained product was the base itself, so the untrained row is the base's
     (not the initial adapter's product, which would flatter the trained adapter)."""
     import shutil
-    from ipa_fast.decoding import load_adapter_metadata
+    from ipa_fast.decoding.tailored import load_adapter_metadata
     h = tmp_path / "h"
     shutil.copytree(home, h)
     meta_path = h / "models/adapters/lexical/ipa_adapter.json"

@@ -152,7 +152,7 @@ def test_shipped_adapter_loads_and_decodes(task):
         base, adapter = embedded.base_path(), embedded.adapter_path(task)
     except FileNotFoundError:
         pytest.skip("the embedded default is not in the cache: run `ipa-fast setup`")
-    from ipa_fast.decoding import TailoredLM
+    from ipa_fast.decoding.tailored import TailoredLM
 
     lm = TailoredLM.from_pretrained(str(base), str(adapter))
     rows = embedded.read_task(task, "test")[:2]

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from ipa_fast.evaluation import distinct_n, perplexity
+from ipa_fast.tasks.evaluation import distinct_n, perplexity
 from tests.tiny_models import make_tiny_pair
 
 
@@ -43,7 +43,7 @@ def test_perplexity_rejects_mismatched_lengths():
 
 
 def test_all_concepts_rate():
-    from ipa_fast.evaluation import all_concepts_rate
+    from ipa_fast.tasks.evaluation import all_concepts_rate
 
     assert all_concepts_rate([1.0, 0.5, 1.0, 0.0]) == 0.5
     with pytest.raises(ValueError):
@@ -52,7 +52,7 @@ def test_all_concepts_rate():
 
 def test_wordlist_offensive_rate_is_not_the_reward_model():
     """The evaluation-only scorer flags list words in any spelling the list knows, and nothing else."""
-    from ipa_fast.evaluation import wordlist_offensive_rate
+    from ipa_fast.tasks.evaluation import wordlist_offensive_rate
 
     assert wordlist_offensive_rate(["what the fuck", "a sunny day in the park"]) == 0.5
     assert wordlist_offensive_rate(["sh1t happens"]) == 1.0  # a leetspeak variant from the list

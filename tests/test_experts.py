@@ -1,6 +1,6 @@
 """K experts as the sampler's unit: ``ipa_fast.sample_experts`` and the K-expert ops.
 
-The mix rule has one definition, :func:`ipa_fast.reference.mix_experts`; every fast path is
+The mix rule has one definition, :func:`ipa_fast.ops.reference.mix_experts`; every fast path is
 checked against the reference here (the Triton interpreter cases live in
 tests/test_sampler_triton.py, which owns the interpreter switch).
 """
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import ipa_fast
-from ipa_fast import reference
-from ipa_fast.token_stats import experts_token_stats_reference
+from ipa_fast.ops import reference
+from ipa_fast.ops.token_stats import experts_token_stats_reference
 
 from sampler_cases import (backend_params, chi_square_pvalue, filtered_probs, hf_kept_mask, random_logits,
                            random_params)
@@ -258,7 +258,7 @@ def test_cuda_kernel_experts_emulated():
     w = row_weights(B, 3, seed=2)
     w[0, 0] = 0.0
     p = filter_params(B, V, seed=3)
-    from ipa_fast.sampling import param_tensor
+    from ipa_fast.ops.sampling import param_tensor
     prm = {k: param_tensor(k, v, B, "cpu", validate=True) for k, v in p.items()}
     prm["seed"] = torch.arange(B, dtype=torch.int64) + 9
     prm["offset"] = torch.zeros(B, dtype=torch.int64)

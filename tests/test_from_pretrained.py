@@ -91,7 +91,7 @@ def test_old_arguments_still_work(dirs):
 def test_loaded_base_is_shared_and_decodes_as_the_path_does(dirs, tmp_path):
     """A base model already in memory: only the adapter is loaded, its stored alpha applies, and
     decoding equals loading both from their directories."""
-    from ipa_fast.decoding import save_adapter
+    from ipa_fast.decoding.tailored import save_adapter
 
     base_dir, adapter_dir = dirs
     by_path = TailoredLM.from_pretrained(str(base_dir), str(adapter_dir))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ipa_fast
-from ipa_fast import reference
+from ipa_fast.ops import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -45,7 +45,7 @@ def to(p, device):
 
 
 def run(name, base, adapter, p):
-    from ipa_fast import dispatch
+    from ipa_fast.ops import dispatch
     impl = dispatch.resolve(name, base)
     return impl(base, adapter, **to(p, base.device))
 

@@ -6,8 +6,8 @@ import torch
 from transformers import LogitsProcessorList
 
 from ipa_fast import tailored_log_softmax
-from ipa_fast.decoding import TailoredLM
-from ipa_fast.hf import TailoredLogitsProcessor
+from ipa_fast.decoding.tailored import TailoredLM
+from ipa_fast.decoding.hf import TailoredLogitsProcessor
 from tiny_models import control_token_ids, make_tiny_pair
 
 PROMPTS = ["the cat", "a dog runs in the park with", "Hello"]

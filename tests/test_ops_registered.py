@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import ipa_fast
-from ipa_fast import reference, sampling
+from ipa_fast.ops import reference
+from ipa_fast.ops import sampling
 
 from sampler_cases import backend_params, random_logits, random_params
 

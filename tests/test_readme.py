@@ -7,7 +7,7 @@
   ``ipa-fast setup``) and are skipped, saying which asset is missing, when it is not there.
   Nothing reaches the network: the API-base block starts the bundled server on 127.0.0.1.
 - Every ``ipa-fast ...`` command line (in ```bash blocks and in inline code) parses with
-  ``ipa_fast.cli.build_parser()`` (parsing only; paths it names are created empty in a
+  ``ipa_fast.cli.main.build_parser()`` (parsing only; paths it names are created empty in a
   temporary directory first, since some flags check that they exist).
 - Every ``make X`` shown is a Makefile target; every relative link points to a file in the
   repository and every ``#anchor`` to a heading.
@@ -113,7 +113,7 @@ def command_lines() -> list[str]:
 
 
 def test_command_lines_parse(tmp_path, monkeypatch):
-    from ipa_fast.cli import build_parser
+    from ipa_fast.cli.main import build_parser
 
     cmds = command_lines()
     assert len(cmds) >= 15, cmds  # the command-line section is there and was found

@@ -1,6 +1,6 @@
 """csrc/rules.h, the rules the C++ CPU and CUDA kernels share (dtype codes, accepted parameter
 values, the token of an invalid row), against their one Python definition: the dtype maps of
-ipa_fast/cpu_backend.py and ipa_fast/cuda_backend.py, ipa_fast.reference.RANGES and the
+ipa_fast/ops/cpu_backend.py and ipa_fast/ops/cuda_backend.py, ipa_fast.ops.reference.RANGES and the
 reference sampler. The header is read as text (every ``constexpr`` line), so a value changed on
 one side only fails here; no native build is needed."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ipa_fast import reference
+from ipa_fast.ops import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "csrc" / "rules.h"

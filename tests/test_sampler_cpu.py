@@ -14,7 +14,8 @@ from sampler_cases import random_logits, random_params
 if ipa_fast.backends()["cpu"] != "ok":
     pytest.skip(f"backend cpu: {ipa_fast.backends()['cpu']}", allow_module_level=True)
 
-from ipa_fast import _C, cpu_backend  # noqa: E402
+from ipa_fast import _C
+from ipa_fast.ops import cpu_backend  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import ipa_fast
-from ipa_fast import dispatch, reference
+from ipa_fast.ops import dispatch
+from ipa_fast.ops import reference
 from sampler_cases import backend_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -169,7 +170,7 @@ def test_offset_limits(backend):
         b = ipa_fast.sample(base, adapter, seed=7, offset=torch.full((B,), bits), backend=backend)
         assert torch.equal(a.tokens, b.tokens) and a.valid.all()
     # ... and the reference stream agrees
-    from ipa_fast import rng
+    from ipa_fast.ops import rng
     u = rng.uniform(torch.tensor([7]), torch.tensor([2**63 - 2**64]))
     from ipa_fast import _C
     assert u.item() == _C.philox_uniform(7, 2**63)
@@ -260,7 +261,7 @@ def test_token_stats_targets_and_chunk_rows():
 
 def test_philox_known_answers_at_the_uint32_limits():
     """Random123's known-answer vectors (docs/DESIGN.md §3.3), at 0 and at all-ones words."""
-    from ipa_fast import rng
+    from ipa_fast.ops import rng
 
     def words(ctr, key):
         t = lambda v: torch.tensor([v], dtype=torch.int64)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ipa_fast
-from ipa_fast import reference
+from ipa_fast.ops import reference
 from sampler_cases import (
     DTYPES, backend_params, boundary_near_tie, chi_square_pvalue, filtered_probs, hf_kept_mask, log_softmax64,
     mixed, random_logits, random_params,

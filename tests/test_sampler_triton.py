@@ -27,7 +27,8 @@ triton = pytest.importorskip("triton")
 from triton.runtime import interpreter as _interp  # noqa: E402
 
 import ipa_fast  # noqa: E402
-from ipa_fast import dispatch, reference  # noqa: E402
+from ipa_fast.ops import dispatch
+from ipa_fast.ops import reference  # noqa: E402
 
 
 def _speed_up_interpreter():

@@ -1,4 +1,4 @@
-"""The bundled server (ipa_fast.serve), hardened: every bad input is a 4xx (listed here), body /
+"""The bundled server (ipa_fast.decoding.serve), hardened: every bad input is a 4xx (listed here), body /
 rows / max_tokens / context caps, per-connection timeouts, 100 concurrent clients without a
 reset, and a 1-token request is not stuck behind a long one (step-level batching, no lock held
 across a generation). Loopback only, every wait bounded."""
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ipa_fast.serve import CompletionServer
+from ipa_fast.decoding.serve import CompletionServer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

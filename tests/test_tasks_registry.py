@@ -46,7 +46,7 @@ def test_selection_samples_a_tiny_base(one_thread):
     random models: one rate per pool context, in [0, 1], a multiple of 1 / samples."""
     from tiny_models import make_tiny_pair
 
-    from ipa_fast.decoding import TailoredLM
+    from ipa_fast.decoding.tailored import TailoredLM
 
     base, adapter, tok = make_tiny_pair(seed=0)
     lm = TailoredLM(base, adapter, tok)
@@ -214,7 +214,7 @@ def test_coherence_space_on_and_off_topic():
 def test_base_lm_mean_logprob_matches_perplexity(pair, one_thread):
     """BaseLM's per-completion mean log-likelihood (right-padded batch) against
     evaluation.perplexity on each pair alone (left-padded, position ids from the mask)."""
-    from ipa_fast.evaluation import perplexity
+    from ipa_fast.tasks.evaluation import perplexity
     from ipa_fast.training.rewards_text import BaseLM
 
     base, _, tok = pair
@@ -246,7 +246,7 @@ def test_open_quality_is_the_product_of_its_parts(tiny_scoring):
 def test_mauve_on_known_distributions():
     import numpy as np
 
-    from ipa_fast.task_metrics import mauve, mauve_area
+    from ipa_fast.tasks.metrics import mauve, mauve_area
 
     # disjoint histograms: the area under (x, y) = ((1 - w)^5, w^5) is 5 B(6, 5) = 0.00397
     assert mauve_area([1, 0], [0, 1]) == pytest.approx(0.00397, abs=1e-3)
@@ -260,7 +260,7 @@ def test_mauve_on_known_distributions():
 
 
 def test_dialogue_safety_metrics_hand_written(monkeypatch, small_space):
-    from ipa_fast import task_metrics as M
+    from ipa_fast.tasks import metrics as M
     from ipa_fast.training import rewards_text as T
 
     monkeypatch.setattr(T, "coherence_space", lambda: small_space)
@@ -274,7 +274,7 @@ def test_dialogue_safety_metrics_hand_written(monkeypatch, small_space):
 
 
 def test_grounded_metrics_hand_computed(monkeypatch, small_space):
-    from ipa_fast import task_metrics as M
+    from ipa_fast.tasks import metrics as M
     from ipa_fast.training import rewards_text as T
 
     monkeypatch.setattr(T, "coherence_space", lambda: small_space)

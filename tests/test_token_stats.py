@@ -8,7 +8,7 @@ in bfloat16, within one bf16 rounding (rtol 1/128) plus 1e-4 absolute.
 import pytest
 import torch
 
-from ipa_fast.token_stats import tailored_token_stats, tailored_token_stats_reference
+from ipa_fast.ops.token_stats import tailored_token_stats, tailored_token_stats_reference
 
 TOL = {torch.float32: dict(val=1e-5, grad_atol=1e-5, grad_rtol=1e-5),
        torch.bfloat16: dict(val=1e-4, grad_atol=1e-4, grad_rtol=1 / 128)}

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _tokenizer_module():
     # Standalone import: works whether or not the ipa_fast package imports cleanly.
     spec = importlib.util.spec_from_file_location("ipa_fast_tokenizer",
-                                                  ROOT / "ipa_fast/tokenizer.py")
+                                                  ROOT / "ipa_fast/decoding/tokenizer.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("ipa_fast_tokenizer", mod)
     spec.loader.exec_module(mod)

@@ -188,7 +188,7 @@ def _adapter_params(out):
 
 def _straight_run(d, out, algo, steps):
     """The reference run, in-process (cheaper than a third subprocess), same flags as _train_cmd."""
-    from ipa_fast.cli import build_parser
+    from ipa_fast.cli.main import build_parser
     from ipa_fast.training.cli import run
 
     argv = _train_cmd(d, out, algo, steps)[2:]
@@ -216,7 +216,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, model_dirs, monkeypatch):
     assert s["final_eval"]["reward"] == k["final_eval"]["reward"]
     assert Path(k["checkpoint"]).name == "step_000004"
     # the saved adapter restores the tailored policy: alpha, the best control token, V
-    from ipa_fast.decoding import TailoredLM
+    from ipa_fast.decoding.tailored import TailoredLM
     lm = TailoredLM.from_pretrained(model_dirs / "base", killed / "adapter")
     state = ckpt.load_latest(killed / "checkpoints")[0]
     assert lm.adapter_prefix == state["control_ids"][:1] and lm.adapter_prefix[0] >= lm.V

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ipa_fast.decoding import TailoredLM, save_adapter
+from ipa_fast.decoding.tailored import TailoredLM, save_adapter
 from ipa_fast.training import TrainConfig, Trainer, train
 from tests.test_training import PROMPTS, SFT_ROWS, config, even_tokens, models
 from tests.tiny_models import make_tiny_model
@@ -156,7 +156,7 @@ def test_resume_refuses_a_changed_frozen_expert(tmp_path):
 
 
 def test_frozen_adapter_flag(tmp_path, capsys):
-    from ipa_fast.cli import build_parser, main
+    from ipa_fast.cli.main import build_parser, main
     from ipa_fast.training.cli import config_from_args
 
     _, _, tok = models()

@@ -3,7 +3,7 @@ experts is the base itself, and every adapter parameter still learns."""
 import pytest
 import torch
 
-from ipa_fast.decoding import TailoredLM
+from ipa_fast.decoding.tailored import TailoredLM
 from ipa_fast.training.policy import zero_output
 from tiny_models import make_tiny_pair
 

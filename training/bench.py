@@ -29,7 +29,7 @@ import time
 
 MEMORY_SCRIPT = r"""
 import json, resource, sys, time, torch
-from ipa_fast.token_stats import tailored_token_stats, tailored_token_stats_reference
+from ipa_fast.ops.token_stats import tailored_token_stats, tailored_token_stats_reference
 variant, N, V, dtype, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 if threads: torch.set_num_threads(threads)
 dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
@@ -74,7 +74,7 @@ FULL = dict(n=4096, steps=3, batch_size=8, max_new_tokens=16)
 
 
 def add_arguments(parser) -> None:
-    from ipa_fast.cli import nonneg_int, positive_int
+    from ipa_fast.cli.main import nonneg_int, positive_int
 
     parser.add_argument("--quick", action="store_true",
                         help=f"a smoke run: N={QUICK['n']}, {QUICK['steps']} steps of batch {QUICK['batch_size']}, "

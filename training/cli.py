@@ -71,10 +71,10 @@ HELP = {
                        "it, and the trained adapter's ipa_adapter.json records it (compose them at inference "
                        "with ipa-fast generate --adapter OUT/adapter --adapter DIR:WEIGHT)",
 }
-# argparse types (ipa_fast.cli's, the one place they are defined) for fields whose plain type
+# argparse types (ipa_fast.cli.main's, the one place they are defined) for fields whose plain type
 # would accept nonsense; TrainConfig.validate() checks the combinations
 def _arg_types() -> dict:
-    from ipa_fast.cli import existing_file, model_ref, nonneg_float, nonneg_int, open_unit_float, \
+    from ipa_fast.cli.main import existing_file, model_ref, nonneg_float, nonneg_int, open_unit_float, \
         positive_float, positive_int
 
     types_ = {name: positive_int for name in (

@@ -73,7 +73,7 @@ def tiny_gpt2(vocab_size: int, seed: int, n_layer: int, n_embd: int = 64, n_head
 def tiny_gpt2_pair(seed: int = 0):
     """For tests and benchmarks: ``(base, adapter, tokenizer)``, random GPT-2 models (base seed 0,
     2 layers; adapter seed 1, 1 layer; width 64) over the GPT-2 tokenizer (V = 50257)."""
-    from ipa_fast.tokenizer import load_gpt2_tokenizer
+    from ipa_fast.decoding.tokenizer import load_gpt2_tokenizer
 
     tok = load_gpt2_tokenizer()
     V = len(tok)
@@ -101,7 +101,7 @@ def load_models(base: str | None, adapter: str | None):
         except Exception:  # noqa: BLE001 - try the other directory, then the GPT-2 tokenizer
             continue
     if tok is None:
-        from ipa_fast.tokenizer import load_gpt2_tokenizer
+        from ipa_fast.decoding.tokenizer import load_gpt2_tokenizer
         tok = load_gpt2_tokenizer()
     tok.padding_side = "left"
     if tok.pad_token_id is None:
@@ -112,7 +112,7 @@ def load_models(base: str | None, adapter: str | None):
 
 def _load(cls, name: str, what: str):
     if not Path(name).expanduser().exists():
-        from ipa_fast.cli import looks_like_path
+        from ipa_fast.cli.main import looks_like_path
         if looks_like_path(name):
             raise FileNotFoundError(f"{what} not found: {name}")
     try:
@@ -124,9 +124,9 @@ def _load(cls, name: str, what: str):
 
 def parse_frozen_adapter(text: str, what: str | None = None) -> tuple[str, float | None]:
     """``DIR[:WEIGHT]`` (the syntax of ``ipa-fast generate --adapter``, parsed by its
-    :func:`~ipa_fast.generate_cli.adapter_ref`) -> ``(directory, weight or None)``; the directory
+    :func:`~ipa_fast.cli.generate.adapter_ref`) -> ``(directory, weight or None)``; the directory
     must exist here (its weights are hashed). ValueError (one line, prefixed by ``what``) otherwise."""
-    from ipa_fast.generate_cli import adapter_ref
+    from ipa_fast.cli.generate import adapter_ref
 
     head = f"{what}: " if what else ""
     try:
@@ -146,7 +146,7 @@ def load_frozen_experts(refs: list[str], tokenizer, device=None) -> list:
     saved beside it must share the run's vocabulary (ids below V; added control tokens aside)."""
     from transformers import AutoModelForCausalLM
 
-    from ipa_fast.decoding import _core_hash, _try_tokenizer, load_adapter_metadata
+    from ipa_fast.decoding.tailored import _core_hash, _try_tokenizer, load_adapter_metadata
     from ipa_fast.embedded import sha256_file
 
     from .policy import FrozenExpert

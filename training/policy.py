@@ -4,9 +4,9 @@ one product of experts, and its teacher-forced forward.
     pi = softmax((base + alpha * adapter + sum_j w_j * frozen_j) / T)
 
 :class:`Policy` holds the models (the base and the frozen experts never get gradients; the
-adapter is the only trained model), the :class:`~ipa_fast.decoding.TailoredLM` that rolls it out
+adapter is the only trained model), the :class:`~ipa_fast.decoding.tailored.TailoredLM` that rolls it out
 (every expert with its own prefix), and :meth:`Policy.token_stats`, which scores given responses
-under ``pi`` with :func:`ipa_fast.token_stats.experts_token_stats`: log pi, H(pi) and
+under ``pi`` with :func:`ipa_fast.ops.token_stats.experts_token_stats`: log pi, H(pi) and
 KL(pi || pi_ref) per token, differentiable w.r.t. the adapter. The KL reference is the same
 product with the adapter replaced by its frozen initial copy (``reference="initial"``) or left
 out (``"base"``): the frozen experts are in both, so the KL measures what the adapter changed.
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ipa_fast.decoding import TailoredLM, _as_id_list, left_pad
-from ipa_fast.token_stats import experts_token_stats
+from ipa_fast.decoding.tailored import TailoredLM, _as_id_list, left_pad
+from ipa_fast.ops.token_stats import experts_token_stats
 
 
 def freeze_embedding_rows(model, n_rows: int) -> None:
@@ -233,7 +233,7 @@ class Policy:
     # rollouts
 
     def generate(self, prompts, max_new_tokens, *, seed, temperature, top_k, top_p, min_new_tokens, backend):
-        """Samples of pi through :class:`~ipa_fast.decoding.TailoredLM` (every expert with its
+        """Samples of pi through :class:`~ipa_fast.decoding.tailored.TailoredLM` (every expert with its
         prefix; the adapter with :attr:`adapter_prefix`)."""
         self.adapter.eval()
         return self.lm.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -74,7 +74,7 @@ class Config:
 
 
 def _import_tokenizer():
-    from ipa_fast.tokenizer import load_gpt2_tokenizer
+    from ipa_fast.decoding.tokenizer import load_gpt2_tokenizer
 
     return load_gpt2_tokenizer()
 
@@ -345,7 +345,7 @@ it was trained for {hours:.2f} hours on one CPU thread (of a shared 2-core machi
 demo runs offline; any GPT-2-family checkpoint (same tokenizer) can replace it.
 
 * Architecture: `transformers.GPT2LMHeadModel`, vocabulary 50257 (GPT-2 BPE, the tokenizer
-  in `ipa_fast/tokenizer.py`), n_embd {c['n_embd']}, n_layer {c['n_layer']}, n_head {c['n_head']},
+  in `ipa_fast/decoding/tokenizer.py`), n_embd {c['n_embd']}, n_layer {c['n_layer']}, n_head {c['n_head']},
   n_positions {c['n_positions']}, tied input/output embeddings, {info['parameters']:,} parameters,
   stored as fp16 safetensors ({size:.1f} MiB).
 * Data: `data/corpus/train.txt.gz` plus the lexical task's train split written as

@@ -16,7 +16,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    from ipa_fast.cli import UsageError, write_json
+    from ipa_fast.cli.main import UsageError, write_json
     from ipa_fast.training import cli
 
     parser = argparse.ArgumentParser(prog="train.py", description="RL training of an IPA adapter (Quark or PPO)")

@@ -10,7 +10,7 @@ Three parts (docs/DESIGN.md §4.2):
   experts (``frozen_adapters``), pi = softmax((base + alpha * adapter + sum_j w_j * frozen_j) / T),
   and its teacher-forced forward (:meth:`Policy.token_stats`: every model over left-padded prompt
   + response with position ids from the attention mask, logits trimmed to V, then
-  :func:`ipa_fast.token_stats.experts_token_stats` for log pi, H(pi) and KL(pi || pi_ref)).
+  :func:`ipa_fast.ops.token_stats.experts_token_stats` for log pi, H(pi) and KL(pi || pi_ref)).
   PPO's old log-probs come from the same function, so the ratio is exactly 1 before the first
   update; with the initial adapter as reference, KL is exactly 0.
 - **the algorithms**, each with its settings (a view of :class:`TrainConfig`) and a step on a
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from ipa_fast import tasks
-from ipa_fast.decoding import save_adapter
+from ipa_fast.decoding.tailored import save_adapter
 
 from . import checkpoint as ckpt
 from .algorithm import Updater, step_seed
@@ -684,7 +684,7 @@ def repeated_bigram_fraction(ids) -> float:
 def extra_eval_metrics(task: str | None, rows: list[dict], texts: list[str]) -> dict:
     """docs/DESIGN.md §6 metrics beside the reward: distinct-2 (any task) and the task's own
     evaluation-only metrics (its registry entry's ``metrics``)."""
-    from ipa_fast.evaluation import distinct_n
+    from ipa_fast.tasks.evaluation import distinct_n
 
     out = {"distinct_2": distinct_n(texts, 2)}
     if task is not None:

@@ -12,7 +12,7 @@ import math
 import re
 from typing import Sequence
 
-from .evaluation import all_concepts_rate, wordlist_offensive_rate
+from ipa_fast.tasks.evaluation import all_concepts_rate, wordlist_offensive_rate
 
 
 def _prompts(rows):
@@ -21,7 +21,7 @@ def _prompts(rows):
 
 def lexical_score(rows: Sequence[dict], texts: Sequence[str]) -> list[float]:
     """Concept coverage (the training reward): the fraction of a row's concepts used, any inflection."""
-    from .training.rewards import lexical_coverage
+    from ipa_fast.training.rewards import lexical_coverage
 
     return lexical_coverage(_prompts(rows), texts, [r["concepts"] for r in rows])
 
@@ -29,7 +29,7 @@ def lexical_score(rows: Sequence[dict], texts: Sequence[str]) -> list[float]:
 def lexical_metrics(rows: Sequence[dict], texts: Sequence[str]) -> dict:
     """``all_concepts``: the rate of completions that use every concept; ``coverage_ordered``: the
     official IPA code's in-order coverage."""
-    from .training.rewards import lexical_coverage_ordered
+    from ipa_fast.training.rewards import lexical_coverage_ordered
 
     concepts = [r["concepts"] for r in rows]
     ordered = lexical_coverage_ordered(_prompts(rows), texts, concepts)
@@ -39,7 +39,7 @@ def lexical_metrics(rows: Sequence[dict], texts: Sequence[str]) -> dict:
 
 def detox_score(rows: Sequence[dict], texts: Sequence[str]) -> list[float]:
     """1.0 where the training classifier (alt-profanity-check) finds the completion offensive."""
-    from .training.rewards import offensive_flags
+    from ipa_fast.training.rewards import offensive_flags
 
     return offensive_flags(texts)
 
@@ -121,7 +121,7 @@ def mauve(p_features, q_features, buckets: int | None = None, explained_variance
 
 def open_score(rows: Sequence[dict], texts: Sequence[str]) -> list[float]:
     """The training reward: fluency x coherence x diversity (``training.rewards_text``)."""
-    from .training.rewards_text import open_ended_quality
+    from ipa_fast.training.rewards_text import open_ended_quality
 
     return open_ended_quality(_prompts(rows), texts)
 
@@ -132,7 +132,7 @@ def open_metrics(rows: Sequence[dict], texts: Sequence[str]) -> dict:
     between prompt + generation and prompt + the held-out human continuation (the row's
     ``reference`` cut to the generation's number of words), on the base's features (final
     hidden state at the last token), never a training reward."""
-    from .training.rewards_text import embedded_base, open_ended_parts, repetition_rate
+    from ipa_fast.training.rewards_text import embedded_base, open_ended_parts, repetition_rate
 
     prompts = _prompts(rows)
     parts = open_ended_parts(prompts, texts)
@@ -180,7 +180,7 @@ def dialogue_safety_metrics(rows: Sequence[dict], texts: Sequence[str]) -> dict:
     word-list rate, never a training reward; ``coherence``: the reply's LSA cosine with the
     user's turn (``context``); ``evasive_rate``: replies that are refusal / deflection
     boilerplate (EVASIVE_PATTERNS), the cheap way to be safe."""
-    from .training.rewards_text import coherence
+    from ipa_fast.training.rewards_text import coherence
 
     return {"unsafe_rate": _mean(detox_score(rows, texts)), "second_score": wordlist_offensive_rate(texts),
             "coherence": _mean(coherence([r["context"] for r in rows], texts)),
@@ -196,7 +196,7 @@ UNSUPPORTED_BELOW = 0.5
 
 def grounded_score(rows: Sequence[dict], texts: Sequence[str]) -> list[float]:
     """The training reward: faithfulness to the knowledge snippet and question."""
-    from .training.rewards_text import faithfulness
+    from ipa_fast.training.rewards_text import faithfulness
 
     return faithfulness(_prompts(rows), texts, [r["knowledge"] for r in rows], [r["question"] for r in rows])
 
@@ -204,7 +204,7 @@ def grounded_score(rows: Sequence[dict], texts: Sequence[str]) -> list[float]:
 def unsupported_clauses(knowledge: str, question: str, text: str) -> tuple[int, int]:
     """``(unsupported, clauses)``: the reply's clauses (those with a content word) and how many
     have under UNSUPPORTED_BELOW of their content words supported by the snippet + question."""
-    from .training.rewards_text import content_words, is_supported, support_set
+    from ipa_fast.training.rewards_text import content_words, is_supported, support_set
 
     support = support_set(knowledge, question)
     bad = n = 0
@@ -219,7 +219,7 @@ def unsupported_clauses(knowledge: str, question: str, text: str) -> tuple[int, 
 def knowledge_recall(knowledge: str, text: str) -> float:
     """The fraction of the snippet's definition content words (after ``word:``) that the reply
     uses, any inflection (0.0 when the definition has none)."""
-    from .training.rewards_text import content_words, is_supported, support_set
+    from ipa_fast.training.rewards_text import content_words, is_supported, support_set
 
     definition = knowledge.partition(": ")[2] or knowledge
     words = set(content_words(definition))
@@ -233,8 +233,8 @@ def grounded_metrics(rows: Sequence[dict], texts: Sequence[str]) -> dict:
     fraction; ``knowledge_recall``: the mean fraction of the snippet's definition words the reply
     uses (never a reward); ``coherence``: the reply's LSA cosine with the question;
     engagingness proxies: ``distinct_2`` over all replies and ``mean_words`` per reply."""
-    from .evaluation import distinct_n
-    from .training.rewards_text import coherence
+    from ipa_fast.tasks.evaluation import distinct_n
+    from ipa_fast.training.rewards_text import coherence
 
     counts = [unsupported_clauses(r["knowledge"], r["question"], t) for r, t in zip(rows, texts)]
     clauses = sum(n for _, n in counts)

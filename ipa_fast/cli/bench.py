@@ -5,15 +5,15 @@ from __future__ import annotations
 import importlib
 
 SUITES = {
-    "sampler": ("ipa_fast.bench_sampler", "fused sampler vs the HF chain and the memory read floor "
+    "sampler": ("ipa_fast.ops.bench_sampler", "fused sampler vs the HF chain and the memory read floor "
                                        "(--experts K..: the cost of K experts; --vs-llama-cpp: llama.cpp's chain)"),
-    "decode": ("ipa_fast.bench_decode", "TailoredLM tokens/s vs a naive per-step HF loop"),
+    "decode": ("ipa_fast.decoding.bench", "TailoredLM tokens/s vs a naive per-step HF loop"),
     "train": ("ipa_fast.training.bench", "training step phases and the loss op's peak memory"),
 }
 
 
 def add_arguments(parser) -> None:
-    from .cli import add_lazy_commands
+    from ipa_fast.cli.main import add_lazy_commands
 
     add_lazy_commands(parser.add_subparsers(dest="suite", required=True, metavar="SUITE"), SUITES, "_suite_module")
 

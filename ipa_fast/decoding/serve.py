@@ -1,6 +1,6 @@
 """A small OpenAI-compatible completions server for a local Hugging Face model (stdlib only).
 
-    python -m ipa_fast.serve --model path/to/base --port 8000 [--max-logprobs 20]
+    python -m ipa_fast.decoding.serve --model path/to/base --port 8000 [--max-logprobs 20]
     # then: APIBase("http://127.0.0.1:8000/v1", tokenizer) as the base of a TailoredLM
 
 or in Python (tests do this):
@@ -13,7 +13,7 @@ or in Python (tests do this):
 ``return_tokens_as_token_ids`` (keys ``token_id:N``, as vLLM) and ``seed``; other OpenAI
 fields (``model``, ``top_p``, ...) are accepted and ignored; ``echo``, ``stream`` and ``n`` other
 than 1 are refused. ``GET /v1/models`` lists the model (``owned_by: "ipa-fast"``, which is how
-:class:`~ipa_fast.api_base.APIBase` recognises it), ``GET /health`` answers ``{"status": "ok"}``.
+:class:`~ipa_fast.decoding.api_base.APIBase` recognises it), ``GET /health`` answers ``{"status": "ok"}``.
 
 Hardening: a listen backlog of 1024; a cap on the body size (413), on ``max_tokens``, on rows
 per request and on prompt + ``max_tokens`` (the model's context); a per-connection socket
@@ -39,7 +39,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from .decoding import left_pad
+from ipa_fast.decoding.tailored import left_pad
 
 
 class BadRequest(ValueError):
@@ -403,7 +403,7 @@ def _no_constant(name):
 def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    p = argparse.ArgumentParser(prog="python -m ipa_fast.serve", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m ipa_fast.decoding.serve", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="HF model name or local path")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
     p.add_argument("--host", default="127.0.0.1")

@@ -7,7 +7,7 @@ top-k off unless ``--top-k``, temperature 1):
     the baseline every ratio is taken against;
 (b) ``tailored``: :class:`ipa_fast.TailoredLM` (base + alpha * adapter, two cached forwards and
     one fused :func:`ipa_fast.sample` call per step, plus the adapter's log-prob of the token);
-(c) ``hf-processor``: ``base.generate`` with :class:`ipa_fast.hf.TailoredLogitsProcessor` (the
+(c) ``hf-processor``: ``base.generate`` with :class:`ipa_fast.decoding.hf.TailoredLogitsProcessor` (the
     adapter stepped inside the processor with its own cache, HF's warpers and draw on the mix);
 (d) ``naive``: a loop written the way the official IPA code decodes (``policy.py``): HF forwards
     with cache, eager mix, ``log_softmax`` of the mix, HF warpers, softmax, ``torch.multinomial``,
@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from . import tasks
+from ipa_fast import tasks
 
 METHODS = ("hf-base", "tailored", "hf-processor", "naive")
 LABELS = {"hf-base": "(a) HF generate, base alone", "tailored": "(b) TailoredLM",
@@ -40,7 +40,7 @@ ADAPTER_LAYERS = 4
 
 
 def add_arguments(p) -> None:
-    from .cli import nonneg_int, open_unit_float, positive_int
+    from ipa_fast.cli.main import nonneg_int, open_unit_float, positive_int
 
     p.add_argument("--quick", action="store_true", help="fewer tokens and repeats (a smoke run)")
     p.add_argument("--batch", type=positive_int, action="append", default=None,
@@ -86,7 +86,7 @@ def bench_models(tiny: bool):
     if tiny:
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        from .tokenizer import load_gpt2_tokenizer
+        from ipa_fast.decoding.tokenizer import load_gpt2_tokenizer
         tok = load_gpt2_tokenizer()
         torch.manual_seed(0)
         base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=256, n_layer=4, n_head=4,
@@ -96,7 +96,7 @@ def bench_models(tiny: bool):
         return base, adapter, tok, "random-weight GPT-2 configs, V=50257: base 4x256, adapter 2x128 (--tiny)"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import embedded
+    from ipa_fast import embedded
     try:
         base_dir = embedded.base_path()
     except FileNotFoundError as exc:
@@ -110,7 +110,7 @@ def bench_models(tiny: bool):
         adapter = AutoModelForCausalLM.from_pretrained(str(embedded.adapter_init_path()), dtype=torch.float32).eval()
         what = f"the shipped adapter initialisation ({adapter.config.num_hidden_layers} layers)"
     except FileNotFoundError:
-        from .training.distill_adapter import cut_adapter
+        from ipa_fast.training.distill_adapter import cut_adapter
         adapter = cut_adapter(base, ADAPTER_LAYERS).float().eval()
         what = (f"cut_adapter(base, {ADAPTER_LAYERS}): the base's first {ADAPTER_LAYERS} layers over its tied "
                 f"embedding, undistilled (the adapter initialisation is not shipped yet; same shape and cost)")
@@ -119,7 +119,7 @@ def bench_models(tiny: bool):
 
 def bench_prompts(tok, kind: str, B: int) -> tuple[list[list[int]], str]:
     """The first B test prompts of ``kind`` as token ids, and how they were made."""
-    from . import embedded
+    from ipa_fast import embedded
 
     rows = embedded.read_task(kind, "test")
     if B > len(rows):
@@ -141,7 +141,7 @@ def naive_generate(base, adapter, rows, max_new_tokens, *, pad_id, alpha=1.0, to
     masked at every step (exactly ``max_new_tokens`` tokens, like ``min_new_tokens``)."""
     from transformers import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
-    from .decoding import left_pad
+    from ipa_fast.decoding.tailored import left_pad
 
     torch.manual_seed(seed)
     warpers = LogitsProcessorList(([TopKLogitsWarper(top_k)] if top_k else []) + [TopPLogitsWarper(top_p)])
@@ -181,7 +181,7 @@ def hf_generate(base, rows, max_new_tokens, *, pad_id, eos_ids, top_k=0, top_p=0
     ``processor`` (a ``TailoredLogitsProcessor``) mixes the adapter in. Returns the new ids."""
     from transformers import LogitsProcessorList
 
-    from .decoding import left_pad
+    from ipa_fast.decoding.tailored import left_pad
 
     ids, mask = left_pad(rows, pad_id, next(base.parameters()).device)
     torch.manual_seed(seed)
@@ -194,8 +194,8 @@ def hf_generate(base, rows, max_new_tokens, *, pad_id, eos_ids, top_k=0, top_p=0
 
 def method_fns(base, adapter, tok, rows, n_new, *, top_k, top_p, alpha, seed=0) -> dict:
     """``{method: fn() -> number of new tokens}`` for the four rows, on the same prompts."""
-    from .decoding import TailoredLM
-    from .hf import TailoredLogitsProcessor
+    from ipa_fast.decoding.tailored import TailoredLM
+    from ipa_fast.decoding.hf import TailoredLogitsProcessor
 
     lm = TailoredLM(base, adapter, tok, alpha=alpha)
     pad, eos = lm.pad_id, _eos_ids(tok)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _C_cuda  # ImportError here is the reason ipa_fast.backends() shows for "cuda"
+from ipa_fast import _C_cuda  # ImportError here is the reason ipa_fast.backends() shows for "cuda"
 
 _DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -23,10 +23,10 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def sample(base, adapter, *, alpha, temperature, top_k, top_p, min_p, seed, offset):
-    """Same contract as :func:`ipa_fast.reference.sample`, on CUDA tensors, enqueued on the current
+    """Same contract as :func:`ipa_fast.ops.reference.sample`, on CUDA tensors, enqueued on the current
     stream without synchronising. Parameters must already be contiguous ``[B]`` tensors of the
-    kernel dtype on the logits' device (:func:`ipa_fast.sampling.prepare`); call it through
-    :func:`ipa_fast.sample` or :func:`ipa_fast.dispatch.resolve`, which check."""
+    kernel dtype on the logits' device (:func:`ipa_fast.ops.sampling.prepare`); call it through
+    :func:`ipa_fast.sample` or :func:`ipa_fast.ops.dispatch.resolve`, which check."""
     if base.device.type != "cuda":
         raise ValueError(f"backend 'cuda' needs CUDA tensors, got {base.device}")
     if adapter is not None and adapter.dtype != base.dtype:
@@ -55,12 +55,12 @@ def sample(base, adapter, *, alpha, temperature, top_k, top_p, min_p, seed, offs
 
 def fold_leading(experts, weights, max_experts: int):
     """At most ``max_experts`` experts with the same mix: the leading ``K - max_experts + 1``
-    are summed into one float32 expert of weight 1 by :func:`ipa_fast.reference.mix_experts`
+    are summed into one float32 expert of weight 1 by :func:`ipa_fast.ops.reference.mix_experts`
     (the left-to-right sum makes this exact: 1 * x == x, and the fold is the same prefix)."""
     K = len(experts)
     if K <= max_experts:
         return experts, weights
-    from .reference import mix_experts
+    from ipa_fast.ops.reference import mix_experts
     j = K - max_experts + 1
     head = mix_experts(experts[:j], weights[:, :j])
     ones = torch.ones(weights.shape[0], 1, dtype=torch.float32, device=weights.device)
@@ -68,7 +68,7 @@ def fold_leading(experts, weights, max_experts: int):
 
 
 def sample_experts(experts, weights, *, temperature, top_k, top_p, min_p, seed, offset):
-    """K-expert entry (:func:`ipa_fast.reference.sample_experts`): up to ``_C_cuda.kMaxExperts``
+    """K-expert entry (:func:`ipa_fast.ops.reference.sample_experts`): up to ``_C_cuda.kMaxExperts``
     experts are read in place (a pointer and a row stride each, passed by value to the kernels);
     more are folded first (:func:`fold_leading`). Mixed dtypes are widened to float32."""
     if experts[0].device.type != "cuda":

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .decoding import CachedLM
+from ipa_fast.decoding.tailored import CachedLM
 
 try:
     from transformers import LogitsProcessor
@@ -57,7 +57,7 @@ class TailoredLogitsProcessor(LogitsProcessor):
         win. ``pad_token_id``: default the adapter directory's tokenizer's pad (else eos) id."""
         from transformers import AutoModelForCausalLM
 
-        from .decoding import _try_tokenizer, load_adapter_metadata
+        from ipa_fast.decoding.tailored import _try_tokenizer, load_adapter_metadata
 
         meta = load_adapter_metadata(adapter_name_or_path) or {}
         model = AutoModelForCausalLM.from_pretrained(adapter_name_or_path, dtype=dtype or torch.float32,

@@ -20,7 +20,7 @@ Two other comparisons share the options:
 - ``--experts K [K ...]``: the cost of the experts, ``ipa_fast.sample_experts`` over K mixed
   experts for each K given (public API and kernel), and each K's time over the first K's;
 - ``--vs-llama-cpp``: llama.cpp's own sampler chain vs ours in this process, on one thread
-  (:mod:`ipa_fast.bench_llama_cpp`; needs llama-cpp-python, ``make bench-llama-cpp``).
+  (:mod:`ipa_fast.ops.bench_llama_cpp`; needs llama-cpp-python, ``make bench-llama-cpp``).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ FILTER_KEYS = {"top_k": int, "top_p": float, "min_p": float}
 
 
 def add_arguments(parser) -> None:
-    from .cli import nonneg_float, positive_float, positive_int
+    from ipa_fast.cli.main import nonneg_float, positive_float, positive_int
 
     parser.add_argument("--quick", action="store_true", help="a small subset (V=50257, B in {1, 32}, top_p=0.9)")
     parser.add_argument("--plot", metavar="PNG", default=None, help="write a speed-up vs batch size plot")
@@ -83,7 +83,7 @@ def filter_spec(text: str) -> str:
 
 
 def validate(args) -> None:
-    from .cli import UsageError
+    from ipa_fast.cli.main import UsageError
 
     if args.vs_llama_cpp and args.experts:
         raise UsageError("--vs-llama-cpp and --experts are separate runs: give one of them")
@@ -95,7 +95,7 @@ def validate(args) -> None:
                              f"drop --threads {args.threads}")
         if args.dtype != "float32":
             raise UsageError(f"--vs-llama-cpp takes float32 logits (llama.cpp's), got --dtype {args.dtype}")
-        from .bench_llama_cpp import require_llama_cpp
+        from ipa_fast.ops.bench_llama_cpp import require_llama_cpp
 
         require_llama_cpp()
 
@@ -185,11 +185,11 @@ def timed_medians(contenders: dict, rounds: int, per_round: int) -> tuple[dict, 
 
 def run(args) -> dict:
     import ipa_fast
-    from ipa_fast import cpu_backend
+    from ipa_fast.ops import cpu_backend
 
     repeats = args.repeats or (3 if args.quick else 7)
     if args.vs_llama_cpp:
-        from . import bench_llama_cpp
+        from ipa_fast.ops import bench_llama_cpp
 
         return bench_llama_cpp.run(args, pick_grid(args, bench_llama_cpp.GRID), repeats)
     if ipa_fast.backends()["cpu"] != "ok":
@@ -253,7 +253,7 @@ def run_experts(args, grid: dict, repeats: int, threads: int) -> dict:
     """The cost of the experts: ``sample_experts`` over the first K of the same Gaussian experts
     (weights 1, then ``--alpha``), public API and kernel, every K interleaved in each round."""
     import ipa_fast
-    from ipa_fast import cpu_backend
+    from ipa_fast.ops import cpu_backend
 
     ks = list(dict.fromkeys(args.experts))
     dtype = getattr(torch, args.dtype)

@@ -39,7 +39,7 @@ Dialects (``dialect=`` or detected, see :func:`detect_dialect`):
     end-of-text answers ``top_logprobs: []``. The bias acts in the sampler only; the reported
     log-probs come from the unbiased logits, so end-of-text keeps its true log-prob (under the
     ambiguous ``""`` key, see above). The server needs ``--logits_all true`` (its default).
-``"ipa-fast"``  :mod:`ipa_fast.serve`: ids in, batched, ``token_id:N`` keys, like vLLM.
+``"ipa-fast"``  :mod:`ipa_fast.decoding.serve`: ids in, batched, ``token_id:N`` keys, like vLLM.
 
 Ids are never guessed from strings when the server can return ids: a string key from an id
 dialect is an error. Every failure is an :class:`APIBaseError` carrying the URL and the cause.

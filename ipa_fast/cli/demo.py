@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import embedded, tasks
+from ipa_fast import embedded, tasks
 
 # the evaluation protocol of docs/DESIGN.md §6, fixed and printed
 PROTOCOL = {"temperature": 1.0, "top_p": 0.9, "samples_per_prompt": 1, "max_new_tokens": 32, "seed": 20261126}
@@ -48,7 +48,7 @@ LABELS = {"base": "base\nalone", "ipa": "base +\nIPA", "ipa_untrained": "base +\
 
 
 def add_arguments(parser) -> None:
-    from .cli import nonneg_int, positive_int
+    from ipa_fast.cli.main import nonneg_int, positive_int
 
     parser.add_argument("--quick", action="store_true", help="fewer prompts and training steps (< 2 minutes)")
     parser.add_argument("--out", default="runs/demo", help="where the live training and the plot go")
@@ -138,7 +138,7 @@ def evaluate_variant(lm, task: str, rows: list[dict], *, alpha: float, base_weig
 
 def _evaluate_once(lm, task: str, rows: list[dict], *, alpha: float, base_weight: float = 1.0,
                    ppl_model=None, seed_offset: int = 0) -> dict:
-    from .evaluation import distinct_n, perplexity
+    from ipa_fast.tasks.evaluation import distinct_n, perplexity
 
     prompts = [r["prompt"] for r in rows]
     texts, prompt_ids, token_ids = [], [], []
@@ -162,7 +162,7 @@ def _evaluate_once(lm, task: str, rows: list[dict], *, alpha: float, base_weight
 def load_pair(base, adapter_dir, tok):
     """A TailoredLM over the loaded ``base`` (shared by every variant) and the adapter in
     ``adapter_dir`` at its stored alpha and prefix (``ipa_adapter.json``)."""
-    from .decoding import TailoredLM
+    from ipa_fast.decoding.tailored import TailoredLM
 
     return TailoredLM.from_pretrained(base, str(adapter_dir), tokenizer=tok, dtype="float32")
 
@@ -220,7 +220,7 @@ def model_record(path: Path, name: str) -> dict:
 def live_training(out: Path, task: str, steps: int, quick: bool) -> dict:
     """A short IPA training run from the initial adapter (``ipa-fast train`` in-process), with
     its progress bar; held-out reward before and after (the task's validation split)."""
-    from .training import TrainConfig, train
+    from ipa_fast.training import TrainConfig, train
 
     run_dir = out / f"live-training-{task}"
     if run_dir.exists():  # a live run is cheap and must reflect the models as they are now: start afresh

@@ -4,9 +4,9 @@ Every fast path (C++ ``cpu``, ``triton``, ``cuda``) is tested against this file.
 for clarity, not speed: it sorts, and it accumulates masses in float64. docs/DESIGN.md §2
 states the same semantics in prose; :data:`RANGES` below is the one definition of the
 parameters' accepted values (used by :func:`ipa_fast.sample`, the companion ops, the
-backends returned by :func:`ipa_fast.dispatch.resolve` and :func:`row_validity` here).
+backends returned by :func:`ipa_fast.ops.dispatch.resolve` and :func:`row_validity` here).
 
-Inputs arrive normalised by :func:`ipa_fast.sampling.sample` — every parameter is a ``[B]``
+Inputs arrive normalised by :func:`ipa_fast.ops.sampling.sample` — every parameter is a ``[B]``
 tensor on the logits' device — so this module only states the maths:
 
     z        = (sum_k w_k * l_k) / T                 K experts l_k [B, V], weights w [B, K]
@@ -17,7 +17,7 @@ tensor on the logits' device — so this module only states the maths:
                z strictly greater than z_i is < p      (value-based: tied tokens go together)
     min-p    : keep i iff pi_i >= min_p * max pi, i.e. exp(z_i - max z) >= min_p
     kept set : the intersection; it is always {i : z_i >= tau} for one threshold tau
-    draw     : u from the Philox stream (``ipa_fast.rng``); token = smallest index i in the
+    draw     : u from the Philox stream (``ipa_fast.ops.rng``); token = smallest index i in the
                kept set whose inclusive cumulative kept mass (index order) exceeds u * total
     T == 0   : greedy argmax of the mixed logits, lowest index on ties; logprobs at T = 1
                and filtered_logprobs = 0.
@@ -179,7 +179,7 @@ def sample_experts(experts, weights, *, temperature, top_k, top_p, min_p, seed, 
     """The K-expert sampler: z = :func:`mix_experts` (experts, weights) / T, then the filters
     and the draw. ``weights``: [B, K] float32 ([B, K - 1] with ``unit_first``, see
     :func:`full_weights`). Returns (tokens, logprobs, filtered_logprobs, valid), each [B]."""
-    from .rng import uniform
+    from ipa_fast.ops.rng import uniform
 
     B, V = experts[0].shape
     x = mix_experts(experts, full_weights(weights, unit_first))   # T = 1 mixed logits

@@ -36,8 +36,8 @@ import numbers
 
 import torch
 
-from .reference import OP_RANGES, full_weights, mix_experts
-from .sampling import check_experts, check_logits, check_pending, param_tensor, weights_tensor
+from ipa_fast.ops.reference import OP_RANGES, full_weights, mix_experts
+from ipa_fast.ops.sampling import check_experts, check_logits, check_pending, param_tensor, weights_tensor
 
 # Rows per chunk: about 256K float32 elements (1 MB) per temporary and thread, so a chunk's few
 # temporaries stay in cache while the passes over them run (the plain formula streams
@@ -55,7 +55,7 @@ def _has_neg_inf(x: torch.Tensor) -> bool:
 
 
 class _Mix:
-    """Per-call constants of ``z = (sum_k w_k * l_k) / t`` (:func:`ipa_fast.reference.mix_experts`
+    """Per-call constants of ``z = (sum_k w_k * l_k) / t`` (:func:`ipa_fast.ops.reference.mix_experts`
     in float32, a weight of 0 ignoring its expert), hoisted out of the chunk loop."""
 
     def __init__(self, w: torch.Tensor, t: torch.Tensor):
@@ -292,7 +292,7 @@ def _prepare_experts(experts, weights, targets, temperature, ref_experts, ref_we
 def experts_token_stats(experts, weights, targets: torch.Tensor, *, temperature=1.0, ref_experts=None,
                         ref_weights=None, chunk_rows: int | None = None):
     """:func:`tailored_token_stats` for K weighted experts: ``(logprob, entropy, kl)``, each
-    float32 ``[N]``, with ``z = (sum_k w_k * l_k) / T`` (:func:`ipa_fast.reference.mix_experts`:
+    float32 ``[N]``, with ``z = (sum_k w_k * l_k) / T`` (:func:`ipa_fast.ops.reference.mix_experts`:
     a weight of 0 ignores its expert) and ``pi_ref`` built the same way from ``ref_experts`` and
     ``ref_weights`` (defaults: ``ref_experts`` = ``experts[:1]`` with weight 1, i.e. the first
     expert — the base — alone; ``ref_weights`` = ``weights`` when ``ref_experts`` is given and
@@ -338,7 +338,7 @@ def tailored_token_stats_reference(base: torch.Tensor, adapter: torch.Tensor, ta
 def experts_token_stats_reference(experts, weights, targets: torch.Tensor, *, temperature=1.0, ref_experts=None,
                                   ref_weights=None):
     """The plain PyTorch formula of :func:`experts_token_stats` (autograd through full ``[N, V]``
-    tensors, the mix of :func:`ipa_fast.reference.mix_experts`): the oracle for tests."""
+    tensors, the mix of :func:`ipa_fast.ops.reference.mix_experts`): the oracle for tests."""
     experts, targets, w, t, ref_experts, ref_w = _prepare_experts(experts, weights, targets, temperature,
                                                                   ref_experts, ref_weights)
     logp = torch.log_softmax(mix_experts(experts, w) / t.unsqueeze(1), dim=-1)

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .ops import experts_log_softmax
-from .reference import RANGES, mix_experts
-from .sampling import sample_experts
+from ipa_fast.ops.log_softmax import experts_log_softmax
+from ipa_fast.ops.reference import RANGES, mix_experts
+from ipa_fast.ops.sampling import sample_experts
 
 ADAPTER_META_FILE = "ipa_adapter.json"
 ADAPTER_META_VERSION = 1
@@ -216,7 +216,7 @@ class TailoredLM:
     devices; logits are moved to the base's device for sampling) over the base's vocabulary, or
     objects following the cached-LM protocol (``prefill(rows, max_new_tokens)`` and
     ``step(tokens)`` returning ``[B, >= V]`` logits, and ``vocab_size``), e.g. an
-    :class:`ipa_fast.api_base.APIBase`. ``adapter_prefix`` / ``prefixes[k]``: token ids (or a
+    :class:`ipa_fast.decoding.api_base.APIBase`. ``adapter_prefix`` / ``prefixes[k]``: token ids (or a
     string) that expert sees before every prompt (e.g. a Quark reward token; ids >= V allowed:
     input-only rows of its embedding). ``base_top_k``: reduce a local base to its top-k
     log-probs per step (the sparse-base path API bases take). ``vocab_size``: override the
@@ -227,7 +227,7 @@ class TailoredLM:
     def __init__(self, base, adapter=None, tokenizer=None, alpha=None, adapter_prefix=None, *,
                  experts=None, weights=None, prefixes=None, base_top_k: int | None = None,
                  vocab_size: int | None = None, metadata: dict | None = None):
-        from .api_base import APIBase  # local import: api_base imports this module
+        from ipa_fast.decoding.api_base import APIBase  # local import: api_base imports this module
 
         if experts is None:
             if adapter is None:
@@ -303,7 +303,7 @@ class TailoredLM:
     def _shared_vocab(self, vocab_size: int | None) -> int:
         """V over the base and every expert (:func:`shared_vocab_size` on the Hugging Face models,
         ``vocab_size`` >= V on cached-LM objects; an API model's vocabulary is the tokenizer's)."""
-        from .api_base import APIBase
+        from ipa_fast.decoding.api_base import APIBase
 
         models = [("the base", self.base)] + [(self._expert_name(k), m) for k, m in enumerate(self.experts)]
         hf = []
@@ -378,7 +378,7 @@ class TailoredLM:
         taking that adapter's saved value, ``lm.metadata["adapters"]`` holds each adapter's
         ``ipa_adapter.json`` and the adapters load as the single one does.
 
-        ``base_name_or_path`` may also be an :class:`~ipa_fast.api_base.APIBase`, or a base model
+        ``base_name_or_path`` may also be an :class:`~ipa_fast.decoding.api_base.APIBase`, or a base model
         already loaded (shared by several adapters: only the adapter is loaded, onto the base's
         device, and ``tokenizer`` defaults to the adapter directory's). When the
         adapter directory holds ``ipa_adapter.json`` (see :func:`save_adapter`), its alpha and
@@ -395,7 +395,7 @@ class TailoredLM:
           slow there), ``"auto"`` elsewhere.
         - ``device_map`` (``"auto"``, a device, or a module -> device dict; needs ``accelerate``)
           is passed to transformers for the base (for the adapter when the base is an
-          :class:`~ipa_fast.api_base.APIBase`). The adapter then goes to the device of the
+          :class:`~ipa_fast.decoding.api_base.APIBase`). The adapter then goes to the device of the
           base's first parameters, where decoding samples, unless ``adapter_device`` is given.
           ``base_device`` and ``device_map`` together raise ``TypeError``.
         - ``base_device`` / ``adapter_device``: move the loaded model there (the adapter may sit
@@ -406,8 +406,8 @@ class TailoredLM:
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .api_base import APIBase
-        from .tokenizer import tokenizer_hash
+        from ipa_fast.decoding.api_base import APIBase
+        from ipa_fast.decoding.tokenizer import tokenizer_hash
 
         def as_dtype(name, value):
             """``value`` as a torch.dtype, or "auto", or None."""
@@ -678,12 +678,12 @@ class TailoredLM:
         (HF semantics, over prompt + generated tokens) act on the *mixed* logits, after
         mixing and before filtering, as the official IPA code applies its masks (a mask goes to
         the sampler as one more expert of weight 1, 0 or -inf; the penalty, not linear in the
-        experts, mixes them first with :func:`ipa_fast.reference.mix_experts`).
+        experts, mixes them first with :func:`ipa_fast.ops.reference.mix_experts`).
         ``truncate_prompt``: a prompt that does not fit the base's (or an expert's, with its
         prefix) context together with ``max_new_tokens`` raises ValueError naming the lengths;
         ``"left"`` keeps its last tokens instead (``prompt_token_ids`` of the output show it).
         """
-        from .api_base import APIBase
+        from ipa_fast.decoding.api_base import APIBase
 
         rows = self.encode(prompts)
         B = len(rows)
@@ -987,7 +987,7 @@ def save_adapter(directory, adapter, tokenizer, *, alpha=1.0, adapter_prefix=Non
     """Save an adapter as Hugging Face files plus ``ipa_adapter.json`` with what restores the
     tailored policy exactly: alpha, the adapter's control prefix (ids and tokens), the shared
     vocabulary size, the tokenizer hash, the base it was trained with and the reference policy."""
-    from .tokenizer import tokenizer_hash
+    from ipa_fast.decoding.tokenizer import tokenizer_hash
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """``ipa_fast.sample``: argument checking, normalisation to per-row tensors, backend dispatch.
 
-The semantics live in :mod:`ipa_fast.reference` (and in prose in docs/DESIGN.md §2); the
-parameters' accepted values are :data:`ipa_fast.reference.RANGES`, checked here for the sampler
+The semantics live in :mod:`ipa_fast.ops.reference` (and in prose in docs/DESIGN.md §2); the
+parameters' accepted values are :data:`ipa_fast.ops.reference.RANGES`, checked here for the sampler
 and the companion ops. Backends receive every parameter as a ``[B]`` tensor on the logits'
 device (float32 alpha / temperature / top_p / min_p, int64 top_k / seed / offset) and return
 ``(tokens, logprobs, filtered_logprobs, valid)``.
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import dispatch as _dispatch
-from . import reference
-from .reference import RANGES
-from .rng import as_int64_u64, draw_seeds
+from ipa_fast.ops import dispatch as _dispatch
+from ipa_fast.ops import reference
+from ipa_fast.ops.reference import RANGES
+from ipa_fast.ops.rng import as_int64_u64, draw_seeds
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -58,7 +58,7 @@ def param_tensor(name: str, value, batch: int, device, *, validate: bool, pendin
     """A parameter (a Python number or a [B] tensor) -> its ``[B]`` kernel form on ``device``:
     float32 for real parameters, int64 for ``top_k`` / ``seed`` / ``offset``.
 
-    The accepted values are ``ranges[name]`` (:data:`ipa_fast.reference.RANGES`). A Python number
+    The accepted values are ``ranges[name]`` (:data:`ipa_fast.ops.reference.RANGES`). A Python number
     outside them raises ``ValueError`` naming ``name`` when ``validate`` (and always for ``seed`` /
     ``offset``: such an int has no uint64 form); otherwise it becomes the range's invalid marker,
     which every backend reports as an invalid row. Tensor values are never read here (no host
@@ -317,7 +317,7 @@ def prepare_experts(experts, weights, *, temperature, top_k, top_p, min_p, seed,
 # :func:`prepare` / :func:`prepare_experts` make — so :func:`sample` and :func:`sample_experts`
 # are its checking wrappers (docs/DESIGN.md §2.11).
 
-_LIB = torch.library.Library("ipa_fast", "DEF")  # the namespace (ipa_fast.token_stats adds its ops to it)
+_LIB = torch.library.Library("ipa_fast", "DEF")  # the namespace (ipa_fast.ops.token_stats adds its ops to it)
 _LIB.define(
     "sample_experts(Tensor[] experts, Tensor weights, Tensor temperature, Tensor top_k, Tensor top_p, "
     "Tensor min_p, Tensor seed, Tensor offset, bool unit_first, str backend) -> (Tensor, Tensor, Tensor, Tensor)")
@@ -449,7 +449,7 @@ def sample_experts(experts, weights, *, temperature=1.0, top_k=0, top_p=1.0, min
     shape and device; dtypes may differ). Rows may be strided (a ``[:, :V]`` slice is read in
     place). ``weights``: K numbers, a ``[K]`` tensor, or a ``[B, K]`` tensor of per-row weights.
 
-    The mix (:func:`ipa_fast.reference.mix_experts`, docs/DESIGN.md §2.4) is float32, summed left
+    The mix (:func:`ipa_fast.ops.reference.mix_experts`, docs/DESIGN.md §2.4) is float32, summed left
     to right: a weight of 0 ignores its expert (even at -inf or NaN); -inf with a positive weight
     masks the token; -inf with a negative weight is +inf, which makes the row invalid (token 0,
     ``valid = False``; ``ValueError`` when ``validate``): an expert with a negative weight must be
@@ -502,7 +502,7 @@ def sample(logits, adapter_logits=None, *, alpha=1.0, temperature=1.0, top_k=0, 
     Randomness (RNG stream version :data:`ipa_fast.RNG_STREAM_VERSION`): a row's ``u`` comes from
     Philox-4x32-10 with key ``(lo32(seed), hi32(seed))`` and counter ``(lo32(offset),
     hi32(offset), 0, 0)``: from its first two output words, ``u = ((x0 << 21 | x1 >> 11) + 0.5) *
-    2**-53`` (see :mod:`ipa_fast.rng`). ``seed``: an int in ``[-2**63, 2**64)`` (row r gets ``seed + r`` modulo
+    2**-53`` (see :mod:`ipa_fast.ops.rng`). ``seed``: an int in ``[-2**63, 2**64)`` (row r gets ``seed + r`` modulo
     2**64) or a ``[B]`` integer tensor (int64 values are read as uint64 bit patterns).
     ``offset``: the caller's step key, an int in ``[0, 2**64)`` or a ``[B]`` integer tensor (read
     the same way); :class:`ipa_fast.TailoredLM` passes each row's unpadded position. With

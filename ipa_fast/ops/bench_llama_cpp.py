@@ -48,7 +48,7 @@ TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 
 def require_llama_cpp():
     """The ``llama_cpp`` module, or a one-line ``UsageError`` saying why it cannot be used."""
-    from .cli import UsageError, one_line
+    from ipa_fast.cli.main import UsageError, one_line
 
     try:
         import llama_cpp
@@ -144,9 +144,9 @@ def kept_bounds(logits: np.ndarray, top_k: int, top_p: float, tol: float = 1e-4)
 
 def run(args, grid: dict, repeats: int) -> dict:
     import ipa_fast
-    from ipa_fast import cpu_backend
+    from ipa_fast.ops import cpu_backend
 
-    from .bench_sampler import kernel_params, parse_filter, timed_medians
+    from ipa_fast.ops.bench_sampler import kernel_params, parse_filter, timed_medians
 
     lc = require_llama_cpp()
     if ipa_fast.backends()["cpu"] != "ok":

@@ -27,7 +27,7 @@ TASKS = ("detox", "lexical")
 
 
 def add_arguments(p) -> None:
-    from .cli import existing_file, model_ref, nonneg_float, nonneg_int, open_unit_float, positive_float, \
+    from ipa_fast.cli.main import existing_file, model_ref, nonneg_float, nonneg_int, open_unit_float, positive_float, \
         positive_int, unit_float
 
     which = p.add_mutually_exclusive_group()
@@ -74,7 +74,7 @@ def add_arguments(p) -> None:
 def adapter_ref(text: str) -> tuple[str, float | None]:
     """``DIR[:WEIGHT]`` -> ``(model reference, weight or None)``. A text that names an existing
     path is a path even with a colon in it; the weight is a finite nonzero number."""
-    from .cli import model_ref
+    from ipa_fast.cli.main import model_ref
 
     path, weight = text, None
     head, sep, tail = text.rpartition(":")
@@ -145,7 +145,7 @@ def read_prompts(args) -> list[str]:
 
 def trained_adapter_path(task: str) -> Path:
     """The shipped trained adapter of ``task``, through :mod:`ipa_fast.embedded`."""
-    from . import embedded
+    from ipa_fast import embedded
 
     return Path(embedded.adapter_path(task))
 
@@ -155,7 +155,7 @@ def model_paths(args) -> tuple[str | None, str | list[str]]:
     ``--api-base``), the shipped trained adapter for ``--task``; ``adapter`` is a list of paths
     when several ``--adapter`` are composed. Sets ``args.adapter_weights`` (one weight or None per
     adapter). Missing assets: one-line error."""
-    from . import embedded
+    from ipa_fast import embedded
 
     if args.adapter is None and args.task is None:
         raise ValueError(f"pass --task {{{','.join(TASKS)}}} (a shipped trained adapter) or --adapter PATH")
@@ -179,9 +179,9 @@ def parse_prefix(text):
 def run(args) -> dict:
     import torch
 
-    from .api_base import APIBase, APIBaseError
-    from .cli import UsageError
-    from .decoding import TailoredLM, _try_tokenizer
+    from ipa_fast.decoding.api_base import APIBase, APIBaseError
+    from ipa_fast.cli.main import UsageError
+    from ipa_fast.decoding.tailored import TailoredLM, _try_tokenizer
 
     from transformers.utils import logging as hf_logging
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 _REWARDS = "ipa_fast.training.rewards"
-_EVAL = "ipa_fast.task_metrics"
+_EVAL = "ipa_fast.tasks.metrics"
 
 
 @dataclass(frozen=True)

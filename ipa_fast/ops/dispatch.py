@@ -2,10 +2,10 @@
 (docs/DESIGN.md §2.8).
 
 Each backend is a module with two functions over normalised ``[B]`` parameter tensors (see
-:func:`ipa_fast.sampling.prepare`): ``sample(base, adapter, *, alpha, temperature, top_k, top_p,
+:func:`ipa_fast.ops.sampling.prepare`): ``sample(base, adapter, *, alpha, temperature, top_k, top_p,
 min_p, seed, offset)`` and ``sample_experts(experts, weights, *, temperature, ..., offset)``
 (weights ``[B, K]`` float32), each returning ``(tokens, logprobs, filtered_logprobs, valid)``. The
-registered op ``torch.ops.ipa_fast.sample_experts`` (:mod:`ipa_fast.sampling`) is the one caller
+registered op ``torch.ops.ipa_fast.sample_experts`` (:mod:`ipa_fast.ops.sampling`) is the one caller
 of these entries (:func:`backend_module`); :func:`resolve` hands one backend out behind the
 sampler's checks. Loading is lazy and its failure is kept as the reason shown by :func:`backends`.
 """
@@ -23,22 +23,22 @@ ORDER_CUDA = ("cuda", "triton", "reference")
 
 
 def _load_reference():
-    from . import reference
+    from ipa_fast.ops import reference
     return reference
 
 
 def _load_cpu():
-    from . import cpu_backend
+    from ipa_fast.ops import cpu_backend
     return cpu_backend
 
 
 def _load_triton():
-    from .kernels import sampler_triton
+    from ipa_fast.kernels import sampler_triton
     return sampler_triton
 
 
 def _load_cuda():
-    from . import cuda_backend
+    from ipa_fast.ops import cuda_backend
     return cuda_backend
 
 
@@ -95,7 +95,7 @@ def backend_module(name: str, logits: torch.Tensor):
     """The raw implementation for ``name`` on ``logits``' device, or a clear error.
 
     It trusts its inputs: every parameter must already be in the normalised ``[B]`` form that
-    :func:`ipa_fast.sampling.prepare` makes (a wrong dtype would be read as other bits). The
+    :func:`ipa_fast.ops.sampling.prepare` makes (a wrong dtype would be read as other bits). The
     registered op ``torch.ops.ipa_fast.sample_experts`` calls it; use :func:`resolve` (or
     :func:`ipa_fast.sample`) unless the inputs come from ``prepare``.
     """
@@ -132,7 +132,7 @@ def resolve(name: str, logits: torch.Tensor):
 
     ``impl(base, adapter=None, *, alpha=1.0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
     seed, offset=0)`` takes what :func:`ipa_fast.sample` takes (numbers or ``[B]`` tensors; the
-    ranges of :data:`ipa_fast.reference.RANGES`) and never synchronises with the device, so it can
+    ranges of :data:`ipa_fast.ops.reference.RANGES`) and never synchronises with the device, so it can
     be timed in a loop or captured in a CUDA graph: types, shapes and devices raise as in
     ``sample``; out-of-range parameter values give invalid rows (token 0, ``valid = False``).
     """
@@ -140,7 +140,7 @@ def resolve(name: str, logits: torch.Tensor):
 
     def checked(base, adapter=None, *, alpha=1.0, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed,
                 offset=0):
-        from .sampling import sample
+        from ipa_fast.ops.sampling import sample
 
         if isinstance(base, torch.Tensor) and base.device != logits.device:
             raise ValueError(f"backend {name!r} was resolved for {logits.device}, got logits on {base.device}")

