@@ -6,6 +6,7 @@
     ipa-fast train --task lexical --algo quark --sft-steps 300 --sft-lr 1e-3 --steps 400 --out runs/lex
     ipa-fast train ... --resume          # continue a killed run in --out up to --steps
     ipa-fast train --task lexical --frozen-adapter runs/detox/adapter:0.5 --out runs/lex-with-detox
+    ipa-fast train --task lexical --api-base http://127.0.0.1:8000/v1 --adapter DIR --out runs/lex-api
 
 Every :class:`~ipa_fast.training.TrainConfig` field is a flag (``--batch-size``, ``--kl-coef``,
 ...). ``--task T`` starts from preset T, the recipe the shipped ``models/adapters/T`` was
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 
@@ -45,6 +47,14 @@ HELP = {
                     "--eval-size rows of --prompts)",
     "base": "base model (HF directory or hub name). Default: the embedded base (`ipa-fast setup`)",
     "adapter": "initial adapter (HF directory or hub name). Default: the embedded adapter initialisation",
+    "api_base": "train against a served base instead of --base (not with --base): an OpenAI-compatible "
+                "completions URL (vLLM, llama-cpp-python or python -m ipa_fast.decoding.serve) that returns "
+                "prompt log-probs; the base is then sparse (its top --api-top-k log-probs per position, -inf "
+                "elsewhere) and the tokenizer comes from the --adapter directory (checked against the server's)",
+    "api_top_k": "with --api-base: top-k log-probs asked of the server per position (the server's limit "
+                 "applies, e.g. vLLM's --max-logprobs)",
+    "api_dialect": "with --api-base: the server's dialect (default: detected from GET /v1/models)",
+    "api_timeout": "with --api-base: deadline in seconds of one server call (a decoding step, or scoring a batch)",
     "alpha": "adapter weight of the tailored policy, > 0 (saved in the adapter's ipa_adapter.json)",
     "reference": "KL reference policy: initial (base x frozen initial adapter) or base (base alone)",
     "kl_target": "target KL for the adaptive KL controller (default: fixed --kl-coef)",
@@ -79,12 +89,13 @@ def _arg_types() -> dict:
 
     types_ = {name: positive_int for name in (
         "batch_size", "minibatch_size", "grad_accum", "max_new_tokens", "n_quantiles", "quark_updates",
-        "ppo_epochs", "eval_size", "eval_max_new_tokens", "keep_checkpoints", "checkpoint_every", "sft_batch_size")}
+        "ppo_epochs", "eval_size", "eval_max_new_tokens", "keep_checkpoints", "checkpoint_every", "sft_batch_size",
+        "api_top_k")}
     types_.update({name: nonneg_int for name in (
         "steps", "min_new_tokens", "top_k", "warmup_steps", "sft_steps", "eval_every", "sample_rows")})
     types_.update({name: positive_float for name in (
         "alpha", "temperature", "lr", "adam_eps", "kl_target", "kl_horizon", "sft_lr", "cliprange",
-        "cliprange_value", "score_clip", "early_stop_kl")})
+        "cliprange_value", "score_clip", "early_stop_kl", "api_timeout")})
     types_.update({name: nonneg_float for name in (
         "weight_decay", "max_grad_norm", "kl_coef", "entropy_coef", "vf_coef", "repeat_coef", "reward_timeout")})
     types_.update({"top_p": open_unit_float, "eval_top_p": open_unit_float, "gamma": open_unit_float,
@@ -93,7 +104,8 @@ def _arg_types() -> dict:
     return types_
 
 
-CHOICES = {"sft_target": ["tailored", "adapter"], "algo": ["quark", "ppo"], "task": list(tasks.names()), "reference": ["initial", "base"],
+CHOICES = {"api_dialect": ["vllm", "llama-cpp-python", "ipa-fast", "llama-server"],
+           "sft_target": ["tailored", "adapter"], "algo": ["quark", "ppo"], "task": list(tasks.names()), "reference": ["initial", "base"],
            "lr_schedule": ["constant", "linear"]}
 
 
@@ -175,6 +187,8 @@ def config_from_args(args) -> TrainConfig:
             raise
         from_preset = sorted(set(PRESETS[name]) - set(given))
         named = [k for k in from_preset if k in str(exc)]
+        if not named and any(re.search(rf"\b{k}\b", str(exc)) for k in given):
+            raise  # about flags given explicitly, not the preset's
         from_preset = named or from_preset
         raise ValueError(f"{exc} (preset {name} set {', '.join(from_preset)}; override them or pass "
                          f"--preset none)") from None
@@ -193,7 +207,7 @@ def validate(args) -> None:
         loading.task_data_path(cfg.task, "train")
     if cfg.base is None or cfg.adapter is None:
         from ipa_fast import embedded
-        if cfg.base is None:
+        if cfg.base is None and cfg.api_base is None:
             embedded.base_path()
         if cfg.adapter is None:
             embedded.adapter_init_path()

@@ -109,6 +109,53 @@ def load_models(base: str | None, adapter: str | None):
     return b, a, tok, str(base), str(adapter)
 
 
+def adapter_tokenizer(adapter: str | None):
+    """``(adapter_path, tokenizer)`` for a run against a served base: the adapter directory
+    (default the shipped initialisation) and the tokenizer saved beside it, which must be the
+    served base's (checked by :func:`connect_api_base`)."""
+    from transformers import AutoTokenizer
+
+    from ipa_fast import embedded
+
+    if adapter is None:
+        adapter = str(embedded.adapter_init_path())
+    try:
+        tok = AutoTokenizer.from_pretrained(adapter)
+    except Exception as exc:  # noqa: BLE001 - one line: the tokenizer must come from the adapter here
+        raise ValueError(f"--api-base: the adapter {adapter} holds no loadable tokenizer (the served base's "
+                         f"tokenizer must be saved beside the adapter): {type(exc).__name__}") from None
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return str(adapter), tok
+
+
+def load_adapter(adapter: str):
+    """The adapter model alone (float32, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, adapter, "adapter")
+
+
+def connect_api_base(url: str, tokenizer, *, top_k: int = 20, dialect: str | None = None, timeout: float = 60.0):
+    """An :class:`~ipa_fast.decoding.api_base.APIBase` for ``url``, checked before training:
+    the server answers (dialect detected or given), can score sequences (not llama-server), and
+    tokenises a probe text to the tokenizer's ids (one ``/tokenize`` round trip; where the
+    server has none, the probe's scored ids must lie in the tokenizer's vocabulary).
+    :class:`~ipa_fast.decoding.api_base.APIBaseError` (one line) otherwise."""
+    from ipa_fast.decoding.api_base import APIBase, APIBaseError
+
+    base = APIBase(url, tokenizer, top_logprobs=top_k, dialect=dialect, timeout=timeout)
+    base.detect_dialect()
+    if base.dialect == "llama-server":
+        raise APIBaseError(f"--api-base {url} is llama.cpp's llama-server, which returns no prompt log-probs: "
+                           "training needs vllm, llama-cpp-python or the bundled server (python -m "
+                           "ipa_fast.decoding.serve)", url=url, cause="no prompt logprobs")
+    if not base.check_tokenizer():
+        probe = tokenizer(base.TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+        base.score_top_k([probe], 2 if base.dialect == "llama-cpp-python" else 1)  # ids >= V fail here
+    return base
+
 
 def _load(cls, name: str, what: str):
     if not Path(name).expanduser().exists():

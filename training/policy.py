@@ -10,15 +10,24 @@ under ``pi`` with :func:`ipa_fast.ops.token_stats.experts_token_stats`: log pi, 
 KL(pi || pi_ref) per token, differentiable w.r.t. the adapter. The KL reference is the same
 product with the adapter replaced by its frozen initial copy (``reference="initial"``) or left
 out (``"base"``): the frozen experts are in both, so the KL measures what the adapter changed.
+
+The base may be a served model (an :class:`~ipa_fast.decoding.api_base.APIBase`): rollouts
+then go through the same TailoredLM (the base's top-K per step, docs/DESIGN.md §2.10), and the
+teacher-forced base is the sparse base of the scored sequence (:meth:`APIBase.score_top_k
+<ipa_fast.decoding.api_base.APIBase.score_top_k>`: the base's log-probs on its top-K plus the
+token that is there, ``-inf`` elsewhere), asked once per sequence and cached
+(:meth:`Policy.sparse_base`), combined with the adapter's full logits by the same op.
 """
 from __future__ import annotations
 
+import collections
 import copy
 from dataclasses import dataclass, field
 
 import torch
 
-from ipa_fast.decoding.tailored import TailoredLM, _as_id_list, left_pad
+from ipa_fast.decoding.api_base import APIBase
+from ipa_fast.decoding.tailored import TailoredLM, _as_id_list, densify_top_k, left_pad
 from ipa_fast.ops.token_stats import experts_token_stats
 
 
@@ -97,15 +106,22 @@ class Policy:
     sees before every prompt at rollout and inference time (Quark: its best control token).
     ``reference``: ``"initial"`` (a frozen copy of the adapter as it is now) or ``"base"``.
     ``min_new_tokens``: the rollouts' early-EOS mask, applied to the scored policy too.
+    ``base`` may be an :class:`~ipa_fast.decoding.api_base.APIBase` (a served base, see the
+    module docstring); ``base_cache_size``: scored sequences whose sparse base is kept.
     """
 
     def __init__(self, base, adapter, tokenizer, *, alpha: float, temperature: float = 1.0,
                  min_new_tokens: int = 0, frozen: list[FrozenExpert] | tuple = (), reference: str = "initial",
                  adapter_prefix: list[int] | None = None, zero_init_output: bool = False,
-                 freeze_shared_embedding: bool = False):
-        self.base = base.eval()
-        for p in self.base.parameters():
-            p.requires_grad_(False)
+                 freeze_shared_embedding: bool = False, base_cache_size: int = 4096):
+        self.api_base = isinstance(base, APIBase)
+        self.base = base if self.api_base else base.eval()
+        if not self.api_base:
+            for p in self.base.parameters():
+                p.requires_grad_(False)
+        self._base_cache: collections.OrderedDict = collections.OrderedDict()
+        self.base_cache_size = int(base_cache_size)
+        self.base_rows_scored = 0  # sequences sent to an API base for scoring (tests, benchmarks)
         self.adapter = adapter.eval()
         self.frozen = list(frozen)
         for e in self.frozen:
@@ -175,14 +191,17 @@ class Policy:
         rows, cols = response_positions(lens)  # gather the predicting logits into [N, V] rows
         targets = torch.tensor([t for r in responses for t in r], dtype=torch.long)
         with torch.no_grad():
-            zb, _ = self.logits(self.base, full, R + 1)
+            if self.api_base:
+                zb = self.sparse_base(full, [len(p) for p in prompt_ids]).to(next(self.adapter.parameters()).device)
+            else:
+                zb, _ = self.logits(self.base, full, R + 1)
+                zb = zb[rows, cols, :self.V]
             zr = None
             if self.ref_adapter is not None and kl:
                 zr, _ = self.logits(self.ref_adapter, adapter_rows, R + 1)
                 zr = zr[rows, cols, :self.V]
             zf = [self.logits(e.model, [list(e.prefix) + f for f in full], R + 1)[0][rows, cols, :self.V]
                   for e in self.frozen]
-        zb = zb[rows, cols, :self.V]
         if self.min_new_tokens and eos_mask:
             # the rollouts' EOS mask, applied to the scored policy too (as the official code
             # does): otherwise pi could hide probability on EOS where rollouts never draw it
@@ -190,7 +209,9 @@ class Policy:
             eos = _as_id_list(self.tokenizer.eos_token_id)
             early = (k < self.min_new_tokens).nonzero().view(-1).to(zb.device)
             zb = zb.clone()
-            zb[early.view(-1, 1), torch.tensor(eos, device=zb.device).view(1, -1)] = -1e4
+            at = (early.view(-1, 1), torch.tensor(eos, device=zb.device).view(1, -1))
+            # a sparse base's -inf stays -inf (masking must not add a token to its support)
+            zb[at] = zb[at].clamp(max=-1e4) if self.api_base else -1e4
         za, hidden = self.logits(self.adapter, adapter_rows, R + 1, hidden=value_head is not None)
         za = za[rows, cols, :self.V].to(zb.device)
         zf = [z.to(zb.device) for z in zf]
@@ -216,6 +237,29 @@ class Policy:
             out["values"] = pad(value_head(hidden[rows, cols]).cpu())
         return out
 
+    def sparse_base(self, rows: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """The API base's teacher-forced sparse base: ``[N, V]`` float32 log-probs for every
+        position ``t >= starts[i]`` of every row (row-major), ``-inf`` outside the base's top-K and
+        the token ``rows[i][t]`` itself. That token's own log-prob is the server's; where the
+        server does not report it (llama-cpp-python outside the top-K) it gets the smallest
+        top-K log-prob, an upper bound (docs/DESIGN.md §2.10). Each (row, start) is asked of the
+        server once and cached (LRU, ``base_cache_size`` sequences): PPO's epochs and
+        minibatches, and Quark's pool, reuse it."""
+        keys = [(tuple(int(t) for t in r), int(s)) for r, s in zip(rows, starts)]
+        found = {k: self._base_cache[k] for k in dict.fromkeys(keys) if k in self._base_cache}
+        missing = [k for k in dict.fromkeys(keys) if k not in found]
+        if missing:
+            got = self.base.score_top_k([list(k[0]) for k in missing], [k[1] for k in missing])
+            self.base_rows_scored += len(missing)
+            for k, (ids, vals, chosen) in zip(missing, got):
+                found[k] = self._base_cache[k] = _sparse_rows(k[0][k[1]:], ids, vals, chosen, self.V)
+        for k in found:
+            self._base_cache[k] = found[k]
+            self._base_cache.move_to_end(k)
+        while len(self._base_cache) > self.base_cache_size:
+            self._base_cache.popitem(last=False)
+        return torch.cat([found[k] for k in keys]) if keys else torch.zeros((0, self.V))
+
     def adapter_nll(self, prompt_ids, prefixes, targets) -> torch.Tensor:
         """Summed NLL of ``targets`` under the adapter alone (its own log-softmax over the shared
         vocabulary, its prefix before the prompt), differentiable w.r.t. the adapter. The output
@@ -239,3 +283,17 @@ class Policy:
         return self.lm.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 seed=seed, min_new_tokens=min_new_tokens, adapter_prefix=self.adapter_prefix,
                                 backend=backend)
+
+
+def _sparse_rows(targets, ids, vals, chosen, V: int) -> torch.Tensor:
+    """``[n, V]``: the top-K ``(ids, vals)`` densified with ``-inf`` elsewhere, plus each
+    position's target token at its own log-prob ``chosen`` (NaN: unknown, then the smallest
+    top-K log-prob, an upper bound on it)."""
+    tgt = torch.tensor(list(targets), dtype=torch.long)
+    dense = densify_top_k(ids, vals, V)
+    if len(tgt):
+        n = torch.arange(len(tgt))
+        own = torch.where(torch.isnan(chosen), vals.min(dim=1).values, chosen)
+        have = dense[n, tgt]
+        dense[n, tgt] = torch.where(torch.isneginf(have), own, have)
+    return dense

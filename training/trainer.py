@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from ipa_fast import tasks
+from ipa_fast.decoding.api_base import APIBase
 from ipa_fast.decoding.tailored import save_adapter
 
 from . import checkpoint as ckpt
@@ -83,6 +84,13 @@ class TrainConfig:
                                         # else the last eval_size rows of --prompts)
     base: str | None = None
     adapter: str | None = None
+    # a served base instead of --base (ipa_fast.decoding.api_base.APIBase): its URL, the top-K
+    # log-probs asked per position (the sparse base, docs/DESIGN.md §2.10), its dialect (None:
+    # detected) and the deadline of one call in seconds; the tokenizer comes from the adapter
+    api_base: str | None = None
+    api_top_k: int = 20
+    api_dialect: str | None = None
+    api_timeout: float = 60.0
     # other adapters in the product, frozen while this one trains: "DIR" or "DIR:WEIGHT" (weight
     # default: the adapter's saved alpha in its ipa_adapter.json, else 1); rollouts, the scored
     # policy, its KL reference and evaluation all include them
@@ -170,6 +178,15 @@ class TrainConfig:
             if not ok:
                 raise ValueError(msg)
         need(self.algo in ("quark", "ppo"), f"algo must be 'quark' or 'ppo', got {self.algo!r}")
+        need(self.api_base is None or self.base is None,
+             "api_base and base are mutually exclusive (--api-base, --base): with --api-base the base is the served model")
+        need(self.api_base is None or (isinstance(self.api_base, str) and self.api_base.startswith(("http://", "https://"))),
+             f"api_base must be an http(s) URL, got {self.api_base!r}")
+        need(isinstance(self.api_top_k, int) and self.api_top_k >= 1, f"api_top_k must be an int >= 1, got {self.api_top_k!r}")
+        from ipa_fast.decoding.api_base import DIALECTS
+        need(self.api_dialect is None or self.api_dialect in DIALECTS,
+             f"api_dialect must be one of {', '.join(DIALECTS)}, got {self.api_dialect!r}")
+        need(self.api_timeout > 0, f"api_timeout must be > 0 seconds, got {self.api_timeout}")
         need(self.reference in ("initial", "base"), f"reference must be 'initial' or 'base', got {self.reference!r}")
         need(self.lr_schedule in ("constant", "linear"), f"lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
         if self.task is not None:
@@ -234,7 +251,8 @@ class Trainer:
         self.out = Path(config.out)
         if frozen_experts is None:
             from .loading import load_frozen_experts
-            frozen_experts = load_frozen_experts(config.frozen_adapters, tokenizer, next(base.parameters()).device)
+            device = next((adapter if isinstance(base, APIBase) else base).parameters()).device
+            frozen_experts = load_frozen_experts(config.frozen_adapters, tokenizer, device)
         algo = ALGORITHMS[config.algo]
         self.rl = algo(algo.Config.view(config))
         prefix = self.rl.prepare_adapter(adapter.eval())  # Quark: its control tokens, before the policy exists
@@ -505,10 +523,13 @@ class Trainer:
         # frozen_experts: what to compose this adapter with (their names, weights, prefixes and
         # weight files' sha256); empty when it was trained alone with the base
         return save_adapter(self.out / "adapter", self.adapter, tok, alpha=c.alpha,
-                            adapter_prefix=self.inference_prefix, vocab_size=self.V, base=c.base,
+                            adapter_prefix=self.inference_prefix, vocab_size=self.V, base=c.api_base or c.base,
                             reference_policy=c.reference, control_tokens=names,
                             extra={"algo": c.algo, "steps": self.step, "quark_control_ids": self.control_ids,
                                    "frozen_experts": self.frozen_records(),
+                                   # a served base: what it was trained against (URL, top-K, dialect)
+                                   **({"api_base": {"url": c.api_base, "top_k": c.api_top_k,
+                                                    "dialect": self.policy.base.dialect}} if c.api_base else {}),
                                    # its untrained product was the base itself (the demo's untrained row)
                                    "zero_init_output": c.zero_init_output})
 
@@ -578,7 +599,7 @@ class Trainer:
         phases = {k.split("/")[1]: float(np.mean([r[k] for r in train])) for k in
                   ("time/rollout", "time/reward", "time/update", "time/step")} if train else {}
         return {"steps": self.step, "algo": self.cfg.algo, "reward_fn": reward_name(self.reward),
-                "base": self.cfg.base, "adapter_init": self.cfg.adapter, "frozen_experts": self.frozen_records(),
+                "base": self.cfg.api_base or self.cfg.base, "adapter_init": self.cfg.adapter, "frozen_experts": self.frozen_records(),
                 "initial_eval": self.initial_eval, "final_eval": self.last_eval,
                 "checkpoint": str(checkpoint_dir), "adapter": str(adapter_dir),
                 "metrics": str(self.out / "metrics.jsonl"), "reward_curve": str(self.out / "reward_curve.png"),
@@ -790,6 +811,17 @@ def train(config: TrainConfig, *, reward: Callable | None = None, train_prompts=
     else:
         eval_rows = _as_rows(eval_prompts)
     eval_rows = eval_rows[: config.eval_size]
+    if config.api_base and base is None:  # a served base: the adapter and the tokenizer are local
+        adapter_name = None
+        if tokenizer is None or adapter is None:
+            adapter_name, tok = loading.adapter_tokenizer(config.adapter)
+            tokenizer = tokenizer or tok
+        # the server first: a wrong URL or tokenizer fails before any model is loaded
+        base = loading.connect_api_base(config.api_base, tokenizer, top_k=config.api_top_k,
+                                        dialect=config.api_dialect, timeout=config.api_timeout)
+        if adapter is None:
+            adapter = loading.load_adapter(adapter_name)
+            config = dataclasses.replace(config, adapter=adapter_name)
     if base is None or adapter is None:
         if (base is None) != (adapter is None):
             raise ValueError("pass both base and adapter models, or neither")

@@ -172,6 +172,7 @@ class APIBase:
         self.dropped = 0   # ambiguous keys left out (ambiguous="drop")
         self._printed = None
         self._adds_bos = None
+        self._echo_checked = False
         self._loop = None
         self._client = None
         self._lock = threading.Lock()
@@ -370,6 +371,239 @@ class APIBase:
             ids[i] = torch.tensor([e[0] for e in p])
             vals[i] = torch.tensor([e[1] for e in p])
         return ids, vals
+
+    # -- teacher-forced scoring ---------------------------------------------------------------
+
+    def score_top_k(self, rows: list[list[int]], start) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Teacher-forced top-k of given sequences (docs/DESIGN.md §2.10, scored sequences).
+
+        For each row ``r`` and each position ``t`` in ``[start_r, len(r))``: the base's top-K
+        next-token ids and log-probs given ``r[:t]``, and the log-prob of ``r[t]`` itself (the
+        token that is there, which may lie outside the top-K). ``start``: one int for all rows
+        or one per row, ``1 <= start_r <= len(r)``. Returns per row ``(ids [n, K] int64,
+        logprobs [n, K] float32, chosen [n] float32)`` with ``n = len(r) - start_r``; ``chosen``
+        is NaN where the server did not report it (llama-cpp-python reports it only inside the
+        top-K). Short replies are padded as in :meth:`top_k`.
+
+        Dialects: ``vllm`` and ``ipa-fast`` (all rows of a chunk in one request, vLLM's
+        ``prompt_logprobs=K``: one ``{id: {"logprob", "rank"}}`` dict per prompt token, the
+        first null, the prompt token itself always included); ``llama-cpp-python`` (one text
+        request per row, ``echo: true`` + ``logprobs``: its echoed ``top_logprobs[i]`` is the
+        distribution after the first ``i + 1`` prompt tokens, so ``start_r >= 2``; the keys are
+        printed strings, mapped as in :meth:`top_k`; the alignment is checked once per base
+        against a plain :meth:`top_k` of the first row). ``llama-server`` has no prompt
+        log-probs: an :class:`APIBaseError`. One call: the deadline, retries and errors of
+        :meth:`top_k`.
+        """
+        self.detect_dialect()
+        rows = [[int(t) for t in r] for r in rows]
+        starts = [int(start)] * len(rows) if isinstance(start, int) else [int(s) for s in start]
+        if len(starts) != len(rows):
+            raise ValueError(f"start: one per row ({len(rows)} rows), got {len(starts)}")
+        if self.dialect == "llama-server":
+            raise APIBaseError(
+                f"API base {self.url} (dialect llama-server) cannot score given sequences: llama.cpp's server "
+                f"returns no prompt log-probs; use vllm, llama-cpp-python or ipa-fast to train against a served base",
+                url=self.url, cause="no prompt logprobs")
+        least = 2 if self.dialect == "llama-cpp-python" else 1
+        for i, (r, s) in enumerate(zip(rows, starts)):
+            if not least <= s <= len(r):
+                raise ValueError(f"start of row {i} must be in [{least}, {len(r)}] (its length), got {s}"
+                                 + (" (llama-cpp-python echoes no log-probs for the first prompt token)"
+                                    if self.dialect == "llama-cpp-python" and s == 1 else ""))
+        out: list = [None] * len(rows)
+        todo = [i for i, (r, s) in enumerate(zip(rows, starts)) if s < len(r)]
+        for i, (r, s) in enumerate(zip(rows, starts)):
+            if s == len(r):
+                out[i] = (torch.zeros((0, self.top_logprobs), dtype=torch.long),
+                          torch.zeros((0, self.top_logprobs)), torch.zeros(0))
+        if not todo:
+            return out
+        if self.dialect == "llama-cpp-python" and not self._echo_checked:
+            self._check_echo_alignment(rows[todo[0]])
+        got = self._run(self._score, [rows[i] for i in todo])
+        for i, per_pos in zip(todo, got):
+            r, s = rows[i], starts[i]
+            n = len(r) - s
+            K = self.top_logprobs
+            ids = torch.zeros((n, K), dtype=torch.long)
+            vals = torch.full((n, K), float("-inf"))
+            chosen = torch.full((n,), float("nan"))
+            for j, t in enumerate(range(s, len(r))):
+                pairs = per_pos[t]
+                if not pairs:
+                    raise APIBaseError(f"API base {self.url} returned no usable prompt log-probs for row {i}, "
+                                       f"position {t}", url=self.url, cause="empty prompt logprobs")
+                own = dict(pairs).get(r[t])
+                if own is not None:
+                    chosen[j] = own
+                p = sorted(pairs, key=lambda e: -e[1])[:K]
+                p += [p[0]] * (K - len(p))
+                ids[j] = torch.tensor([e[0] for e in p])
+                vals[j] = torch.tensor([e[1] for e in p])
+            out[i] = (ids, vals, chosen)
+        return out
+
+    TOKENIZER_PROBE = "The quick brown fox, 12 apples; naïve café!"
+
+    def check_tokenizer(self, text: str | None = None) -> bool:
+        """One tokenize round trip: the server's ids for ``text`` must be the shared tokenizer's
+        (a leading BOS on either side aside). vllm and ipa-fast: ``POST /tokenize``;
+        llama-cpp-python: ``POST /extras/tokenize``; llama-server: ``POST /tokenize``
+        (``content``). False when the server has no such route (nothing checked); an
+        :class:`APIBaseError` naming both id lists when they differ."""
+        self.detect_dialect()
+        text = self.TOKENIZER_PROBE if text is None else text
+        if self.dialect == "llama-cpp-python":
+            url, body, key = self.root + "/extras/tokenize", {"input": text}, "tokens"
+        elif self.dialect == "llama-server":
+            url, body, key = self.root + "/tokenize", {"content": text}, "tokens"
+        else:
+            url, body, key = self.root + "/tokenize", {"prompt": text, "add_special_tokens": False}, "tokens"
+            if self.model is not None:
+                body["model"] = self.model
+        try:
+            reply = self._run(lambda b, d: self._request("POST", url, b, d, completion=False), body)
+        except APIBaseError as e:
+            if e.status in (404, 405):
+                return False
+            raise
+        theirs = reply.get(key) if isinstance(reply, dict) else None
+        if not isinstance(theirs, list) or not all(isinstance(t, int) for t in theirs):
+            raise self._bad(f"no {key} list from {url}", reply)
+        ours = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        bos = self.tokenizer.bos_token_id
+
+        def strip(ids):
+            return ids[1:] if ids and bos is not None and ids[0] == bos else ids
+        if strip(theirs) != strip(ours):
+            raise APIBaseError(
+                f"tokenizer mismatch: the server at {self.root} tokenises {text!r} to {theirs[:16]}, the local "
+                f"tokenizer to {ours[:16]}; the adapter directory must carry the served base's tokenizer",
+                url=self.root, cause="tokenizer mismatch")
+        return True
+
+    SCORE_CHUNK = 32  # rows per batched scoring request (the bundled server takes 64)
+
+    async def _score(self, rows, deadline):
+        """Per row, per position t (0 .. len-1): ``[(id, logprob), ...]`` of the distribution of
+        token t given the first t tokens (position 0: ``[]``)."""
+        if self._batched():
+            chunks = [rows[a:a + self.SCORE_CHUNK] for a in range(0, len(rows), self.SCORE_CHUNK)]
+
+            async def batch(c):
+                body = self._body(c)
+                body.pop("logprobs", None)
+                body["prompt_logprobs"] = self.top_logprobs
+                reply = await self._request("POST", self.url, body, deadline)
+                return self._parse_prompt_logprobs(reply, c)
+
+            parts = await asyncio.gather(*(batch(c) for c in chunks))
+            return [p for part in parts for p in part]
+        sem = asyncio.Semaphore(self.max_concurrency)
+
+        async def one(r):
+            body = self._body([self._text_prompt(r)])
+            body["echo"] = True
+            async with sem:
+                reply = await self._request("POST", self.url, body, deadline)
+            got = (reply.get("usage") or {}).get("prompt_tokens") if isinstance(reply, dict) else None
+            if got is not None and got != len(r):
+                raise APIBaseError(
+                    f"API base {self.url} tokenised the prompt text to {got} tokens, the row has {len(r)}: its "
+                    f"log-probs would be for other ids", url=self.url, cause="prompt round trip")
+            return self._parse_echo(reply, r)
+
+        tasks = [asyncio.ensure_future(one(r)) for r in rows]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def _parse_prompt_logprobs(self, reply, rows) -> list[list[list[tuple[int, float]]]]:
+        """vLLM's ``choices[i].prompt_logprobs`` (keys: ids as decimal strings, or ``token_id:N``;
+        values ``{"logprob": x, ...}`` or plain numbers)."""
+        try:
+            choices = sorted(reply["choices"], key=lambda c: c.get("index", 0))
+            plps = [c["prompt_logprobs"] for c in choices]
+        except (KeyError, TypeError, AttributeError):
+            raise self._bad("no choices[i].prompt_logprobs", reply) from None
+        if len(plps) != len(rows):
+            raise APIBaseError(f"API base {self.url} returned {len(plps)} choices for {len(rows)} prompts",
+                               url=self.url, cause="wrong entry count")
+        out = []
+        for r, plp in zip(rows, plps):
+            if not isinstance(plp, list) or len(plp) != len(r):
+                raise APIBaseError(
+                    f"API base {self.url} returned prompt_logprobs for {len(plp) if isinstance(plp, list) else plp!r} "
+                    f"positions, the row has {len(r)} tokens (does it support prompt_logprobs?)", url=self.url,
+                    cause="malformed reply")
+            per = [[]]
+            for entry in plp[1:]:
+                if not isinstance(entry, dict):
+                    raise self._bad("a null or malformed prompt_logprobs entry after the first", reply)
+                pairs = []
+                for k, v in entry.items():
+                    lp = v.get("logprob") if isinstance(v, dict) else v
+                    if isinstance(k, str) and k.isdigit():
+                        i = self._id(int(k))
+                    else:
+                        i = self.key_to_id(str(k), strings=False)
+                    pairs.append((i, _as_logprob(lp, k, self.url)))
+                per.append(pairs)
+            out.append(per)
+        return out
+
+    def _parse_echo(self, reply, row) -> list[list[tuple[int, float]]]:
+        """llama-cpp-python's echoed ``top_logprobs``: entry i is the distribution after
+        ``row[:i + 1]`` (entry 0 null), so position t's is entry t - 1."""
+        try:
+            top = reply["choices"][0]["logprobs"]["top_logprobs"]
+        except (KeyError, IndexError, TypeError):
+            raise self._bad("no choices[0].logprobs.top_logprobs", reply) from None
+        if not isinstance(top, list) or len(top) < len(row) - 1:
+            raise APIBaseError(
+                f"API base {self.url} echoed {len(top) if isinstance(top, list) else top!r} top_logprobs entries "
+                f"for a {len(row)}-token prompt (does it echo prompt log-probs? llama-cpp-python needs "
+                f"--logits_all true)", url=self.url, cause="malformed reply")
+        per = [[], []]
+        for entry in top[1:len(row) - 1]:
+            if not isinstance(entry, dict):
+                raise self._bad("a null or malformed echoed top_logprobs entry after the first", reply)
+            pairs, seen = [], {}
+            for k, v in entry.items():
+                i = self.key_to_id(k, strings=True)
+                if i is not None and i not in seen:
+                    seen[i] = _as_logprob(v, k, self.url)
+                    pairs.append((i, seen[i]))
+            per.append(pairs)
+        return per
+
+    def _check_echo_alignment(self, row) -> None:
+        """Once per base: the echoed entry after the whole row must be the plain next-token top-K
+        of that row (the alignment :meth:`_parse_echo` assumes)."""
+        body = self._body([self._text_prompt(row)])
+        body["echo"] = True
+        reply = self._post(body)
+        try:
+            last = reply["choices"][0]["logprobs"]["top_logprobs"][len(row) - 1]
+        except (KeyError, IndexError, TypeError):
+            raise self._bad("no echoed top_logprobs entry after the whole prompt", reply) from None
+        plain_ids, plain_vals = self.top_k([row])
+        echoed = {}
+        for k, v in (last or {}).items():
+            i = self.key_to_id(k, strings=True)
+            if i is not None:
+                echoed[i] = _as_logprob(v, k, self.url)
+        agree = [abs(echoed[int(i)] - float(v)) <= 1e-3 for i, v in zip(plain_ids[0], plain_vals[0])
+                 if math.isfinite(float(v)) and int(i) in echoed]
+        if len(agree) < max(1, len(echoed) // 2) or not all(agree):
+            raise APIBaseError(
+                f"API base {self.url}: its echoed prompt log-probs are not aligned as expected (entry i = the "
+                f"distribution after the first i + 1 tokens, as llama-cpp-python 0.3 answers); this server "
+                f"version cannot be used to score sequences", url=self.url, cause="echo alignment")
+        self._echo_checked = True
 
     async def _step(self, prompts, lengths, deadline):
         if self._batched():

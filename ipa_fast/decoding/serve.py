@@ -11,9 +11,17 @@ or in Python (tests do this):
 ``POST /v1/completions`` takes ``prompt`` (a string, a list of ids, or a list of either),
 ``max_tokens``, ``temperature`` (0 = greedy), ``logprobs`` (top-k per generated token),
 ``return_tokens_as_token_ids`` (keys ``token_id:N``, as vLLM) and ``seed``; other OpenAI
-fields (``model``, ``top_p``, ...) are accepted and ignored; ``echo``, ``stream`` and ``n`` other
-than 1 are refused. ``GET /v1/models`` lists the model (``owned_by: "ipa-fast"``, which is how
-:class:`~ipa_fast.decoding.api_base.APIBase` recognises it), ``GET /health`` answers ``{"status": "ok"}``.
+fields (``model``, ``top_p``, ...) are accepted and ignored; ``stream`` and ``n`` other than 1
+are refused. Teacher-forced scoring, in vLLM's shape: ``prompt_logprobs: K`` answers
+``choices[i].prompt_logprobs``, one entry per prompt token - ``null`` for the first, then
+``{"<id>": {"logprob": x, "rank": r, "decoded_token": s}}`` with the K most likely ids given the
+tokens before it and the prompt token itself (always there, with its own rank); ``echo: true``
+puts the prompt before the generated text and, with ``logprobs``, the prompt tokens (first
+entry ``null``) before the generated ones in ``logprobs``, as vLLM does (``prompt_logprobs``
+then defaults to ``logprobs``). Scored entries per request (prompt tokens x (K + 1)) are capped
+(``max_prompt_logprob_entries``; 400 over it). ``GET /v1/models`` lists the model (``owned_by: "ipa-fast"``, which is how
+:class:`~ipa_fast.decoding.api_base.APIBase` recognises it), ``GET /health`` answers ``{"status": "ok"}``,
+``POST /tokenize`` (``{"prompt": text, "add_special_tokens": bool}``) the ids, as vLLM's does.
 
 Hardening: a listen backlog of 1024; a cap on the body size (413), on ``max_tokens``, on rows
 per request and on prompt + ``max_tokens`` (the model's context); a per-connection socket
@@ -57,8 +65,11 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class _Job:
-    def __init__(self, rows, max_tokens, k, temperature, as_ids, seed):
+    def __init__(self, rows, max_tokens, k, temperature, as_ids, seed, prompt_k=None, echo=False):
         self.rows = [list(r) for r in rows]
+        self.prompt_len = [len(r) for r in rows]
+        self.prompt_k, self.echo = prompt_k, echo
+        self.prompt_out = None  # per row: the vLLM-shaped prompt_logprobs list
         self.n_prompt = sum(len(r) for r in rows)
         self.max_tokens, self.k, self.temperature, self.as_ids = max_tokens, k, temperature, as_ids
         self.gen = torch.Generator().manual_seed(seed)
@@ -82,7 +93,7 @@ class CompletionServer:
                  model_name: str = "ipa-fast-local", max_logprobs: int = 20, vocab_size: int | None = None,
                  max_tokens: int = 512, max_rows: int = 64, max_body_bytes: int = 4 << 20,
                  context: int | None = None, conn_timeout: float = 30.0, max_queue: int = 1024,
-                 max_batch_rows: int = 128):
+                 max_batch_rows: int = 128, max_prompt_logprob_entries: int = 1 << 21):
         self.model, self.tokenizer, self.model_name = model.eval(), tokenizer, model_name
         self.max_logprobs = max_logprobs
         out = model.get_output_embeddings()
@@ -96,6 +107,7 @@ class CompletionServer:
         self.max_tokens, self.max_rows = max_tokens, max_rows
         self.max_body_bytes, self.conn_timeout = max_body_bytes, conn_timeout
         self.max_queue, self.max_batch_rows = max_queue, max(max_batch_rows, max_rows)
+        self.max_prompt_logprob_entries = max_prompt_logprob_entries
         self._tok_lock = threading.Lock()      # HF fast tokenizers are not safe across threads
         self._cond = threading.Condition()
         self._pending: collections.deque[_Job] = collections.deque()
@@ -186,8 +198,17 @@ class CompletionServer:
             seed = 0
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
             raise BadRequest("seed must be an int in [0, 2**63)")
-        if body.get("echo"):
-            raise BadRequest("echo is not supported by this server")
+        echo = body.get("echo", False)
+        if echo is None:
+            echo = False
+        if not isinstance(echo, bool):
+            raise BadRequest("echo must be a boolean")
+        prompt_k = body.get("prompt_logprobs")
+        if prompt_k is not None and (not isinstance(prompt_k, int) or isinstance(prompt_k, bool)
+                                     or not 0 <= prompt_k <= self.max_logprobs):
+            raise BadRequest(f"prompt_logprobs must be an int in [0, {self.max_logprobs}]")
+        if prompt_k is None and echo and k is not None:
+            prompt_k = k  # vLLM: echo with logprobs scores the prompt too
         if body.get("stream"):
             raise BadRequest("stream is not supported by this server")
         if body.get("n", 1) != 1 or body.get("best_of", 1) not in (1, None):
@@ -197,12 +218,31 @@ class CompletionServer:
             raise BadRequest("return_tokens_as_token_ids must be a boolean")
         rows = self._prompts(body.get("prompt"))
         longest = max(len(r) for r in rows)
+        if prompt_k is not None:
+            entries = sum(len(r) for r in rows) * (prompt_k + 1)
+            if entries > self.max_prompt_logprob_entries:
+                raise BadRequest(f"prompt_logprobs: {sum(len(r) for r in rows)} prompt tokens x {prompt_k + 1} "
+                                 f"entries exceed this server's limit of {self.max_prompt_logprob_entries}")
         if longest + max_tokens > self.context:
             raise BadRequest(f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                              f"context of {self.context} tokens")
-        return _Job(rows, max_tokens, k, float(temperature), as_ids, seed)
+        return _Job(rows, max_tokens, k, float(temperature), as_ids, seed, prompt_k, echo)
 
     # -- the batcher -----------------------------------------------------------------------------
+
+    def tokenize(self, body) -> dict:
+        """``POST /tokenize`` in vLLM's shape: ``{"prompt": text, "add_special_tokens": bool}`` ->
+        ``{"tokens": [...], "count": n, "max_model_len": context}``."""
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+            raise BadRequest('the body must be a JSON object with a string "prompt"')
+        if len(body["prompt"]) > self.max_body_bytes:
+            raise BadRequest("prompt too long")
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise BadRequest("add_special_tokens must be a boolean")
+        with self._tok_lock:
+            ids = list(self.tokenizer(body["prompt"], add_special_tokens=special)["input_ids"])
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.context}
 
     def submit(self, job: _Job) -> _Job:
         with self._cond:
@@ -248,7 +288,44 @@ class CompletionServer:
                         j.done.set()
 
     @torch.no_grad()
+    def _score_prompts(self, job: _Job) -> None:
+        """The job's prompt log-probs, before its first step: one teacher-forced forward."""
+        ids, mask = left_pad(job.rows, self.pad_id, self.device)
+        pos = (mask.cumsum(1) - 1).clamp_(min=0)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        lp_all = torch.log_softmax(logits[..., :self.V].float(), dim=-1).cpu()
+        W = ids.shape[1]
+        k = job.prompt_k or 0
+        job.prompt_out, job.echo_out = [], []
+        for i, r in enumerate(job.rows):
+            lp = lp_all[i, W - len(r):]  # lp[p] = the distribution of token p + 1
+            entries, echo = [None], {"tokens": [self._key(r[0], job.as_ids)], "token_logprobs": [None],
+                                     "top_logprobs": [None]}
+            for p in range(1, len(r)):
+                row, t = lp[p - 1], r[p]
+                vals, top = row.topk(k) if k else (row[:0], torch.zeros(0, dtype=torch.long))
+                entry = {}
+                for rank, (q, v) in enumerate(zip(top.tolist(), vals.tolist()), 1):
+                    entry[str(q)] = {"logprob": v, "rank": rank, "decoded_token": self._key(q, job.as_ids)}
+                own = float(row[t])
+                if str(t) not in entry:
+                    entry[str(t)] = {"logprob": own, "rank": int((row > row[t]).sum()) + 1,
+                                     "decoded_token": self._key(t, job.as_ids)}
+                entries.append(entry)
+                echo["tokens"].append(self._key(t, job.as_ids))
+                echo["token_logprobs"].append(own)
+                if job.k:
+                    v2, t2 = row.topk(job.k)
+                    echo["top_logprobs"].append({self._key(int(q), job.as_ids): float(v)
+                                                 for q, v in zip(t2.tolist(), v2.tolist())})
+            job.prompt_out.append(entries)
+            job.echo_out.append(echo)
+
+    @torch.no_grad()
     def _step(self, jobs: list[_Job]) -> None:
+        for j in jobs:
+            if j.steps == 0 and j.prompt_out is None and (j.prompt_k is not None or j.echo):
+                self._score_prompts(j)
         rows = [r for j in jobs for r in j.rows]
         ids, mask = left_pad(rows, self.pad_id, self.device)
         pos = (mask.cumsum(1) - 1).clamp_(min=0)
@@ -288,8 +365,17 @@ class CompletionServer:
         for i, r in enumerate(job.rows):
             with self._tok_lock:
                 text = self.tokenizer.decode(r[-m:])
-            choices.append({"index": i, "text": text, "logprobs": job.out[i] if job.k is not None else None,
-                            "finish_reason": "length"})
+            logprobs = job.out[i] if job.k is not None else None
+            if job.echo:
+                with self._tok_lock:
+                    text = self.tokenizer.decode(r[:job.prompt_len[i]]) + text
+                if logprobs is not None:
+                    e = job.echo_out[i]
+                    logprobs = {key: e[key] + logprobs[key] for key in ("tokens", "token_logprobs", "top_logprobs")}
+            choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": "length"}
+            if job.prompt_k is not None:
+                choice["prompt_logprobs"] = job.prompt_out[i]
+            choices.append(choice)
         n_gen = m * len(job.rows)
         return {"id": f"cmpl-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
@@ -370,7 +456,7 @@ def _handler(server: CompletionServer):
             return b"".join(chunks)
 
         def do_POST(self):
-            if self._route() != "/v1/completions":
+            if self._route() not in ("/v1/completions", "/tokenize"):
                 self._error(404, f"no route {self.path}", close=True)
                 return
             try:
@@ -383,7 +469,10 @@ def _handler(server: CompletionServer):
                     body = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
                 except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
                     raise BadRequest(f"the body is not valid JSON: {e}") from None
-                self._send(200, server.complete(body))
+                if self._route() == "/tokenize":
+                    self._send(200, server.tokenize(body))
+                else:
+                    self._send(200, server.complete(body))
             except BadRequest as e:
                 self._error(e.status, str(e))
             except Exception as e:  # a server must answer, not hang the client
