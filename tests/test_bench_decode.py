@@ -37,7 +37,7 @@ def test_every_method_gives_exactly_n_tokens(one_thread, B):
 
 
 def test_run_result_and_plot(monkeypatch, tmp_path, capsys):
-    from ipa_fast.cli import main
+    from ipa_fast.cli.main import main
 
     monkeypatch.setattr(bench_decode, "bench_models", lambda tiny: (*make_tiny_pair(seed=4), "tiny pair"))
     n = torch.get_num_threads()
@@ -55,7 +55,7 @@ def test_run_result_and_plot(monkeypatch, tmp_path, capsys):
 
 
 def test_missing_base_is_one_line_naming_setup(monkeypatch, tmp_path, capsys):
-    from ipa_fast.cli import main
+    from ipa_fast.cli.main import main
 
     monkeypatch.setenv("IPA_FAST_HOME", str(tmp_path / "empty"))
     assert main(["bench", "decode", "--quick"]) == 2
@@ -64,8 +64,30 @@ def test_missing_base_is_one_line_naming_setup(monkeypatch, tmp_path, capsys):
 
 
 def test_bad_flags_refused(capsys):
-    from ipa_fast.cli import main
+    from ipa_fast.cli.main import main
 
     for argv in (["--threads", "0"], ["--top-p", "0"], ["--prompts", "nope"], ["--batch", "-1"]):
         assert main(["bench", "decode", *argv]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_compile_row_times_the_compiled_step_apart(monkeypatch, tmp_path, capsys):
+    """--compile adds (e): the same tokens as (b) in its warm-up, its compile time apart, and the
+    compiled-vs-eager ratio (dynamo's "eager" backend here: tracing without code generation)."""
+    from ipa_fast.cli.main import main
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(bench_decode, "bench_models", lambda tiny: (*make_tiny_pair(seed=4, base_arch="llama",
+                                                                                   adapter_arch="llama"), "tiny"))
+    rc = main(["bench", "decode", "--tiny", "--prompts", "detox", "--batch", "2", "--new-tokens", "4",
+               "--repeats", "1", "--threads", "1", "--compile", "eager", "--json", str(tmp_path / "d.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "d.json").read_text())
+    assert res["compile"] == "eager" and bench_decode.COMPILED in res["methods"]
+    (r,) = res["results"]
+    m = r[bench_decode.COMPILED]
+    assert m["tokens_match"] is True and m["max_logprob_diff"] < 1e-5
+    assert m["tok_s"] > 0 and m["first_call_s"] > 0 and m["outside_forward"] is None and "compile_s" in m
+    assert r["compiled_vs_eager"] == pytest.approx(r["tailored"]["seconds"] / m["seconds"])
+    assert "(e) vs (b)" in capsys.readouterr().out
+    torch._dynamo.reset()

@@ -11,7 +11,12 @@ top-k off unless ``--top-k``, temperature 1):
     adapter stepped inside the processor with its own cache, HF's warpers and draw on the mix);
 (d) ``naive``: a loop written the way the official IPA code decodes (``policy.py``): HF forwards
     with cache, eager mix, ``log_softmax`` of the mix, HF warpers, softmax, ``torch.multinomial``,
-    ``torch.cat`` of ids / log-probs every step.
+    ``torch.cat`` of ids / log-probs every step;
+(e) ``tailored-compiled`` (with ``--compile``): (b) with ``generate(..., compile=True)``: static KV
+    caches and every step after the first as one ``torch.compile`` graph. Its first call per batch
+    size compiles the graph; that call is timed apart (``compile_s``: first call minus the median
+    of the timed ones) and kept out of tokens/s. ``compiled_vs_eager`` is (b)'s wall time over
+    (e)'s, and ``tokens_match`` says whether (e) drew (b)'s tokens in the warm-up (same seed).
 
 Exactly N new tokens per row for every method: EOS (the tokenizer's) is masked for all N steps —
 ``min_new_tokens=N`` with ``max_new_tokens=N`` in HF ``generate`` and in ``TailoredLM.generate``,
@@ -34,8 +39,10 @@ import torch
 from ipa_fast import tasks
 
 METHODS = ("hf-base", "tailored", "hf-processor", "naive")
+COMPILED = "tailored-compiled"
 LABELS = {"hf-base": "(a) HF generate, base alone", "tailored": "(b) TailoredLM",
-          "hf-processor": "(c) HF generate + TailoredLogitsProcessor", "naive": "(d) official-style loop"}
+          "hf-processor": "(c) HF generate + TailoredLogitsProcessor", "naive": "(d) official-style loop",
+          COMPILED: "(e) TailoredLM, compiled step"}
 ADAPTER_LAYERS = 4
 
 
@@ -57,6 +64,9 @@ def add_arguments(p) -> None:
     p.add_argument("--tiny", action="store_true", help="random-weight configs instead of the embedded base")
     p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--plot", metavar="PNG", default=None, help="also draw tokens/s ratios vs (a) to PNG")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="also time (e): TailoredLM.generate(compile=...) with this torch.compile backend "
+                        "(default inductor); compile time reported apart, not in tokens/s")
 
 
 class ForwardTimer:
@@ -70,10 +80,12 @@ class ForwardTimer:
             self.handles.append(m.register_forward_hook(self._post))
 
     def _pre(self, module, args):
-        module._ipa_t0 = time.perf_counter()
+        if not torch.compiler.is_compiling():  # inside a compiled step the forwards are not timed
+            module._ipa_t0 = time.perf_counter()
 
     def _post(self, module, args, output):
-        self.total += time.perf_counter() - module._ipa_t0
+        if not torch.compiler.is_compiling():
+            self.total += time.perf_counter() - module._ipa_t0
 
     def remove(self):
         for h in self.handles:
@@ -192,8 +204,9 @@ def hf_generate(base, rows, max_new_tokens, *, pad_id, eos_ids, top_k=0, top_p=0
     return out[:, ids.shape[1]:]
 
 
-def method_fns(base, adapter, tok, rows, n_new, *, top_k, top_p, alpha, seed=0) -> dict:
-    """``{method: fn() -> number of new tokens}`` for the four rows, on the same prompts."""
+def method_fns(base, adapter, tok, rows, n_new, *, top_k, top_p, alpha, seed=0, compile=None) -> dict:
+    """``{method: fn() -> number of new tokens}`` for the four rows, on the same prompts; with
+    ``compile`` (a torch.compile backend) also (e), :data:`COMPILED`."""
     from ipa_fast.decoding.tailored import TailoredLM
     from ipa_fast.decoding.hf import TailoredLogitsProcessor
 
@@ -204,8 +217,9 @@ def method_fns(base, adapter, tok, rows, n_new, *, top_k, top_p, alpha, seed=0) 
     def a():
         return hf_generate(base, rows, n_new, pad_id=pad, eos_ids=eos, top_k=top_k, top_p=top_p, seed=seed).numel()
 
-    def b():
-        out = lm.generate(rows, n_new, min_new_tokens=n_new, eos_token_id=eos, top_k=top_k, top_p=top_p, seed=seed)
+    def b(compile=False):
+        out = lm.generate(rows, n_new, min_new_tokens=n_new, eos_token_id=eos, top_k=top_k, top_p=top_p, seed=seed,
+                          compile=compile)
         return sum(len(t) for t in out.token_ids)
 
     def c():
@@ -216,7 +230,25 @@ def method_fns(base, adapter, tok, rows, n_new, *, top_k, top_p, alpha, seed=0) 
         return naive_generate(base, adapter, rows, n_new, pad_id=pad, alpha=alpha, top_k=top_k, top_p=top_p,
                               seed=seed, eos_ids=eos)[1].numel()
 
-    return dict(zip(METHODS, (a, b, c, d)))
+    fns = dict(zip(METHODS, (a, b, c, d)))
+    if compile:
+        fns[COMPILED] = lambda: b(compile)
+    return fns
+
+
+def compiled_warmup(base, adapter, tok, rows, n_new, *, top_k, top_p, alpha, compile, seed=0) -> dict:
+    """(e)'s first call at these rows (it compiles the graph): its wall time, and whether (e)
+    drew the same tokens and log-probs as (b) for the same seed."""
+    from ipa_fast.decoding.tailored import TailoredLM
+
+    lm = TailoredLM(base, adapter, tok, alpha=alpha)
+    kw = dict(min_new_tokens=n_new, eos_token_id=_eos_ids(tok), top_k=top_k, top_p=top_p, seed=seed)
+    t0 = time.perf_counter()
+    got = lm.generate(rows, n_new, compile=compile, **kw)
+    first = time.perf_counter() - t0
+    ref = lm.generate(rows, n_new, **kw)
+    diff = max((abs(x - y) for g, r in zip(got.logprobs, ref.logprobs) for x, y in zip(g, r)), default=0.0)
+    return {"first_call_s": first, "tokens_match": got.token_ids == ref.token_ids, "max_logprob_diff": diff}
 
 
 def _time_interleaved(fns, timer, repeats, expect):
@@ -249,6 +281,8 @@ def _run(args) -> dict:
     batches = args.batch or [1, 16]
     base, adapter, tok, desc = bench_models(args.tiny)
     knobs = dict(top_k=args.top_k, top_p=args.top_p, alpha=args.alpha)
+    compile = getattr(args, "compile", None)
+    methods = METHODS + ((COMPILED,) if compile else ())
     timer = ForwardTimer(base, adapter)
     results = []
     t_start = time.perf_counter()
@@ -257,13 +291,17 @@ def _run(args) -> dict:
             fn()  # warm-up: one prompt, 2 tokens, each method
         for B in batches:
             rows, prompts_desc = bench_prompts(tok, args.prompts, B)
-            fns = method_fns(base, adapter, tok, rows, n_new, **knobs)
+            warm = compiled_warmup(base, adapter, tok, rows, n_new, compile=compile, **knobs) if compile else None
+            fns = method_fns(base, adapter, tok, rows, n_new, compile=compile, **knobs)
             times = _time_interleaved(fns, timer, repeats, B * n_new)
             t_ref = times["hf-base"][0]
             r = {"batch": B, "new_tokens": n_new, "prompt_tokens": [len(x) for x in rows]}
             for k, (wall, fwd) in times.items():
                 r[k] = {"tok_s": B * n_new / wall, "ratio_vs_hf_base": t_ref / wall, "seconds": wall,
                         "outside_forward": 1 - fwd / wall}
+            if warm:  # the forwards run inside the graph, untimed: no outside-forward share
+                r[COMPILED].update(warm, outside_forward=None, compile_s=warm["first_call_s"] - times[COMPILED][0])
+                r["compiled_vs_eager"] = times["tailored"][0] / times[COMPILED][0]
             results.append(r)
     finally:
         timer.remove()
@@ -275,15 +313,20 @@ def _run(args) -> dict:
           f"{torch.get_num_threads()}, sampler backend {sampler_backend}")
     print(f"{'B':>3}  {'method':<42}  {'tok/s':>8}  {'vs (a)':>7}  {'outside fwd':>11}")
     for r in results:
-        for k in METHODS:
+        for k in methods:
             m = r[k]
+            outside = "-" if m["outside_forward"] is None else f"{100 * m['outside_forward']:.1f}%"
             print(f"{r['batch']:>3}  {LABELS[k]:<42}  {m['tok_s']:>8.1f}  {m['ratio_vs_hf_base']:>6.2f}x  "
-                  f"{100 * m['outside_forward']:>10.1f}%")
+                  f"{outside:>11}")
+        if COMPILED in r:
+            m = r[COMPILED]
+            print(f"{r['batch']:>3}  (e) vs (b): {r['compiled_vs_eager']:.2f}x; compile {m['compile_s']:.1f} s "
+                  f"(excluded); same tokens as (b): {m['tokens_match']}")
     out = {"models": desc, "prompts": args.prompts, "prompts_desc": prompts_desc, "top_k": args.top_k,
            "top_p": args.top_p, "alpha": args.alpha, "new_tokens": n_new, "repeats": repeats,
            "stop_rule": "exactly new_tokens per row: EOS masked for all steps (min_new_tokens = max_new_tokens)",
            "torch_threads": torch.get_num_threads(), "sampler_backend": sampler_backend,
-           "methods": LABELS, "wall_s": time.perf_counter() - t_start, "results": results}
+           "methods": {k: LABELS[k] for k in methods}, "compile": compile, "wall_s": time.perf_counter() - t_start, "results": results}
     if args.plot:
         plot(out, args.plot)
     return out
@@ -296,10 +339,11 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["results"]
+    methods = list(result["methods"])
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    w = 0.8 / len(METHODS)
-    for j, k in enumerate(METHODS):
-        xs = [i + (j - (len(METHODS) - 1) / 2) * w for i in range(len(rows))]
+    w = 0.8 / len(methods)
+    for j, k in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * w for i in range(len(rows))]
         ys = [r[k]["ratio_vs_hf_base"] for r in rows]
         bars = ax.bar(xs, ys, w, label=LABELS[k])
         ax.bar_label(bars, fmt="%.2f", fontsize=7)

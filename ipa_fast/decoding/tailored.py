@@ -151,6 +151,54 @@ def densify_top_k(ids: torch.Tensor, values: torch.Tensor, vocab_size: int) -> t
     return dense.scatter_(1, ids, values.float())
 
 
+class StaticCachedLM(CachedLM):
+    """A :class:`CachedLM` over a pre-allocated (static) KV cache, for the compiled decode step.
+
+    ``prefill`` allocates a transformers ``StaticCache`` of ``max_cache_len`` = prompt width +
+    ``max_new_tokens`` rounded up to a multiple of :data:`STATIC_CACHE_BUCKET` (calls whose
+    lengths round alike share a compiled graph) and an attention mask of that width (pads 0,
+    every later slot 1: the causal mask hides the slots not written yet). ``forward_step(tokens)``
+    — the part that is traced — writes one slot per row at the cache's own position counter and
+    reads the whole mask, so every step has the same shapes; the caller advances ``next_pos``
+    (each row's unpadded position) in place. ``top_k``: reduce the logits to their top-k log-probs as
+    :class:`SparseBase` does (``vocab_size`` = V then).
+    """
+
+    def __init__(self, model, pad_id: int = 0, top_k: int | None = None, vocab_size: int | None = None):
+        super().__init__(model, pad_id)
+        self.top_k, self.V = top_k, vocab_size
+
+    def prefill(self, rows: list[list[int]], max_new_tokens: int) -> torch.Tensor:
+        from transformers import StaticCache
+
+        ids, mask = left_pad(rows, self.pad_id, self.device)
+        B, P = ids.shape
+        L = -(-(P + max_new_tokens) // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
+        self.cache = StaticCache(config=self.model.config, max_cache_len=L)
+        self.mask = torch.ones((B, L), dtype=torch.long, device=self.device)
+        self.mask[:, :P] = mask
+        self.next_pos = mask.sum(1)
+        pos = (mask.cumsum(1) - 1).clamp_(min=0)
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, cache=self.cache,
+                         use_cache=True, logits_to_keep=1)
+        return self._reduce(out.logits[:, -1])
+
+    def forward_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=tokens.to(self.device).view(-1, 1), attention_mask=self.mask,
+                         position_ids=self.next_pos.view(-1, 1), cache=self.cache, use_cache=True)
+        return self._reduce(out.logits[:, -1])
+
+    def _reduce(self, logits):
+        if not self.top_k:
+            return logits
+        lp = torch.log_softmax(logits[:, :self.V].float(), dim=-1)
+        vals, ids = lp.topk(min(self.top_k, self.V), dim=-1)
+        return densify_top_k(ids, vals, self.V)
+
+
+STATIC_CACHE_BUCKET = 64
+
+
 # ----------------------------------------------------------------------------------------------
 # Vocabulary checks
 # ----------------------------------------------------------------------------------------------
@@ -476,15 +524,22 @@ class TailoredLM:
             return load(path, adapter_dtype, adapter_device, None)
 
         metas = [load_adapter_metadata(p) for p in paths]
+
+        def load_adapters():
+            """Each adapter; a residual one (ipa_adapter.json: residual_of) wrapped with its initial
+            weights, loaded the same way (ipa_fast.decoding.residual)."""
+            from ipa_fast.decoding.residual import wrap_if_residual
+            return [wrap_if_residual(load_adapter(p), m, p, load_adapter) for p, m in zip(paths, metas)]
+
         if api_base or loaded_base:
             base = base_name_or_path
-            adapters = [load_adapter(p) for p in paths]
+            adapters = load_adapters()
         elif device_map is None:
-            adapters = [load_adapter(p) for p in paths]
+            adapters = load_adapters()
             base = load(base_name_or_path, base_dtype, base_device, None)
         else:
             base = load(base_name_or_path, base_dtype, None, device_map)
-            adapters = [load_adapter(p) for p in paths]
+            adapters = load_adapters()
         ad_toks = [_try_tokenizer(p) for p in paths]
         base_tok = None if api_base or loaded_base else _try_tokenizer(base_name_or_path)
         named = ([(base_name_or_path, base_tok)] if base_tok is not None else []) + \
@@ -651,13 +706,37 @@ class TailoredLM:
             out.append(t)
         return torch.stack(out, dim=1).contiguous()
 
+    def _compile_backend(self, compile, base_weight) -> str | None:
+        """``generate``'s ``compile=`` as a torch.compile backend name (None: eager), or a
+        one-line error naming the model the compiled step cannot run."""
+        if compile is None or compile is False:
+            return None
+        if compile is True:
+            backend = "inductor"
+        elif (isinstance(compile, str) and compile) or callable(compile):
+            backend = compile
+        else:
+            raise TypeError(f"compile must be True, False or a torch.compile backend (a name or a callable), "
+                            f"got {compile!r}")
+        models = ([] if base_weight == 0 else [("the base", self.base)]) + \
+            [(self._expert_name(k), m) for k, m in enumerate(self.experts)]
+        for name, m in models:
+            if not isinstance(m, torch.nn.Module):
+                raise ValueError(f"compile={compile!r}: {name} is a {type(m).__name__}, not a local Hugging Face "
+                                 f"model; the compiled step needs every model's forward in the graph: pass "
+                                 f"compile=False")
+            if not getattr(m, "_can_compile_fullgraph", False):
+                raise ValueError(f"compile={compile!r}: {name} ({type(m).__name__}) does not support torch.compile "
+                                 f"with a static KV cache in this transformers version; pass compile=False")
+        return backend
+
     # -- decoding ------------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=32, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                  seed=None, stop=None, adapter_prefix=None, min_new_tokens=0, bad_words_ids=None,
                  repetition_penalty=1.0, eos_token_id=None, alpha=None, weights=None, base_weight=1.0,
-                 backend="auto", truncate_prompt=None) -> GenerationOutput:
+                 backend="auto", truncate_prompt=None, compile=False) -> GenerationOutput:
         """Sample continuations of ``prompts`` from the tailored policy.
 
         ``z = base_weight * base + sum_k w_k * expert_k`` (``base_weight * base + alpha * adapter``
@@ -682,9 +761,22 @@ class TailoredLM:
         ``truncate_prompt``: a prompt that does not fit the base's (or an expert's, with its
         prefix) context together with ``max_new_tokens`` raises ValueError naming the lengths;
         ``"left"`` keeps its last tokens instead (``prompt_token_ids`` of the output show it).
+
+        ``compile``: ``True`` (torch's default backend, inductor) or a ``torch.compile`` backend
+        (a name such as ``"aot_eager"``, or a callable) runs every step after the first — each
+        model's one-token forward over a static (pre-allocated) KV cache, the hard masks /
+        penalty, the fused sampler and the adapter's log-prob — as one
+        ``torch.compile(fullgraph=True)`` graph; the prefill and the first draw stay eager. Same
+        tokens as ``compile=False`` for the same seed (up to float rounding at a CDF boundary). A
+        call compiles once per batch size and cache width (prompt + new tokens, rounded up to 64)
+        and models; later calls of that shape reuse the graph whatever their prompts, seeds and
+        sampling knobs. Every model must be a local Hugging Face model with static-cache support:
+        anything else (an API base, a cached-LM object) is a one-line ValueError, a graph break a
+        one-line RuntimeError (docs/DESIGN.md §5.7).
         """
         from ipa_fast.decoding.api_base import APIBase
 
+        compile_backend = self._compile_backend(compile, base_weight)
         rows = self.encode(prompts)
         B = len(rows)
         max_new = self._per_row("max_new_tokens", max_new_tokens, B, integer=True)
@@ -703,6 +795,11 @@ class TailoredLM:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)))
         seeds = self._per_row("seed", seed, B, integer=True)
+        if compile_backend is not None:  # numbers as [B] tensors: a new seed or top-p reuses the compiled graph
+            from ipa_fast.ops.sampling import param_tensor, seeds_for
+            seeds = seeds_for(seeds, None, B, self.device)
+            knobs.update({k: param_tensor(k, knobs[k], B, self.device, validate=True)
+                          for k in ("temperature", "top_k", "top_p", "min_p")})
         prefixes = self._row_prefixes(adapter_prefix, B)  # [K][B]
         rows = self._fit_context(rows, prefixes, steps, truncate_prompt, base_weight != 0)
         eos_ids = _as_id_list(self.tokenizer.eos_token_id if eos_token_id is None else eos_token_id)
@@ -713,7 +810,11 @@ class TailoredLM:
         V, dev = self.V, self.device
 
         # Prefill: the base sees the prompt, each expert its prefix + the prompt.
-        lms = ([] if base_weight == 0 else [self._base_lm()]) + [self._expert_lm(m) for m in self.experts]
+        if compile_backend is None:
+            lms = ([] if base_weight == 0 else [self._base_lm()]) + [self._expert_lm(m) for m in self.experts]
+        else:
+            lms = ([] if base_weight == 0 else [StaticCachedLM(self.base, self.pad_id, self.base_top_k, self.V)]) \
+                + [StaticCachedLM(m, self.pad_id) for m in self.experts]
         inputs = ([] if base_weight == 0 else [rows]) + [[p + r for p, r in zip(pre, rows)] for pre in prefixes]
         logits = [lm.prefill(x, steps) for lm, x in zip(lms, inputs)]
         first = len(lms) - len(self.experts)  # the adapter's (the first expert's) index in lms
@@ -735,24 +836,25 @@ class TailoredLM:
         eos_t = torch.tensor(eos_ids, device=dev)
         host_tokens = [[] for _ in range(B)] if (stops or banned_seqs) else None
 
+        draw = dict(w=w, w_masked=w_masked, w_one=w_one, seeds=seeds, knobs=knobs, first=first,
+                    penalty=repetition_penalty)
+        no_mask = None if compile_backend is None else torch.zeros((B, V), dtype=torch.bool, device=dev)
+        step_fn = None if compile_backend is None else _compiled_step(compile_backend)
         for t in range(steps):
-            zs = [z[:, :V].to(dev) for z in logits]
             mask = self._hard_mask(t, rows, host_tokens, min_new_tokens, eos_t, banned_single, banned_seqs)
-            if seen is not None:  # penalty on the mixed logits: mix here, sample the mix alone
-                z = _repetition_penalty(mix_experts(zs, w), seen, repetition_penalty)
-                if mask is not None:
-                    z = z.masked_fill(mask, float("-inf"))
-                s = sample_experts([z], w_one, seed=seeds, offset=prompt_len + t, **knobs)
-            elif mask is not None:  # -inf under weight 1 masks the mixed logit whatever the weights
-                hard = torch.zeros((B, V), device=dev).masked_fill_(mask, float("-inf"))
-                s = sample_experts(zs + [hard], w_masked, seed=seeds, offset=prompt_len + t, **knobs)
-            else:
-                s = sample_experts(zs, w, seed=seeds, offset=prompt_len + t, **knobs)
-            tok = s.tokens
+            if t == 0 or step_fn is None:  # eager: the prefill's logits, or every step without compile
+                zs = [z[:, :V].to(dev) for z in logits]
+                tok, lp, alp = _draw(zs, mask, seen, offset=prompt_len + t, **draw)
+            else:  # one graph: every model's forward of the last token, then the same draw
+                # (an all-False mask adds a zero expert: the same mix, one graph for every step)
+                tok, lp, alp = _run_compiled(step_fn, lms, tok, mask if mask is not None else no_mask, seen,
+                                             offset=prompt_len + t, V=V, dev=dev, **draw)
+                for lm in lms:
+                    lm.next_pos += 1
             active = ~done
             out_tokens[:, t] = tok
-            out_lp[:, t] = s.logprobs
-            out_alp[:, t] = _gather_log_softmax(zs[first], tok)
+            out_lp[:, t] = lp
+            out_alp[:, t] = alp
             n_out += active.long()
             if seen is not None:
                 seen.scatter_(1, tok.view(-1, 1), True)
@@ -771,7 +873,8 @@ class TailoredLM:
             if bool(done.all()):
                 break
             tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
-            logits = [lm.step(tok, ~done) if isinstance(lm, APIBase) else lm.step(tok) for lm in lms]
+            if step_fn is None:
+                logits = [lm.step(tok, ~done) if isinstance(lm, APIBase) else lm.step(tok) for lm in lms]
 
         n = n_out.tolist()
         ids_all, lp_all, alp_all = out_tokens.tolist(), out_lp.tolist(), out_alp.tolist()
@@ -877,6 +980,50 @@ class TailoredLM:
 # ----------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------
+
+def _draw(zs, mask, seen, *, w, w_masked, w_one, seeds, knobs, first, penalty, offset):
+    """One step's draw from the experts' ``[B, V]`` logits ``zs``: ``(tokens, logprobs,
+    adapter_logprobs)``. ``mask``: ``[B, V]`` bool of banned tokens or None; ``seen``: the
+    repetition penalty's ``[B, V]`` bool of tokens seen so far, or None."""
+    if seen is not None:  # penalty on the mixed logits: mix here, sample the mix alone
+        z = _repetition_penalty(mix_experts(zs, w), seen, penalty)
+        if mask is not None:
+            z = z.masked_fill(mask, float("-inf"))
+        s = sample_experts([z], w_one, seed=seeds, offset=offset, **knobs)
+    elif mask is not None:  # -inf under weight 1 masks the mixed logit whatever the weights
+        hard = torch.zeros(mask.shape, device=mask.device).masked_fill_(mask, float("-inf"))
+        s = sample_experts(zs + [hard], w_masked, seed=seeds, offset=offset, **knobs)
+    else:
+        s = sample_experts(zs, w, seed=seeds, offset=offset, **knobs)
+    return s.tokens, s.logprobs, _gather_log_softmax(zs[first], s.tokens)
+
+
+def _decode_step(lms, tokens, mask, seen, V, dev, draw):
+    """The compiled step: every model's one-token forward over its static cache, then :func:`_draw`."""
+    zs = [lm.forward_step(tokens)[:, :V].to(dev) for lm in lms]
+    return _draw(zs, mask, seen, **draw)
+
+
+_COMPILED_STEPS: dict = {}
+
+
+def _compiled_step(backend):
+    """``torch.compile(_decode_step, fullgraph=True)`` for ``backend``, made once per process (torch
+    keeps one graph per distinct set of models, batch, cache width and Python knobs)."""
+    fn = _COMPILED_STEPS.get(backend)
+    if fn is None:
+        fn = _COMPILED_STEPS[backend] = torch.compile(_decode_step, fullgraph=True, dynamic=False, backend=backend)
+    return fn
+
+
+def _run_compiled(step_fn, lms, tokens, mask, seen, *, V, dev, **draw):
+    try:
+        return step_fn(lms, tokens, mask, seen, V, dev, draw)
+    except torch._dynamo.exc.TorchDynamoException as exc:  # a graph break, a backend failure
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RuntimeError(f"compile: the decode step could not be compiled as one graph ({first_line}); "
+                           f"pass compile=False") from None
+
 
 def _context_size(model) -> int | None:
     """The model's position limit from its config (None when it declares none)."""
