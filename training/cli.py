@@ -71,7 +71,11 @@ HELP = {
     "repeat_coef": "training-score penalty per unit of repeated-bigram fraction of a sample (prices "
                    "degenerate loops; evaluation reports the plain reward)",
     "zero_init_output": "start the adapter's logits at 0 (final norm gain 0): the untrained product is "
-                        "exactly the base, and training learns a residual on it",
+                        "exactly the base, but at first only the zeroed gain gets gradient (use --residual)",
+    "residual": "train the adapter as a residual on its initial weights: pi = base + alpha * (adapter - "
+                "initial adapter), so the untrained product is exactly the base and every parameter gets its "
+                "full gradient from the first step; loading the saved adapter puts the initial one back "
+                "(ppo only)",
     "backend": "sampler backend for rollouts (auto, reference, cpu, triton, cuda)",
     "reward_timeout": "seconds one reward call may take before the run stops with an error (the last "
                       "checkpoint stays intact); 0 = no limit",

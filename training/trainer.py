@@ -140,6 +140,12 @@ class TrainConfig:
     # training, like LoRA's zero B): the untrained product of experts is then exactly the base, and
     # training learns a residual from there instead of first undoing a weak adapter's own logits
     zero_init_output: bool = False
+    # train the adapter as a residual on its initial weights: the policy is base + alpha * (adapter -
+    # initial adapter) (the initial adapter a frozen expert of weight -alpha), so the untrained
+    # product is the base exactly and every parameter gets its full gradient from the first step
+    # (with zero_init_output only the zeroed gain does, then gradients scale with it); the saved
+    # ipa_adapter.json names the initial adapter (residual_of) and loading puts it back
+    residual: bool = False
     # Quark
     n_quantiles: int = 5
     entropy_coef: float = 0.0
@@ -210,6 +216,10 @@ class TrainConfig:
              f"sft_batch_size must be a positive int, got {self.sft_batch_size!r}")
         need(self.sft_target in ("tailored", "adapter"),
              f"sft_target must be 'tailored' or 'adapter', got {self.sft_target!r}")
+        need(not (self.residual and self.zero_init_output),
+             "residual and zero_init_output are two ways to start from the base alone: choose one")
+        need(not (self.residual and self.algo == "quark"),
+             "residual needs algo 'ppo' (Quark's control tokens are rows the initial adapter does not have)")
         need(self.temperature > 0, f"temperature must be > 0 for training, got {self.temperature}")
         need(0 < self.top_p <= 1 and 0 < self.eval_top_p <= 1, "top_p and eval_top_p must be in (0, 1]")
         need(self.kl_coef >= 0 and self.entropy_coef >= 0, "kl_coef and entropy_coef must be >= 0")
@@ -253,6 +263,17 @@ class Trainer:
             from .loading import load_frozen_experts
             device = next((adapter if isinstance(base, APIBase) else base).parameters()).device
             frozen_experts = load_frozen_experts(config.frozen_adapters, tokenizer, device)
+        self.residual_expert, self._residual_of = None, None
+        if config.residual:  # the initial adapter, frozen, at -alpha (before any training changes it)
+            from ipa_fast.decoding.residual import residual_record
+            # the initial adapter's directory and hashes; an adapter passed as a model has none
+            # (then the saved adapter cannot be loaded back as a residual, and says so when tried)
+            rec = residual_record(config.adapter) if config.adapter and Path(str(config.adapter)).is_dir() else {}
+            self._residual_of = {"name": rec.get("name"), "embedded": rec.get("embedded", False),
+                                 "sha256": rec.get("sha256", {})}
+            self.residual_expert = FrozenExpert(model=copy.deepcopy(adapter).eval(), weight=-config.alpha,
+                                                name=rec.get("name", ""), sha256=rec.get("sha256", {}))
+            frozen_experts = list(frozen_experts) + [self.residual_expert]
         algo = ALGORITHMS[config.algo]
         self.rl = algo(algo.Config.view(config))
         prefix = self.rl.prepare_adapter(adapter.eval())  # Quark: its control tokens, before the policy exists
@@ -451,7 +472,11 @@ class Trainer:
 
     def frozen_records(self) -> list[dict]:
         """The frozen experts this adapter is trained with (see :meth:`FrozenExpert.record`)."""
-        return [e.record() for e in self.policy.frozen]
+        return [e.record() for e in self.policy.frozen if e is not self.residual_expert]
+
+    def residual_record(self) -> dict | None:
+        """``residual_of`` of the saved adapter (None unless ``config.residual``)."""
+        return None if self._residual_of is None else dict(self._residual_of)
 
     def save_checkpoint(self, rng: dict | None = None) -> Path:
         """Checkpoint the current step (an existing good checkpoint of this step is kept)."""
@@ -527,6 +552,8 @@ class Trainer:
                             reference_policy=c.reference, control_tokens=names,
                             extra={"algo": c.algo, "steps": self.step, "quark_control_ids": self.control_ids,
                                    "frozen_experts": self.frozen_records(),
+                                   # a residual adapter: its logits are its own minus these initial weights'
+                                   **({"residual_of": self.residual_record()} if c.residual else {}),
                                    # a served base: what it was trained against (URL, top-K, dialect)
                                    **({"api_base": {"url": c.api_base, "top_k": c.api_top_k,
                                                     "dialect": self.policy.base.dialect}} if c.api_base else {}),

@@ -59,11 +59,16 @@ class TailoredLogitsProcessor(LogitsProcessor):
 
         from ipa_fast.decoding.tailored import _try_tokenizer, load_adapter_metadata
 
+        from ipa_fast.decoding.residual import wrap_if_residual
+
         meta = load_adapter_metadata(adapter_name_or_path) or {}
-        model = AutoModelForCausalLM.from_pretrained(adapter_name_or_path, dtype=dtype or torch.float32,
-                                                     **model_kwargs)
-        if device is not None:
-            model.to(device)
+
+        def load(path):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **model_kwargs)
+            return model if device is None else model.to(device)
+
+        # a residual adapter (ipa_adapter.json: residual_of) steps as adapter - its initial weights
+        model = wrap_if_residual(load(adapter_name_or_path), meta, adapter_name_or_path, load)
         if pad_token_id is None:
             tok = _try_tokenizer(adapter_name_or_path)
             if tok is not None:

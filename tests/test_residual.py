@@ -1,0 +1,138 @@
+"""Residual adapters (TrainConfig.residual, ``ipa-fast train --residual``): the policy is
+base + alpha * (adapter - initial adapter). The untrained product is the base itself, every adapter
+parameter gets gradient at the first step (unlike zero_init_output, where only the zeroed gain does),
+and a saved residual adapter loads back as a ResidualAdapter that decodes like the explicit
+two-expert composition [trained, initial] with weights [alpha, -alpha].
+
+Tiny random models only; references are the base's own float64 log-softmax and the explicit
+K-expert TailoredLM.
+"""
+import copy
+import json
+
+import pytest
+import torch
+
+from ipa_fast.decoding.hf import TailoredLogitsProcessor
+from ipa_fast.decoding.residual import ResidualAdapter
+from ipa_fast.decoding.tailored import TailoredLM, save_adapter
+from ipa_fast.training import TrainConfig, Trainer, train
+from ipa_fast.training.policy import zero_output
+from tests.test_training import PROMPTS, config, even_tokens, models
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ALPHA = 0.7
+
+
+def saved_initial(tmp_path, adapter, tok):
+    d = tmp_path / "initial"
+    save_adapter(d, adapter, tok, alpha=ALPHA, vocab_size=len(tok))
+    return d
+
+
+def residual_trainer(tmp_path, **kw):
+    base, adapter, tok = models()
+    d = saved_initial(tmp_path, adapter, tok)
+    rows = [{"prompt": p} for p in PROMPTS]
+    cfg = config(tmp_path, algo="ppo", alpha=ALPHA, residual=True, adapter=str(d), **kw)
+    return Trainer(cfg, base, adapter, tok, even_tokens, rows, rows[:4]), base, tok
+
+
+def base_logprobs(base, lm, prompts, responses):
+    out = []
+    for p, r in zip(lm.encode(prompts), responses):
+        with torch.no_grad():
+            lp = torch.log_softmax(base(input_ids=torch.tensor([p + r])).logits[0].double(), -1)
+        out.append([float(lp[len(p) - 1 + i, t]) for i, t in enumerate(r)])
+    return out
+
+
+def test_the_untrained_residual_product_is_the_base(tmp_path):
+    tr, base, tok = residual_trainer(tmp_path)
+    roll = tr.rollout([{"prompt": p} for p in PROMPTS[:4]], seed=1)
+    prompt_ids = tr.lm.encode(PROMPTS[:4])
+    with torch.no_grad():
+        st = tr.policy.token_stats(prompt_ids, [[] for _ in prompt_ids], roll.token_ids)
+    want = base_logprobs(base, tr.lm, PROMPTS[:4], roll.token_ids)
+    for i, r in enumerate(roll.token_ids):
+        assert st["logprob"][i, :len(r)].tolist() == pytest.approx(want[i], abs=1e-5)
+
+
+def first_step_grads(policy, prompt_ids, responses):
+    st = policy.token_stats(prompt_ids, [[] for _ in prompt_ids], responses, kl=False)
+    (-(st["logprob"] * st["mask"]).sum()).backward()
+    return {n: p.grad for n, p in policy.adapter.named_parameters() if p.requires_grad}
+
+
+def test_every_parameter_gets_gradient_at_the_first_step_unlike_a_zeroed_output(tmp_path):
+    tr, _, _ = residual_trainer(tmp_path)
+    prompt_ids = tr.lm.encode(PROMPTS[:4])
+    responses = [[5, 9, 12], [7, 7], [3, 4, 5, 6], [8]]
+    grads = first_step_grads(tr.policy, prompt_ids, responses)
+    body = {n: g for n, g in grads.items() if ".h.0." in n or "layers.0." in n}
+    assert body and all(g is not None and torch.count_nonzero(g) > 0 for g in body.values())
+    # the motivating fact: with zero_init_output, the first step's gradient below the zeroed norm is 0
+    zt = Trainer(config(tmp_path / "z", algo="ppo", alpha=ALPHA, zero_init_output=True), *models(), even_tokens,
+                 [{"prompt": p} for p in PROMPTS], [{"prompt": p} for p in PROMPTS[:4]])
+    zgrads = first_step_grads(zt.policy, prompt_ids, responses)
+    zbody = [g for n, g in zgrads.items() if ".h.0." in n or "layers.0." in n]
+    assert zbody and all(g is None or torch.count_nonzero(g) == 0 for g in zbody)
+
+
+def trained_run(tmp_path):
+    base, adapter, tok = models()
+    d = saved_initial(tmp_path, adapter, tok)
+    cfg = config(tmp_path, algo="ppo", alpha=ALPHA, residual=True, adapter=str(d), steps=2, lr=1e-2)
+    summary = train(cfg, reward=even_tokens, train_prompts=[{"prompt": p} for p in PROMPTS],
+                    eval_prompts=[{"prompt": p} for p in PROMPTS[:4]], base=base, adapter=adapter, tokenizer=tok)
+    return base, tok, d, cfg, summary
+
+
+def test_a_saved_residual_adapter_loads_back_and_decodes_as_the_two_expert_composition(tmp_path):
+    base, tok, d, cfg, summary = trained_run(tmp_path)
+    out = tmp_path / "run" / "adapter"
+    meta = json.loads((out / "ipa_adapter.json").read_text())
+    assert meta["residual_of"]["name"] == str(d.resolve()) and meta["residual_of"]["sha256"]
+    assert meta["frozen_experts"] == []  # the initial copy is the residual's, not a composed expert
+    lm = TailoredLM.from_pretrained(base, str(out))
+    assert isinstance(lm.adapter, ResidualAdapter) and lm.alpha == ALPHA
+    trained = copy.deepcopy(lm.adapter.trained)
+    initial = TailoredLM.from_pretrained(base, str(d)).adapter
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), initial.parameters()))
+    explicit = TailoredLM(base, tokenizer=tok, experts=[trained, initial], weights=[ALPHA, -ALPHA])
+    kw = dict(max_new_tokens=6, seed=5, top_p=0.9, backend="reference")
+    got = lm.generate(PROMPTS[:4], **kw)
+    want = explicit.generate(PROMPTS[:4], **kw)
+    assert got.token_ids == want.token_ids
+    # alpha scales the residual as a whole: at alpha 0 the composition is the base alone
+    alone = TailoredLM(base, trained, tok, alpha=0.0).generate(PROMPTS[:4], **kw)
+    assert lm.generate(PROMPTS[:4], alpha=0.0, **kw).token_ids == alone.token_ids
+    # the HF processor loads it the same way
+    proc = TailoredLogitsProcessor.from_pretrained(str(out))
+    assert isinstance(proc.adapter, ResidualAdapter) and proc.alpha == ALPHA
+
+
+def test_changed_or_missing_initial_weights_are_refused_in_one_line(tmp_path):
+    base, tok, d, cfg, summary = trained_run(tmp_path)
+    out = tmp_path / "run" / "adapter"
+    model = TailoredLM.from_pretrained(base, str(d)).adapter
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    save_adapter(d, model, tok, alpha=ALPHA, vocab_size=len(tok))
+    with pytest.raises(ValueError, match="not the ones it was trained from") as e:
+        TailoredLM.from_pretrained(base, str(out))
+    assert "\n" not in str(e.value)
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    import shutil
+    shutil.rmtree(d)
+    with pytest.raises(ValueError, match="which is not here"):
+        TailoredLM.from_pretrained(base, str(out))
+
+
+@pytest.mark.parametrize("kw, match", [(dict(zero_init_output=True), "choose one"),
+                                       (dict(algo="quark"), "needs algo 'ppo'")])
+def test_incompatible_settings_are_refused(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{**dict(out=str(tmp_path), residual=True), **kw}).validate()
