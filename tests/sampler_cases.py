@@ -1,33 +1,210 @@
-"""Shared helpers for the sampler tests of every backend (reference, cpu, triton, cuda).
+"""Shared helpers and the backend axis of the sampler suite (reference, cpu, the Triton
+interpreter, the CUDA kernel emulated on CPU, and real triton / cuda on a GPU).
 
-A new backend joins by being listed in ``BACKENDS``; ``backend_params()`` skips the ones
-``ipa_fast.backends()`` reports unavailable. Oracles here are independent of ipa_fast's own
-code: transformers' warpers for kept sets, float64 softmax for probabilities.
+A backend joins the suite by being listed in ``BACKENDS`` (with a ``Backend`` in ``_SPECS``):
+every test parametrised with ``backend_params()`` then runs on it, through ``Backend.sample`` /
+``Backend.sample_experts`` (``ipa_fast.sample`` / ``sample_experts`` with that backend, inputs
+moved to its device, outputs back on the CPU). ``backend_params()`` skips, with the reason, a
+backend that cannot run here and marks the emulated ones (one Python program or a team of CPU
+threads per row: ~0.1 s a row) ``slow`` unless the test says it is cheap there. Oracles here are
+independent of ipa_fast's own code: transformers' warpers for kept sets, float64 softmax for
+probabilities.
 """
 from __future__ import annotations
 
+import importlib
 import math
+import os
+import sys
+import threading
 
 import pytest
 import torch
+from hypothesis import strategies as st
 from transformers import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import ipa_fast
 
-BACKENDS = ["reference", "cpu"]
+BACKENDS = ["reference", "cpu", "triton-interpret", "cuda-emulated", "triton", "cuda"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def backend_params(names=BACKENDS):
-    """``pytest.param`` per backend, skipped with the reason when it is unavailable here."""
-    status = ipa_fast.backends()
+class Backend(str):
+    """One entry of the backend axis: the ``backend=`` name ipa_fast dispatches to (so it can be
+    passed as ``backend=`` where the inputs are on the CPU), with ``name`` (the test id),
+    ``device``, ``emulated`` (a CPU emulation of a GPU kernel, slow per row: tests size their
+    batches with :meth:`rows`) and ``gpu``."""
+
+    def __new__(cls, name: str, kernel: str, *, device: str = "cpu", emulated: bool = False, gpu: bool = False):
+        self = super().__new__(cls, kernel)
+        self.name, self.kernel, self.device, self.emulated, self.gpu = name, kernel, device, emulated, gpu
+        return self
+
+    def __repr__(self):
+        return f"Backend({self.name!r})"
+
+    @property
+    def draws(self) -> int:
+        return 200 if self.emulated else 100_000
+
+    def rows(self, full: int, small: int = 4) -> int:
+        """``full`` rows, or ``small`` (<= 4 by default) on an emulated backend."""
+        return small if self.emulated else full
+
+    def _prepare(self):
+        if self.name == "cuda-emulated":
+            return _registered_emulated_cuda()
+        if self.name == "triton-interpret":
+            _enable_triton_interpreter()
+        import contextlib
+        return contextlib.nullcontext()
+
+    def _to(self, x):
+        if isinstance(x, torch.Tensor):
+            return x if x.is_meta else x.to(self.device)
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._to(v) for v in x)
+        return x
+
+    def _call(self, fn, args, kw):
+        kw = dict(kw)
+        kw["backend"] = str(kw.get("backend", self.kernel))
+        args = [self._to(a) for a in args]
+        kw = {k: v if k == "generator" else self._to(v) for k, v in kw.items()}
+        with self._prepare():
+            out = fn(*args, **kw)
+        return type(out)(*(t.cpu() for t in (out.tokens, out.logprobs, out.filtered_logprobs, out.valid)))
+
+    def sample(self, *args, **kw):
+        """``ipa_fast.sample`` on this backend (``backend=`` in ``kw`` overrides the name)."""
+        return self._call(ipa_fast.sample, args, kw)
+
+    def sample_experts(self, *args, **kw):
+        return self._call(ipa_fast.sample_experts, args, kw)
+
+
+_SPECS = {
+    "reference": Backend("reference", "reference"),
+    "cpu": Backend("cpu", "cpu"),
+    "triton-interpret": Backend("triton-interpret", "triton", emulated=True),
+    "cuda-emulated": Backend("cuda-emulated", "cuda-emulated", emulated=True),
+    "triton": Backend("triton", "triton", device="cuda", gpu=True),
+    "cuda": Backend("cuda", "cuda", device="cuda", gpu=True),
+}
+
+
+def backend_status(name: str) -> str:
+    """"ok" or why backend ``name`` of the suite cannot run in this process."""
+    if name == "triton-interpret":
+        if torch.cuda.is_available():   # the interpreter switch is process-wide; the GPU runs real triton
+            return "a CUDA device is present: the real triton backend runs instead"
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            return ("triton was imported before TRITON_INTERPRET=1 could be set: "
+                    "tests/test_sampler_triton.py::test_interpreter_suite_in_subprocess runs these")
+        os.environ["TRITON_INTERPRET"] = "1"   # before triton's first import (its jit reads it then)
+        return "ok"
+    if name == "cuda-emulated":
+        import shutil
+        if shutil.which("g++") is None and shutil.which("c++") is None:
+            return "no C++ compiler for the CUDA-kernel emulation"
+        return "ok"
+    if _SPECS[name].gpu and not torch.cuda.is_available():
+        return "no CUDA device (benchmarks/gpu_check.sh runs the GPU backends)"
+    return ipa_fast.backends().get(name, "unknown backend")
+
+
+def backend_params(names=None, *, cheap: bool = False):
+    """``pytest.param(Backend)`` per backend of ``names`` (default: all of ``BACKENDS``), skipped
+    with the reason where unavailable; real GPU backends carry the ``gpu`` marker, emulated ones
+    ``slow`` unless ``cheap`` (the test costs a few seconds there at most)."""
+    names = list(names or BACKENDS)
+    # the interpreter's status first: ipa_fast.backends() imports triton (and then it is too late)
+    status = {name: backend_status(name) for name in sorted(names, key=lambda n: n != "triton-interpret")}
     out = []
     for name in names:
-        reason = status.get(name, "unknown backend")
+        spec = _SPECS[name]
+        reason = status[name]
         marks = [] if reason == "ok" else [pytest.mark.skip(reason=f"backend {name}: {reason}")]
-        out.append(pytest.param(name, marks=marks, id=name))
+        if spec.gpu:
+            marks.append(pytest.mark.gpu)
+        if spec.emulated and not cheap:
+            marks.append(pytest.mark.slow)
+        out.append(pytest.param(spec, marks=marks, id=name))
     return out
 
+
+# ---------------------------------------------------------------- the emulated backends
+
+_emulated_cuda = []
+
+
+def _registered_emulated_cuda():
+    """A context in which ``backend="cuda-emulated"`` dispatches to csrc/cuda/sampler.cu built for
+    CPU threads (tests/cuda_emulation.py); outside it ``ipa_fast.backends()`` is untouched."""
+    import contextlib
+
+    from cuda_emulation import EmulatedCudaBackend, emulated_cuda_module
+    from ipa_fast.ops import dispatch
+
+    if not _emulated_cuda:
+        _emulated_cuda.append(EmulatedCudaBackend(emulated_cuda_module()))
+
+    @contextlib.contextmanager
+    def ctx():
+        dispatch._LOADERS["cuda-emulated"] = lambda: _emulated_cuda[0]
+        try:
+            yield
+        finally:
+            dispatch._LOADERS.pop("cuda-emulated", None)
+    return ctx()
+
+
+def _enable_triton_interpreter():
+    """Once: the Triton kernels reloaded under ``TRITON_INTERPRET=1`` (set by
+    :func:`backend_status` before triton's import) and the interpreter sped up."""
+    from ipa_fast.ops import dispatch
+    from triton.runtime import interpreter as interp
+
+    if getattr(interp, "_ipa_fast_patched", False):
+        return
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    _speed_up_interpreter(interp)
+    for name in ("ipa_fast.kernels.sampler_triton", "ipa_fast.kernels.log_softmax_triton"):
+        if name in sys.modules:   # imported (compiled flavour) before the variable was set
+            importlib.reload(sys.modules[name])
+    dispatch._load.cache_clear()
+
+
+def _speed_up_interpreter(interp):
+    """The interpreter re-patches triton.language on every device-function call (~ms each); patching
+    a module's globals once per launch is equivalent and makes the interpreter several times faster."""
+    state = threading.local()
+    orig_patch, orig_call = interp._patch_lang, interp.GridExecutor.__call__
+
+    def patch_lang(fn):
+        done = getattr(state, "done", None)
+        if done is not None and id(fn.__globals__) in done:
+            return interp._LangPatchScope()
+        scope = orig_patch(fn)
+        if done is not None:
+            done.add(id(fn.__globals__))
+        return scope
+
+    def call(self, *args, **kwargs):
+        state.done = set()
+        try:
+            return orig_call(self, *args, **kwargs)
+        finally:
+            state.done = None
+
+    interp._patch_lang = patch_lang
+    interp.GridExecutor.__call__ = call
+    interp._ipa_fast_patched = True
+
+
+# ---------------------------------------------------------------- inputs and oracles
 
 def random_logits(batch: int, vocab: int, *, seed: int = 0, scale: float = 2.0, dtype=torch.float32,
                   masked: float = 0.0) -> torch.Tensor:
@@ -124,13 +301,44 @@ def log_softmax64(z: torch.Tensor) -> torch.Tensor:
 
 
 def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square p-value of observed ``counts`` against ``probs`` (zero-prob cells must be empty)."""
+    """Pearson chi-square p-value of observed ``counts`` against ``probs`` (zero-prob cells must be
+    empty). Cells expected fewer than 5 times are pooled into one (the chi-square approximation
+    needs it at small draw counts; at 1e5 draws nothing is pooled)."""
     from scipy.stats import chisquare
 
     support = probs > 0
     assert int(counts[~support].sum()) == 0, "a token outside the kept set was drawn"
     n = counts.sum().item()
-    return float(chisquare(counts[support].double().numpy(), (probs[support] * n).numpy()).pvalue)
+    obs, exp = counts[support].double(), probs[support].double() * n
+    small = exp < 5
+    if small.any() and not small.all():
+        obs = torch.cat([obs[~small], obs[small].sum().reshape(1)])
+        exp = torch.cat([exp[~small], exp[small].sum().reshape(1)])
+    if obs.numel() < 2:
+        return 1.0
+    return float(chisquare(obs.numpy(), exp.numpy() * (obs.sum() / exp.sum()).item()).pvalue)
+
+
+@st.composite
+def cases(draw):
+    """(B, V, dtype, scale, masked, with adapter, data seed, sample kwargs): random shapes (odd V,
+    chunk edges), dtypes, masks and every parameter, for the property tests."""
+    B = draw(st.integers(1, 4))
+    V = draw(st.one_of(st.integers(1, 70), st.sampled_from([255, 256, 257, 2047, 2048, 2049, 4111])))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    scale = draw(st.sampled_from([0.01, 1.0, 5.0, 30.0]))
+    masked = draw(st.sampled_from([0.0, 0.3, 0.95]))
+    adapter = draw(st.booleans())
+    kw = dict(
+        alpha=draw(st.sampled_from([0.0, 0.5, 1.0, 2.0])),
+        temperature=draw(st.sampled_from([0.0, 0.05, 0.7, 1.0, 3.0])),
+        top_k=draw(st.sampled_from([0, 1, 2, 3, 17, 1000])),
+        top_p=draw(st.sampled_from([1.0, 0.999, 0.9, 0.5, 0.01])),
+        min_p=draw(st.sampled_from([0.0, 0.01, 0.5, 1.0])),
+        seed=draw(st.integers(0, 2**64 - 1)) - 2**63,
+        offset=draw(st.integers(0, 2**40)),
+    )
+    return B, V, dtype, scale, masked, adapter, draw(st.integers(0, 10**6)), kw
 
 
 def ulps(a: float, b: float) -> float:

@@ -51,28 +51,28 @@ IN_RANGE = [  # accepted at the documented limits
 ]
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(cheap=True))
 @pytest.mark.parametrize("name,bad", OUT_OF_RANGE)
 def test_out_of_range_raises_naming_the_parameter(backend, name, bad):
     base, adapter = logits()
     with pytest.raises(ValueError, match=rf"^{name} must be"):
-        ipa_fast.sample(base, adapter, seed=0, backend=backend, **{name: bad})
+        backend.sample(base, adapter, seed=0, **{name: bad})
     with pytest.raises(ValueError, match=rf"^{name} must be .*\(row 1\)"):   # checked before float32 rounding
-        ipa_fast.sample(base, adapter, seed=0, backend=backend, **{name: row_of(0.5, bad)})
+        backend.sample(base, adapter, seed=0, **{name: row_of(0.5, bad)})
 
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("name,bad", OUT_OF_RANGE)
 def test_validate_false_makes_out_of_range_rows_invalid(backend, name, bad):
     base, adapter = logits()
-    out = ipa_fast.sample(base, adapter, seed=0, backend=backend, validate=False, **{name: row_of(0.5, bad)})
+    out = backend.sample(base, adapter, seed=0, validate=False, **{name: row_of(0.5, bad)})
     assert out.valid.tolist() == [True, False, True]
     assert out.tokens[1].item() == 0 and math.isnan(out.logprobs[1].item())
-    out = ipa_fast.sample(base, adapter, seed=0, backend=backend, validate=False, **{name: bad})
+    out = backend.sample(base, adapter, seed=0, validate=False, **{name: bad})
     assert not out.valid.any()
     as_f32 = row_of(0.5, bad).float()
     if not reference.RANGES[name].ok(as_f32[1]):   # still out of range in float32 (1e-300 is not: it is 0)
-        out = ipa_fast.sample(base, adapter, seed=0, backend=backend, validate=False, **{name: as_f32})
+        out = backend.sample(base, adapter, seed=0, validate=False, **{name: as_f32})
         assert out.valid.tolist() == [True, False, True]
 
 
@@ -82,7 +82,7 @@ def test_limits_themselves_are_accepted(backend, name, value):
     base, adapter = torch.zeros(B, V), torch.zeros(B, V)   # no overflow at any alpha or T
     base[:, 2] = 1.0
     for v in (value, torch.full((B,), value, dtype=torch.float64)):
-        out = ipa_fast.sample(base, adapter, seed=0, backend=backend, **{name: v})
+        out = backend.sample(base, adapter, seed=0, **{name: v})
         assert out.valid.all()
 
 
@@ -90,7 +90,7 @@ def test_limits_themselves_are_accepted(backend, name, value):
 def test_tiny_top_p_keeps_the_top_token(backend):
     base, adapter = logits(1)
     for p in (1e-300, f64(1e-300, 1e-40, 5e-324)):
-        out = ipa_fast.sample(base, adapter, top_p=p, seed=0, backend=backend)
+        out = backend.sample(base, adapter, top_p=p, seed=0)
         assert torch.equal(out.tokens, (base + adapter).argmax(1))
 
 
@@ -98,43 +98,43 @@ def test_tiny_top_p_keeps_the_top_token(backend):
 def test_tiny_temperature_that_overflows_is_an_invalid_row_not_greedy(backend):
     base = torch.tensor([[1e30, 0.0, -1.0]])
     with pytest.raises(ValueError, match="logits row 0 is invalid.*temperature"):
-        ipa_fast.sample(base, temperature=1e-20, seed=0, backend=backend)
-    out = ipa_fast.sample(base, temperature=TINY, seed=0, backend=backend, validate=False)
+        backend.sample(base, temperature=1e-20, seed=0)
+    out = backend.sample(base, temperature=TINY, seed=0, validate=False)
     assert not out.valid.item()
-    out = ipa_fast.sample(torch.tensor([[1.0, 3.0, 2.0]]), temperature=TINY, seed=0, backend=backend)
+    out = backend.sample(torch.tensor([[1.0, 3.0, 2.0]]), temperature=TINY, seed=0)
     assert out.tokens.item() == 1 and out.valid.item()   # finite after division: the top token
 
 
 @pytest.mark.parametrize("backend", backend_params())
 def test_top_k(backend):
     base, adapter = logits()
-    off = ipa_fast.sample(base, adapter, seed=4, backend=backend)
+    off = backend.sample(base, adapter, seed=4)
     for k in (V, 2**63 - 1, 2**63, 2**200, torch.tensor([2**63 - 1] * B)):   # k >= V keeps every token
-        assert torch.equal(ipa_fast.sample(base, adapter, seed=4, top_k=k, backend=backend).tokens, off.tokens)
+        assert torch.equal(backend.sample(base, adapter, seed=4, top_k=k).tokens, off.tokens)
     with pytest.raises(ValueError, match="^top_k must be >= 0"):
-        ipa_fast.sample(base, seed=0, top_k=-1, backend=backend)
+        backend.sample(base, seed=0, top_k=-1)
     with pytest.raises(ValueError, match=r"^top_k must be >= 0.*\(row 2\)"):
-        ipa_fast.sample(base, seed=0, top_k=torch.tensor([1, 2, -3]), backend=backend)
+        backend.sample(base, seed=0, top_k=torch.tensor([1, 2, -3]))
     for bad in (2.0, 1.5, torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2**64 - 1] * B, dtype=torch.uint64)):
         with pytest.raises(TypeError, match="top_k"):
-            ipa_fast.sample(base, seed=0, top_k=bad, backend=backend)
+            backend.sample(base, seed=0, top_k=bad)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(cheap=True))
 @pytest.mark.parametrize("name", ["alpha", "temperature", "top_k", "top_p", "min_p", "seed", "offset"])
 def test_types_and_shapes_name_the_parameter(backend, name):
     base, adapter = logits()
-    kw = dict(seed=0, backend=backend)
+    kw = dict(seed=0)
     for bad in (torch.ones(B, dtype=torch.bool), True, "1", None if name not in ("seed",) else [1, 2, 3],
                 torch.ones(B, dtype=torch.complex64)):
         if bad is None:
             continue
         with pytest.raises(TypeError, match=name):
-            ipa_fast.sample(base, adapter, **{**kw, name: bad})
+            backend.sample(base, adapter, **{**kw, name: bad})
     for shape in ((B - 1,), (B + 1,), (B, 1), (1, B)):
         value = torch.ones(shape, dtype=torch.int64 if name in ("top_k", "seed", "offset") else torch.float32)
         with pytest.raises(ValueError, match=rf"^{name} must be a scalar or a \[B\] = \[{B}\] tensor"):
-            ipa_fast.sample(base, adapter, **{**kw, name: value})
+            backend.sample(base, adapter, **{**kw, name: value})
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -142,16 +142,16 @@ def test_seed_limits(backend):
     base, adapter = logits()
     for bad in (2**64, -(2**63) - 1, 2**100):
         with pytest.raises(ValueError, match="^seed must be"):
-            ipa_fast.sample(base, adapter, seed=bad, backend=backend)
+            backend.sample(base, adapter, seed=bad)
         with pytest.raises(ValueError, match="^seed must be"):   # no uint64 form: validate=False too
-            ipa_fast.sample(base, adapter, seed=bad, backend=backend, validate=False)
+            backend.sample(base, adapter, seed=bad, validate=False)
     with pytest.raises(TypeError, match="seed"):
-        ipa_fast.sample(base, adapter, seed=torch.zeros(B), backend=backend)
+        backend.sample(base, adapter, seed=torch.zeros(B))
     # an int64 and its uint64 bit pattern are one seed; row r gets seed + r modulo 2**64
-    a = ipa_fast.sample(base, adapter, seed=2**64 - 1, backend=backend)
-    b = ipa_fast.sample(base, adapter, seed=-1, backend=backend)
-    c = ipa_fast.sample(base, adapter, seed=torch.tensor([-1, 0, 1]), backend=backend)
-    d = ipa_fast.sample(base, adapter, seed=torch.tensor([2**64 - 1, 0, 1], dtype=torch.uint64), backend=backend)
+    a = backend.sample(base, adapter, seed=2**64 - 1)
+    b = backend.sample(base, adapter, seed=-1)
+    c = backend.sample(base, adapter, seed=torch.tensor([-1, 0, 1]))
+    d = backend.sample(base, adapter, seed=torch.tensor([2**64 - 1, 0, 1], dtype=torch.uint64))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.tokens, c.tokens) and torch.equal(a.tokens, d.tokens)
 
 
@@ -160,14 +160,14 @@ def test_offset_limits(backend):
     base, adapter = logits()
     for bad in (-1, 2**64, -(2**63)):
         with pytest.raises(ValueError, match=r"^offset must be an int in \[0, 2\*\*64\)"):
-            ipa_fast.sample(base, adapter, seed=0, offset=bad, backend=backend)
+            backend.sample(base, adapter, seed=0, offset=bad)
     with pytest.raises(TypeError, match="offset"):
-        ipa_fast.sample(base, adapter, seed=0, offset=1.0, backend=backend)
+        backend.sample(base, adapter, seed=0, offset=1.0)
     # offsets are uint64: 2**63 and above work, and an int64 tensor carries them as bit patterns
     for off in (2**63, 2**64 - 1):
-        a = ipa_fast.sample(base, adapter, seed=7, offset=off, backend=backend)
+        a = backend.sample(base, adapter, seed=7, offset=off)
         bits = off - 2**64
-        b = ipa_fast.sample(base, adapter, seed=7, offset=torch.full((B,), bits), backend=backend)
+        b = backend.sample(base, adapter, seed=7, offset=torch.full((B,), bits))
         assert torch.equal(a.tokens, b.tokens) and a.valid.all()
     # ... and the reference stream agrees
     from ipa_fast.ops import rng
