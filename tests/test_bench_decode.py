@@ -89,5 +89,9 @@ def test_compile_row_times_the_compiled_step_apart(monkeypatch, tmp_path, capsys
     assert m["tokens_match"] is True and m["max_logprob_diff"] < 1e-5
     assert m["tok_s"] > 0 and m["first_call_s"] > 0 and m["outside_forward"] is None and "compile_s" in m
     assert r["compiled_vs_eager"] == pytest.approx(r["tailored"]["seconds"] / m["seconds"])
+    for k in ("tailored", bench_decode.COMPILED):
+        assert r[k]["step_s"] == pytest.approx((r[k]["seconds"] - r[k]["one_token_s"]) / 3)
+    assert r["compiled_vs_eager_step"] == pytest.approx(r["tailored"]["step_s"] / m["step_s"])
+    assert not any(k.endswith(bench_decode.ONE) for k in r)
     assert "(e) vs (b)" in capsys.readouterr().out
     torch._dynamo.reset()

@@ -71,7 +71,7 @@ def test_compiled_step_draws_the_eager_tokens_with_one_graph(one_thread, fresh_d
     assert max(len(t) for t in compiled.token_ids) >= 4  # several compiled steps ran ...
     assert backend.graphs == 1  # ... all in one graph
     # another call of the same batch size and cache width (other prompts, seed, top-p): no new graph
-    other = ["we play music", "birds sing in the tall trees", "people walk"]
+    other = ["we play music", "birds sing", PROMPTS[1]]  # the same longest prompt: the same cache width
     gen_kw["top_p"] = 0.8
     assert_same(lm.generate(other, n_new, seed=12, **gen_kw),
                 lm.generate(other, n_new, seed=12, compile=backend, **gen_kw))
@@ -140,8 +140,12 @@ def test_a_graph_break_is_one_line_naming_compile_false(one_thread, fresh_dynamo
 
 @pytest.mark.slow
 def test_inductor_compiled_step_draws_the_eager_tokens(one_thread, fresh_dynamo):
-    """The default backend (inductor, C++ code generation): the same tokens as eager."""
+    """The default backend (inductor, C++ code generation, frozen weights): the same tokens as
+    eager, also after the adapter's weights change in place."""
     base, adapter, tok = make_tiny_pair(seed=5, base_arch="llama", adapter_arch="llama")
     lm = TailoredLM(base, adapter, tok, alpha=0.6)
     kw = dict(seed=4, top_p=0.9, min_new_tokens=4)
+    assert_same(lm.generate(PROMPTS, 8, **kw), lm.generate(PROMPTS, 8, compile=True, **kw))
+    with torch.no_grad():  # an in-place update (an optimizer step): the frozen graph must not serve stale weights
+        adapter.get_output_embeddings().weight.mul_(-1.5)
     assert_same(lm.generate(PROMPTS, 8, **kw), lm.generate(PROMPTS, 8, compile=True, **kw))

@@ -17,6 +17,9 @@ top-k off unless ``--top-k``, temperature 1):
     size compiles the graph; that call is timed apart (``compile_s``: first call minus the median
     of the timed ones) and kept out of tokens/s. ``compiled_vs_eager`` is (b)'s wall time over
     (e)'s, and ``tokens_match`` says whether (e) drew (b)'s tokens in the warm-up (same seed).
+    The decode step alone: (b) and (e) are also timed with one new token (prefill and first
+    draw only, interleaved with the rest); ``step_s`` = (wall(N) - wall(1)) / (N - 1) and
+    ``compiled_vs_eager_step`` is (b)'s ``step_s`` over (e)'s.
 
 Exactly N new tokens per row for every method: EOS (the tokenizer's) is masked for all N steps —
 ``min_new_tokens=N`` with ``max_new_tokens=N`` in HF ``generate`` and in ``TailoredLM.generate``,
@@ -217,7 +220,7 @@ def method_fns(base, adapter, tok, rows, n_new, *, top_k, top_p, alpha, seed=0, 
     def a():
         return hf_generate(base, rows, n_new, pad_id=pad, eos_ids=eos, top_k=top_k, top_p=top_p, seed=seed).numel()
 
-    def b(compile=False):
+    def b(compile=False, n_new=n_new):
         out = lm.generate(rows, n_new, min_new_tokens=n_new, eos_token_id=eos, top_k=top_k, top_p=top_p, seed=seed,
                           compile=compile)
         return sum(len(t) for t in out.token_ids)
@@ -233,7 +236,12 @@ def method_fns(base, adapter, tok, rows, n_new, *, top_k, top_p, alpha, seed=0, 
     fns = dict(zip(METHODS, (a, b, c, d)))
     if compile:
         fns[COMPILED] = lambda: b(compile)
+        fns["tailored" + ONE] = lambda: b(False, 1)  # prefill and the first draw: wall(N) - wall(1) is the steps
+        fns[COMPILED + ONE] = lambda: b(compile, 1)
     return fns
+
+
+ONE = "@1"  # suffix of the one-new-token timings
 
 
 def compiled_warmup(base, adapter, tok, rows, n_new, *, top_k, top_p, alpha, compile, seed=0) -> dict:
@@ -253,7 +261,7 @@ def compiled_warmup(base, adapter, tok, rows, n_new, *, top_k, top_p, alpha, com
 
 def _time_interleaved(fns, timer, repeats, expect):
     """Median (wall, forward) time of each fn, runs interleaved (a shared machine drifts); every
-    run must return ``expect`` new tokens."""
+    run must return ``expect`` new tokens (a number, or ``{method: number}``)."""
     runs = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
@@ -261,8 +269,9 @@ def _time_interleaved(fns, timer, repeats, expect):
             t0 = time.perf_counter()
             n = fn()
             runs[k].append((time.perf_counter() - t0, timer.total))
-            if n != expect:
-                raise RuntimeError(f"{k} produced {n} new tokens, expected {expect}")
+            want = expect[k] if isinstance(expect, dict) else expect
+            if n != want:
+                raise RuntimeError(f"{k} produced {n} new tokens, expected {want}")
     return {k: sorted(r)[(len(r) - 1) // 2] for k, r in runs.items()}
 
 
@@ -293,15 +302,19 @@ def _run(args) -> dict:
             rows, prompts_desc = bench_prompts(tok, args.prompts, B)
             warm = compiled_warmup(base, adapter, tok, rows, n_new, compile=compile, **knobs) if compile else None
             fns = method_fns(base, adapter, tok, rows, n_new, compile=compile, **knobs)
-            times = _time_interleaved(fns, timer, repeats, B * n_new)
+            times = _time_interleaved(fns, timer, repeats, {k: B if k.endswith(ONE) else B * n_new for k in fns})
             t_ref = times["hf-base"][0]
             r = {"batch": B, "new_tokens": n_new, "prompt_tokens": [len(x) for x in rows]}
+            one = {k[:-len(ONE)]: times.pop(k)[0] for k in list(times) if k.endswith(ONE)}
             for k, (wall, fwd) in times.items():
                 r[k] = {"tok_s": B * n_new / wall, "ratio_vs_hf_base": t_ref / wall, "seconds": wall,
                         "outside_forward": 1 - fwd / wall}
             if warm:  # the forwards run inside the graph, untimed: no outside-forward share
                 r[COMPILED].update(warm, outside_forward=None, compile_s=warm["first_call_s"] - times[COMPILED][0])
                 r["compiled_vs_eager"] = times["tailored"][0] / times[COMPILED][0]
+                for k in ("tailored", COMPILED):
+                    r[k].update(one_token_s=one[k], step_s=(times[k][0] - one[k]) / max(n_new - 1, 1))
+                r["compiled_vs_eager_step"] = r["tailored"]["step_s"] / r[COMPILED]["step_s"]
             results.append(r)
     finally:
         timer.remove()
@@ -320,8 +333,10 @@ def _run(args) -> dict:
                   f"{outside:>11}")
         if COMPILED in r:
             m = r[COMPILED]
-            print(f"{r['batch']:>3}  (e) vs (b): {r['compiled_vs_eager']:.2f}x; compile {m['compile_s']:.1f} s "
-                  f"(excluded); same tokens as (b): {m['tokens_match']}")
+            print(f"{r['batch']:>3}  (e) vs (b): {r['compiled_vs_eager']:.2f}x whole call, "
+                  f"{r['compiled_vs_eager_step']:.2f}x per decode step ({1e3 * r['tailored']['step_s']:.0f} vs "
+                  f"{1e3 * m['step_s']:.0f} ms); compile {m['compile_s']:.1f} s (excluded); same tokens as (b): "
+                  f"{m['tokens_match']}")
     out = {"models": desc, "prompts": args.prompts, "prompts_desc": prompts_desc, "top_k": args.top_k,
            "top_p": args.top_p, "alpha": args.alpha, "new_tokens": n_new, "repeats": repeats,
            "stop_rule": "exactly new_tokens per row: EOS masked for all steps (min_new_tokens = max_new_tokens)",

@@ -196,7 +196,7 @@ class StaticCachedLM(CachedLM):
         return densify_top_k(ids, vals, self.V)
 
 
-STATIC_CACHE_BUCKET = 64
+STATIC_CACHE_BUCKET = 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -839,7 +839,7 @@ class TailoredLM:
         draw = dict(w=w, w_masked=w_masked, w_one=w_one, seeds=seeds, knobs=knobs, first=first,
                     penalty=repetition_penalty)
         no_mask = None if compile_backend is None else torch.zeros((B, V), dtype=torch.bool, device=dev)
-        step_fn = None if compile_backend is None else _compiled_step(compile_backend)
+        step_fn = None if compile_backend is None else _compiled_step(compile_backend, [lm.model for lm in lms])
         for t in range(steps):
             mask = self._hard_mask(t, rows, host_tokens, min_new_tokens, eos_t, banned_single, banned_seqs)
             if t == 0 or step_fn is None:  # eager: the prefill's logits, or every step without compile
@@ -1007,12 +1007,27 @@ def _decode_step(lms, tokens, mask, seen, V, dev, draw):
 _COMPILED_STEPS: dict = {}
 
 
-def _compiled_step(backend):
+_FROZEN_VERSIONS: dict = {}
+
+
+def _compiled_step(backend, models):
     """``torch.compile(_decode_step, fullgraph=True)`` for ``backend``, made once per process (torch
-    keeps one graph per distinct set of models, batch, cache width and Python knobs)."""
+    keeps one graph per distinct set of models, batch, cache width and Python knobs). Inductor's
+    graphs hold frozen copies of the weights: when a model's weights changed in place since its
+    last compiled call (their version counters moved), torch's compiled graphs are dropped."""
+    if backend == "inductor":
+        key = tuple(id(m) for m in models)
+        versions = tuple(sum(p._version for p in m.parameters()) for m in models)
+        if _FROZEN_VERSIONS.get(key, versions) != versions:
+            torch._dynamo.reset()
+        _FROZEN_VERSIONS[key] = versions
     fn = _COMPILED_STEPS.get(backend)
     if fn is None:
-        fn = _COMPILED_STEPS[backend] = torch.compile(_decode_step, fullgraph=True, dynamic=False, backend=backend)
+        # inductor's freezing folds the (frozen, no-grad) weights into the graph as constants, which
+        # lets it pre-pack them for its CPU matmul kernels
+        options = {"freezing": True} if backend == "inductor" else None
+        fn = _COMPILED_STEPS[backend] = torch.compile(_decode_step, fullgraph=True, dynamic=False, backend=backend,
+                                                      options=options)
     return fn
 
 
