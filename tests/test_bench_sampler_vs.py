@@ -6,7 +6,7 @@ import types
 import pytest
 
 from ipa_fast.ops import bench_sampler
-from ipa_fast.cli import main
+from ipa_fast.cli.main import main
 
 
 def one_line_error(argv, capsys, *needles):

@@ -65,7 +65,7 @@ def argv(assets, out, *extra, steps=STEPS, reward="even"):
 
 def cli(args, capsys):
     """``ipa-fast ARGS`` in-process: (exit status, stderr)."""
-    from ipa_fast.cli import main
+    from ipa_fast.cli.main import main
 
     capsys.readouterr()
     rc = main(args)
@@ -77,7 +77,7 @@ def cli(args, capsys):
 @pytest.fixture(scope="module")
 def straight(assets, tmp_path_factory):
     """A finished run of STEPS steps (checkpoints 1..3 kept): copied, then damaged, per test."""
-    from ipa_fast.cli import main
+    from ipa_fast.cli.main import main
 
     out = tmp_path_factory.mktemp("straight") / "run"
     with single_thread():  # as the tests' resumed runs (module fixtures precede one_thread)
@@ -187,7 +187,7 @@ def test_resume_after_sigkill_mid_checkpoint_is_bit_identical(run, straight, ass
                 os.kill(os.getpid(), signal.SIGKILL)
             real(path, data)
         ckpt._write_file = dying
-        from ipa_fast.cli import main
+        from ipa_fast.cli.main import main
         sys.exit(main({argv(assets, killed)!r}))
     """)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))

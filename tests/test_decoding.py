@@ -231,7 +231,7 @@ def test_generate_cli_and_naive_bench_loop(tmp_path, capsys):
     import json
 
     from ipa_fast.decoding.bench import naive_generate
-    from ipa_fast.cli import main
+    from ipa_fast.cli.main import main
 
     base, adapter, tok = make_tiny_pair(seed=6)
     base.save_pretrained(tmp_path / "b")

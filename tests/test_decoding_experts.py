@@ -412,7 +412,7 @@ def saved(trio, tmp_path_factory):
 
 
 def _cli(argv, capsys):
-    from ipa_fast.cli import main
+    from ipa_fast.cli.main import main
 
     rc = main(argv)
     out, err = capsys.readouterr()

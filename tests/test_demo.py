@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from ipa_fast.cli import main
+from ipa_fast.cli.main import main
 from ipa_fast.decoding.tailored import TailoredLM, save_adapter
 from tiny_models import make_tiny_pair
 

@@ -479,7 +479,7 @@ def test_bad_config(tmp_path, kw, msg):
 
 
 def test_cli_errors_are_one_line(tmp_path, model_dirs, capsys):
-    from ipa_fast.cli import main
+    from ipa_fast.cli.main import main
 
     common = ["--out", str(tmp_path / "o"), "--base", f"{model_dirs}/base", "--adapter", f"{model_dirs}/adapter"]
     cases = [
