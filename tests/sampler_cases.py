@@ -45,7 +45,7 @@ class Backend(str):
 
     @property
     def draws(self) -> int:
-        return 200 if self.emulated else 100_000
+        return 120 if self.emulated else 100_000
 
     def rows(self, full: int, small: int = 4) -> int:
         """``full`` rows, or ``small`` (<= 4 by default) on an emulated backend."""

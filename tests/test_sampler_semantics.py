@@ -7,7 +7,7 @@ reference (token-for-token: the RNG stream is one, docs/DESIGN.md §3.3), and ch
 (significance ``ALPHA_CHI2`` = 1e-4 per test: a correct sampler fails one with probability 1e-4;
 every input and seed is fixed, so a passing test cannot flake). Emulated backends cost ~0.1 s a
 row: their batches are small (``Backend.rows``), their chi-square tests (one case per K) draw
-``Backend.draws`` = 200 rows and also check those draws equal the reference's token for token,
+``Backend.draws`` = 120 rows and also check those draws equal the reference's token for token,
 which carries the reference's 10^5-draw result over to them.
 """
 from __future__ import annotations
