@@ -19,22 +19,24 @@ from pathlib import Path
 from ipa_fast import embedded, tasks
 
 
-def sweep(adapter: str, task: str, alphas: list[float], split: str, rows: int, base: str) -> list[dict]:
+def sweep(adapter: str, task: str, alphas: list[float], split: str, rows: int, base: str,
+          seeds: int = 1, adapter_alone: bool = False) -> list[dict]:
     from ipa_fast import TailoredLM
     from ipa_fast.cli.demo import evaluate_variant, mean_ci95
 
     lm = TailoredLM.from_pretrained(base, adapter)
     data = embedded.read_task(task, split)[:rows]
     out, first = [], None
-    for a in alphas:
-        r = evaluate_variant(lm, task, data, alpha=a)
+    runs = [(a, 1.0) for a in alphas] + ([(alphas[-1], 0.0)] if adapter_alone else [])
+    for a, base_weight in runs:
+        r = evaluate_variant(lm, task, data, alpha=a, base_weight=base_weight, seeds=seeds)
         first = first or r["per_prompt"]
         delta = mean_ci95([x - y for x, y in zip(r["per_prompt"], first)])  # paired, against the first alpha
-        out.append({"alpha": a, "score": r["score"], "score_ci95": r["score_ci95"], "delta_vs_first_ci95": delta,
+        out.append({"alpha": a, "base_weight": base_weight, "score": r["score"], "score_ci95": r["score_ci95"], "delta_vs_first_ci95": delta,
                     "perplexity": r["perplexity"], "distinct_2": r["distinct_2"],
                     **{k: v for k, v in r.items() if k not in ("score", "score_ci95", "per_prompt", "texts",
                                                                 "perplexity", "distinct_2")}})
-        print(f"alpha {a:g}: score {r['score']:.3f} [{r['score_ci95'][0]:.3f}, {r['score_ci95'][1]:.3f}]  "
+        print(f"alpha {a:g}{'' if base_weight else ' (adapter alone)'}: score {r['score']:.3f} [{r['score_ci95'][0]:.3f}, {r['score_ci95'][1]:.3f}]  "
               f"vs alpha {alphas[0]:g} {delta[0]:+.3f}..{delta[1]:+.3f}  perplexity under the base "
               f"{r['perplexity']:.1f}  distinct-2 {r['distinct_2']:.3f}  e.g. {r['texts'][0]!r}", flush=True)
     return out
@@ -47,21 +49,25 @@ def main(argv=None) -> int:
     ap.add_argument("--alphas", default="0,1", help="comma-separated alphas (0 = the base alone)")
     ap.add_argument("--split", default="validation", choices=["validation", "test"])
     ap.add_argument("--rows", type=int, default=200)
+    ap.add_argument("--seeds", type=int, default=1, help="decode every prompt with this many seeds (the demo's "
+                    "protocol: intervals over prompts, each the mean over its seeds)")
     ap.add_argument("--base", default=None, help="default: the embedded base (`ipa-fast setup`)")
+    ap.add_argument("--adapter-alone", action="store_true",
+                    help="also evaluate the adapter alone (base weight 0) at the last alpha")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     try:
         alphas = [float(x) for x in args.alphas.split(",")]
     except ValueError:
         ap.error(f"--alphas must be comma-separated numbers, got {args.alphas!r}")
-    if any(a < 0 for a in alphas) or args.rows < 1:
-        ap.error("--alphas must be >= 0 and --rows >= 1")
+    if any(a < 0 for a in alphas) or args.rows < 1 or args.seeds < 1:
+        ap.error("--alphas must be >= 0, --rows and --seeds >= 1")
     import torch
     torch.set_num_threads(1)
     if args.base is None:
         from ipa_fast import embedded
         args.base = str(embedded.base_path())
-    res = sweep(args.adapter, args.task, alphas, args.split, args.rows, args.base)
+    res = sweep(args.adapter, args.task, alphas, args.split, args.rows, args.base, args.seeds, args.adapter_alone)
     if args.json:
         Path(args.json).write_text(json.dumps({"task": args.task, "split": args.split, "rows": args.rows,
                                                "adapter": args.adapter, "results": res}, indent=2) + "\n")
