@@ -208,7 +208,6 @@ def load_base(base_dir: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    sys.path.insert(0, str(ROOT))
     from ipa_fast.decoding.tokenizer import load_gpt2_tokenizer
 
     if (Path(base_dir) / "tokenizer.json").is_file() or (Path(base_dir) / "tokenizer_config.json").is_file():
@@ -226,7 +225,7 @@ def base_alone(base_dir: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    tok, model = load_base(base_dir)  # puts the repository on sys.path
+    tok, model = load_base(base_dir)
     from ipa_fast.decoding.tailored import TailoredLM
 
     from ipa_fast import embedded

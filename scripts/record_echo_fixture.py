@@ -3,7 +3,7 @@ the teacher-forced scoring request of ``APIBase.score_top_k`` (``echo: true`` + 
 with the engine's own per-position answer (``truth``) computed in-process from the ids.
 
     make test-engines   # once: builds ~/.cache/ipa_fast/engines-venv and fetches the GGUF
-    .venv/bin/python scripts/record_echo_fixture.py
+    .venv/bin/python -m scripts.record_echo_fixture   # from the repository root (it imports the tests' helper)
 
 Exchanges: ``GET /v1/models`` and ``/props`` (dialect detection), the echo request (the body
 APIBase sends) and the plain next-token request of the same row (APIBase checks the echo
@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.fixtures.engines.live import GGUF, ENGINE_VENV, HERE, LlamaCppPythonServer, load_tokenizer  # noqa: E402
+from tests.fixtures.engines.live import GGUF, ENGINE_VENV, HERE, LlamaCppPythonServer, load_tokenizer
 
 TEXT = "Once upon a time, there was a little"
 K = 20
