@@ -92,7 +92,12 @@ _TASKS = (
         # samples of 281 train prompts (scripts/best_of_n.py; best-of-4 coverage 0.70 vs 0.41 mean):
         # validation coverage 0.358 -> 0.385, all-concepts 0.104 -> 0.104 (48 prompts; on 200, one seed: 0.371 -> 0.391,
         # paired difference [-0.040, +0.079]: no real gain); 40 PPO steps from the zeroed output at lr 2e-4
-        # (KL to the base 0.03 nats): 0.387 -> 0.380
+        # (KL to the base 0.03 nats): 0.387 -> 0.380. The zeroed output starves training (every gradient
+        # below the zeroed gain is scaled by it). With --residual instead (alpha 1, best-of-4 data):
+        # 15 warm-start steps, 200 validation prompts 0.371 -> 0.400 (paired [-0.030, +0.087]); 30
+        # warm-start steps + 30 PPO steps (lr 5e-5, kl 0.05): 0.371 -> 0.456, paired [+0.026, +0.143],
+        # all-concepts 0.08 -> 0.13, perplexity under the base 14.6 -> 11.8, but distinct-2 0.871 -> 0.704
+        # (one seed; the first significant gain, not yet a recipe: diversity falls below 0.9x the base's)
         recipe=dict(algo="ppo", alpha=0.2, reference="initial", steps=60, batch_size=16, minibatch_size=8,
                     ppo_epochs=2, lr=1e-4, kl_coef=0.05, min_new_tokens=8, eval_every=15, eval_size=48,
                     checkpoint_every=15, freeze_shared_embedding=True),
