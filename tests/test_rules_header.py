@@ -44,7 +44,7 @@ def params_ok_comparisons() -> dict:
 def python_dtype_codes(module: str) -> dict:
     """The module-level {torch.<dtype>: code} dict of ipa_fast/<module>.py, read with ast (the
     module itself imports its native extension, which may not be built here)."""
-    tree = ast.parse((ROOT / "ipa_fast" / f"{module}.py").read_text())
+    tree = ast.parse((ROOT / "ipa_fast" / "ops" / f"{module}.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
             keys = node.value.keys
