@@ -50,7 +50,7 @@ def python_dtype_codes(module: str) -> dict:
             keys = node.value.keys
             if keys and all(isinstance(k, ast.Attribute) and getattr(k.value, "id", None) == "torch" for k in keys):
                 return {k.attr: ast.literal_eval(v) for k, v in zip(keys, node.value.values)}
-    raise AssertionError(f"no dtype code map in ipa_fast/{module}.py")
+    raise AssertionError(f"no dtype code map in ipa_fast/ops/{module}.py")
 
 
 def _cmp(x, op, c) -> bool:
