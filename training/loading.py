@@ -193,8 +193,8 @@ def load_frozen_experts(refs: list[str], tokenizer, device=None) -> list:
     saved beside it must share the run's vocabulary (ids below V; added control tokens aside)."""
     from transformers import AutoModelForCausalLM
 
+    from ipa_fast.decoding.residual import weight_hashes
     from ipa_fast.decoding.tailored import _core_hash, _try_tokenizer, load_adapter_metadata
-    from ipa_fast.embedded import sha256_file
 
     from .policy import FrozenExpert
 
@@ -206,13 +206,13 @@ def load_frozen_experts(refs: list[str], tokenizer, device=None) -> list:
         if own is not None and _core_hash(own) != _core_hash(tokenizer):
             raise ValueError(f"tokenizer mismatch: frozen adapter {path} ships another tokenizer than the run's; "
                              "the experts must share one vocabulary")
-        files = sorted(f for pattern in ("*.safetensors", "pytorch_model*.bin") for f in Path(path).glob(pattern))
-        if not files:
+        sha256 = weight_hashes(path)
+        if not sha256:
             raise ValueError(f"frozen adapter {path} has no weights file (*.safetensors or pytorch_model*.bin)")
         model = _load(AutoModelForCausalLM, path, "frozen adapter")
         if device is not None:
             model.to(device)
         experts.append(FrozenExpert(model=model, weight=float(meta.get("alpha", 1.0) if weight is None else weight),
                                     prefix=[int(t) for t in meta.get("adapter_prefix") or []], name=str(path),
-                                    sha256={f.name: sha256_file(f) for f in files}))
+                                    sha256=sha256))
     return experts

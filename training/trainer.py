@@ -263,16 +263,16 @@ class Trainer:
             from .loading import load_frozen_experts
             device = next((adapter if isinstance(base, APIBase) else base).parameters()).device
             frozen_experts = load_frozen_experts(config.frozen_adapters, tokenizer, device)
-        self.residual_expert, self._residual_of = None, None
+        # residual_of: what the saved ipa_adapter.json names as the initial weights
+        self.residual_expert, self.residual_of = None, None
         if config.residual:  # the initial adapter, frozen, at -alpha (before any training changes it)
             from ipa_fast.decoding.residual import residual_record
             # the initial adapter's directory and hashes; an adapter passed as a model has none
             # (then the saved adapter cannot be loaded back as a residual, and says so when tried)
-            rec = residual_record(config.adapter) if config.adapter and Path(str(config.adapter)).is_dir() else {}
-            self._residual_of = {"name": rec.get("name"), "embedded": rec.get("embedded", False),
-                                 "sha256": rec.get("sha256", {})}
+            self.residual_of = (residual_record(config.adapter) if config.adapter and Path(str(config.adapter)).is_dir()
+                                else {"name": None, "embedded": False, "sha256": {}})
             self.residual_expert = FrozenExpert(model=copy.deepcopy(adapter).eval(), weight=-config.alpha,
-                                                name=rec.get("name", ""), sha256=rec.get("sha256", {}))
+                                                name=self.residual_of["name"] or "", sha256=self.residual_of["sha256"])
             frozen_experts = list(frozen_experts) + [self.residual_expert]
         algo = ALGORITHMS[config.algo]
         self.rl = algo(algo.Config.view(config))
@@ -474,10 +474,6 @@ class Trainer:
         """The frozen experts this adapter is trained with (see :meth:`FrozenExpert.record`)."""
         return [e.record() for e in self.policy.frozen if e is not self.residual_expert]
 
-    def residual_record(self) -> dict | None:
-        """``residual_of`` of the saved adapter (None unless ``config.residual``)."""
-        return None if self._residual_of is None else dict(self._residual_of)
-
     def save_checkpoint(self, rng: dict | None = None) -> Path:
         """Checkpoint the current step (an existing good checkpoint of this step is kept)."""
         return ckpt.save(self.out / "checkpoints", self.step, self.state_dict(rng), keep=self.cfg.keep_checkpoints)
@@ -553,7 +549,7 @@ class Trainer:
                             extra={"algo": c.algo, "steps": self.step, "quark_control_ids": self.control_ids,
                                    "frozen_experts": self.frozen_records(),
                                    # a residual adapter: its logits are its own minus these initial weights'
-                                   **({"residual_of": self.residual_record()} if c.residual else {}),
+                                   **({"residual_of": self.residual_of} if c.residual else {}),
                                    # a served base: what it was trained against (URL, top-K, dialect)
                                    **({"api_base": {"url": c.api_base, "top_k": c.api_top_k,
                                                     "dialect": self.policy.base.dialect}} if c.api_base else {}),

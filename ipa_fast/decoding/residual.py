@@ -68,6 +68,13 @@ def weight_files(directory) -> list[Path]:
     return sorted(f for pattern in ("*.safetensors", "pytorch_model*.bin") for f in Path(directory).glob(pattern))
 
 
+def weight_hashes(directory) -> dict[str, str]:
+    """The sha256 of each of an adapter directory's weight files, by file name."""
+    from ipa_fast import embedded
+
+    return {f.name: embedded.sha256_file(f) for f in weight_files(directory)}
+
+
 def residual_record(directory) -> dict:
     """``residual_of`` for ``ipa_adapter.json``: the initial adapter's directory (``"embedded":
     true`` when it is the embedded adapter initialisation, found again wherever the cache is) and
@@ -79,8 +86,7 @@ def residual_record(directory) -> dict:
         is_embedded = path == embedded.adapter_init_path().resolve()
     except Exception:  # no embedded cache here: a plain directory
         is_embedded = False
-    return {"name": str(path), "embedded": is_embedded,
-            "sha256": {f.name: embedded.sha256_file(f) for f in weight_files(path)}}
+    return {"name": str(path), "embedded": is_embedded, "sha256": weight_hashes(path)}
 
 
 def initial_directory(meta: dict, adapter_dir) -> Path:
@@ -97,8 +103,7 @@ def initial_directory(meta: dict, adapter_dir) -> Path:
         raise ValueError(f"adapter {adapter_dir} is a residual of {path}, which is not here"
                          + (f" (run `{embedded.SETUP_CMD}`)" if rec.get("embedded") else ""))
     want = rec.get("sha256") or {}
-    have = {f.name: embedded.sha256_file(f) for f in weight_files(path)}
-    if not want or have != want:
+    if not want or weight_hashes(path) != want:
         raise ValueError(f"adapter {adapter_dir} is a residual of {path}, but the weights there are not the ones "
                          f"it was trained from (sha256 differs)")
     return path
