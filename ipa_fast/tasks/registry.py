@@ -97,7 +97,12 @@ _TASKS = (
         # 15 warm-start steps, 200 validation prompts 0.371 -> 0.400 (paired [-0.030, +0.087]); 30
         # warm-start steps + 30 PPO steps (lr 5e-5, kl 0.05): 0.371 -> 0.456, paired [+0.026, +0.143],
         # all-concepts 0.08 -> 0.13, perplexity under the base 14.6 -> 11.8, but distinct-2 0.871 -> 0.704
-        # (one seed; the first significant gain, not yet a recipe: diversity falls below 0.9x the base's)
+        # (one seed; the first significant gain, not yet a recipe: diversity falls below 0.9x the base's).
+        # Data: the 281 rows with best_reward >= 2/3 of `scripts/best_of_n.py --task lexical --rows 384 --n 4`;
+        # run: `ipa-fast train --task lexical --residual --alpha 1 --prompts FILE --sft-field best --sft-steps 30
+        # --steps 60 --sft-lr 1e-4 --lr 5e-5 --kl-coef 0.05 --eval-every 15` (measured with --frozen-adapter
+        # <adapter-init>:-1 in place of --residual: the same product); scored by `scripts/sweep_alpha.py
+        # OUT/adapter --task lexical --alphas 0,1 --split validation --rows 200`
         recipe=dict(algo="ppo", alpha=0.2, reference="initial", steps=60, batch_size=16, minibatch_size=8,
                     ppo_epochs=2, lr=1e-4, kl_coef=0.05, min_new_tokens=8, eval_every=15, eval_size=48,
                     checkpoint_every=15, freeze_shared_embedding=True),
