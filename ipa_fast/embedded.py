@@ -32,6 +32,10 @@ import zipfile
 from pathlib import Path
 
 SPLITS = ("train", "validation", "test")
+# a task's data files: its splits, and the optional warm-start rows built from its train split
+# (data/README.md); TRAIN_FILES are the ones training may read
+TASK_FILES = SPLITS + ("warmstart",)
+TRAIN_FILES = ("train", "warmstart")
 
 #: The embedded base: where it comes from and what it must hash to.
 BASE = {
@@ -128,14 +132,16 @@ def _check_task(task: str) -> None:
 
 
 def task_data_path(task: str, split: str) -> Path:
-    """``data/tasks/<task>/<split>.jsonl`` for a registered task (:mod:`ipa_fast.tasks`) and split in SPLITS."""
+    """``data/tasks/<task>/<split>.jsonl`` for a registered task (:mod:`ipa_fast.tasks`) and a file
+    in TASK_FILES (a split, or ``warmstart``)."""
     _check_task(task)
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in TASK_FILES:
+        raise ValueError(f"split must be one of {TASK_FILES}, got {split!r}")
     p = shipped_root() / "data/tasks" / task / f"{split}.jsonl"
     if not p.exists():
-        raise FileNotFoundError(f"{task} {split} data not found at {p}; build it with "
-                                f"`python scripts/build_tasks.py --stage {task}` in a source checkout")
+        how = ("see data/README.md for the command that builds it (scripts/best_of_n.py)" if split == "warmstart"
+               else f"build it with `python scripts/build_tasks.py --stage {task}` in a source checkout")
+        raise FileNotFoundError(f"{task} {split} data not found at {p}; {how}")
     return p
 
 

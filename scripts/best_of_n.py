@@ -11,6 +11,13 @@ adapter through the product of experts:
     python scripts/best_of_n.py --task lexical --rows 256 --n 4 --out runs/lexical-best4.jsonl
     ipa-fast train --task lexical --prompts runs/lexical-best4.jsonl --sft-field best --sft-steps 200 ...
 
+``--min-best-reward R`` keeps only the prompts whose best sample reaches R, and ``--compact``
+writes only the prompt row, ``best``, ``best_reward`` and ``mean_reward``: the shipped lexical
+warm-start file ``data/tasks/lexical/warmstart.jsonl`` is
+
+    python scripts/best_of_n.py --task lexical --rows 384 --n 4 --min-best-reward 0.66 --compact \
+        --out data/tasks/lexical/warmstart.jsonl
+
 Only the task's train split is read: held-out prompts never become targets.
 """
 from __future__ import annotations
@@ -57,6 +64,16 @@ def best_of_n(lm, task_name: str, rows: list[dict], n: int, *, alpha: float, max
     return out
 
 
+SAMPLE_FIELDS = ("worst", "worst_reward", "samples")  # what --compact leaves out
+
+
+def select(rows: list[dict], min_best_reward: float | None = None, compact: bool = False) -> list[dict]:
+    """The rows of :func:`best_of_n` whose best reward is at least ``min_best_reward`` (all when
+    None), without the per-sample fields when ``compact``."""
+    kept = [r for r in rows if min_best_reward is None or r["best_reward"] >= min_best_reward]
+    return [{k: v for k, v in r.items() if k not in SAMPLE_FIELDS} for r in kept] if compact else kept
+
+
 def main(argv=None) -> int:
     from ipa_fast import tasks
 
@@ -71,6 +88,10 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--min-best-reward", type=float, default=None,
+                    help="keep only the prompts whose best sample's reward is at least this")
+    ap.add_argument("--compact", action="store_true",
+                    help="write only the prompt row, best, best_reward and mean_reward (a warm-start file)")
     args = ap.parse_args(argv)
     if args.rows < 1 or args.n < 1:
         ap.error("--rows and --n must be >= 1")
@@ -89,14 +110,16 @@ def main(argv=None) -> int:
                                     dtype="float32")
     out = best_of_n(lm, args.task, rows, args.n, alpha=args.alpha, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p)
+    mean = sum(r["mean_reward"] for r in out) / len(out)
+    best = sum(r["best_reward"] for r in out) / len(out)
+    n_sampled = len(out)
+    out = select(out, args.min_best_reward, args.compact)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(args.out.suffix + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in out), encoding="utf-8")
     tmp.replace(args.out)
-    mean = sum(r["mean_reward"] for r in out) / len(out)
-    best = sum(r["best_reward"] for r in out) / len(out)
-    print(f"best_of_n: {len(out)} prompts x {args.n} samples: mean reward {mean:.3f}, best-of-{args.n} {best:.3f} "
-          f"-> {args.out}")
+    print(f"best_of_n: {n_sampled} prompts x {args.n} samples: mean reward {mean:.3f}, best-of-{args.n} {best:.3f}; "
+          f"{len(out)} rows -> {args.out}")
     return 0
 
 

@@ -36,21 +36,54 @@ def train_command(config: dict) -> str:
     return " ".join(parts)
 
 
+def shipped_name(path: str | None, task: str) -> str | None:
+    """``data/tasks/<task>/<file>`` when ``path`` holds exactly a shipped task file's bytes."""
+    from ipa_fast import embedded
+
+    if not path or not Path(path).is_file():
+        return None
+    sha = embedded.sha256_file(path)
+    for f in sorted((ROOT / "data/tasks" / task).glob("*.jsonl")):
+        if embedded.sha256_file(f) == sha:
+            return f.relative_to(ROOT).as_posix()
+    return None
+
+
+def data_labels(config: dict, task: str) -> tuple[str, str]:
+    """What a run trained and evaluated on, in the card's words (shipped files by their repository path)."""
+    prompts = config.get("prompts")
+    n_eval = config["eval_size"]
+    if not prompts:
+        split = config.get("train_split", "train")
+        return (f"`data/tasks/{task}/{split}.jsonl`", f"the first {n_eval} rows of `data/tasks/{task}/validation.jsonl`"
+                if not config.get("eval_prompts") else f"the first {n_eval} rows of `{config['eval_prompts']}`")
+    name = shipped_name(prompts, task) or Path(prompts).name
+    held = (f"the first {n_eval} rows of `{shipped_name(config['eval_prompts'], task) or config['eval_prompts']}`"
+            if config.get("eval_prompts") else f"the last {n_eval} rows of `{name}`, held out of training")
+    return f"`{name}`", held
+
+
 def write_manifest() -> dict:
     from ipa_fast import embedded
 
     return embedded.write_models_manifest(MODELS)
 
 
-def export(run: Path, task: str, dest: Path, note: str | None = None, alpha: float | None = None) -> Path:
+def export(run: Path, task: str, dest: Path, note: str | None = None, alpha: float | None = None,
+           adapter: Path | None = None, command: str | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
     if alpha is not None and not alpha > 0:
         raise SystemExit(f"--alpha must be > 0, got {alpha}")
-    src = run / "adapter"
+    src = adapter or run / "adapter"
+    if not (src / "ipa_adapter.json").is_file():
+        raise SystemExit(f"{src} holds no ipa_adapter.json: not an adapter directory")
     config = json.loads((run / "config.json").read_text())
     log = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    at = json.loads((src / "ipa_adapter.json").read_text()).get("steps")
+    if at is not None:  # an adapter saved at an earlier step of the run: its log up to that step
+        log = [r for r in log if r["step"] <= at]
     evals = [r for r in log if r["type"] == "eval"]
     config["steps"] = max(r["step"] for r in log)  # what was run (a resume may have passed another --steps)
     if not evals:
@@ -69,6 +102,9 @@ def export(run: Path, task: str, dest: Path, note: str | None = None, alpha: flo
             shutil.copy(src / name, tmp / name)
     meta = json.loads((tmp / "ipa_adapter.json").read_text())
     meta["base"] = embedded.BASE["name"]
+    residual = meta.get("residual_of")
+    if residual and residual.get("embedded"):  # found again through the cache on any machine
+        residual["name"] = "adapter-init"
     if shared:  # the embedding table is the base's: named by hash, rebuilt by `ipa-fast setup`
         meta["shared_with_base"] = shared
     trained_alpha = meta["alpha"]
@@ -91,6 +127,7 @@ def export(run: Path, task: str, dest: Path, note: str | None = None, alpha: flo
         f"| {r['step']} | {r['reward']:.4f} | "
         + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k not in ("type", "step", "reward", "time/eval")) + " |"
         for r in evals)
+    train_data, eval_data = data_labels(config, task)
     card = f"""# adapters/{task}: an IPA policy adapter for the {task} task
 
 Trained with `ipa-fast train` ({config['algo']}) on top of the frozen embedded base
@@ -105,19 +142,21 @@ cache; load it with
   >= {meta.get('vocab_size', model.config.vocab_size)} are Quark's reward-quantile control tokens, never emitted), fp16 safetensors
   ({size / 2**20:.1f} MiB{', without the embedding it shares with the base, named by sha256 in ipa_adapter.json' if shared else ''}),
   sha256 `{embedded.sha256_file(tmp / 'model.safetensors')}`.
-* Tailored policy: softmax(base + {meta['alpha']} x adapter){
+* Tailored policy: softmax(base + {meta['alpha']} x {'(adapter - adapter-init)' if residual else 'adapter'}){
     '' if meta['alpha'] == trained_alpha else f" (trained at alpha {trained_alpha}; the shipped alpha was chosen on validation rows, see the status below)"}; the adapter reads
-  `{meta['adapter_prefix_tokens']}` before the prompt (`ipa_adapter.json`).
-* Training: {sft} supervised warm-start steps ({sft_what} of the train split's references,
-  {sft_rows} rows a step) then {rl_steps} {config['algo']} steps; reward `{config.get('reward') or config['task']}`
-  on `data/tasks/{task}/train.jsonl`, evaluated on the first {config['eval_size']} rows of
-  `data/tasks/{task}/validation.jsonl` (T=1, top_p={config['eval_top_p']}, {config['eval_max_new_tokens']} new tokens,
+  `{meta['adapter_prefix_tokens']}` before the prompt (`ipa_adapter.json`).{"""
+* Residual: the adapter's logits are its own minus those of the untrained `models/adapter-init`
+  (named by sha256 under `residual_of` in ipa_adapter.json, loaded with it), so the untrained
+  policy is the base itself and training moves it from there.""" if residual else ""}
+* Training: {sft} supervised warm-start steps ({sft_what} of the `{config.get('sft_field', 'reference')}` field of
+  the training rows, {sft_rows} rows a step) then {rl_steps} {config['algo']} steps; reward `{config.get('reward') or config['task']}`
+  on {train_data}, evaluated on {eval_data} (T=1, top_p={config['eval_top_p']}, {config['eval_max_new_tokens']} new tokens,
   fixed seeds); {len(train_lines) + sft} steps took {secs / 3600:.2f} hours on a shared 2-core CPU.
 
 Command (run from the repository root):
 
-    {train_command(config)}
-    python scripts/export_adapter.py {run.relative_to(ROOT) if run.is_relative_to(ROOT) else run} --task {task}{f' --alpha {alpha}' if alpha is not None else ''}
+    {command or train_command(config)}
+    python scripts/export_adapter.py {run.relative_to(ROOT) if run.is_relative_to(ROOT) else 'RUN'} --task {task}{f' --alpha {alpha}' if alpha is not None else ''}
 
 Held-out (validation) evaluations during training (`reward_curve.png`):
 
@@ -146,9 +185,13 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha", type=float, default=None,
                     help="the shipped alpha (ipa_adapter.json), e.g. chosen on validation rows; default: the trained one")
     ap.add_argument("--note", default=None, help="a status paragraph for the model card (what the adapter does and does not do)")
+    ap.add_argument("--adapter", type=Path, default=None,
+                    help="the adapter directory to ship (default: RUN/adapter), e.g. one saved at an earlier step")
+    ap.add_argument("--command", default=None,
+                    help="the training command for the card (default: rebuilt from RUN/config.json)")
     args = ap.parse_args(argv)
     dest = export(args.run.resolve(), args.task, args.dest or MODELS / "adapters" / args.task, args.note,
-                  args.alpha)
+                  args.alpha, args.adapter.resolve() if args.adapter else None, args.command)
     print(f"wrote {dest} and models/MANIFEST.json")
     return 0
 

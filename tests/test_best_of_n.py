@@ -24,3 +24,15 @@ def test_best_and_worst_are_the_extremes_of_the_samples_drawn_with_the_documente
         assert r["best_reward"] == max(rewards) and r["worst_reward"] == min(rewards)
         assert r["best"] == texts[rewards.index(max(rewards))] and r["worst"] == texts[rewards.index(min(rewards))]
         assert r["mean_reward"] == pytest.approx(sum(rewards) / 3)
+
+
+def test_select_keeps_rows_at_or_above_the_threshold_and_compact_drops_the_per_sample_fields():
+    from scripts.best_of_n import select
+
+    rows = [{"prompt": str(i), "concepts": ["x"], "best": "b", "best_reward": r, "worst": "w", "worst_reward": 0.0,
+             "mean_reward": r / 2, "samples": [{"text": "b", "reward": r}]} for i, r in enumerate((0.5, 2 / 3, 1.0))]
+    assert [r["prompt"] for r in select(rows, 0.66)] == ["1", "2"]
+    assert select(rows) == rows
+    compact = select(rows, 0.66, compact=True)
+    assert [sorted(r) for r in compact] == [sorted(["prompt", "concepts", "best", "best_reward", "mean_reward"])] * 2
+    assert compact[1]["best_reward"] == 1.0

@@ -231,6 +231,9 @@ def test_train_presets(capsys):
     assert cfg("--task", "detox", "--steps", "3").steps == 3
     lex = cfg("--task", "lexical")
     assert all(getattr(lex, k) == v for k, v in PRESETS["lexical"].items())
+    assert lex.residual and lex.train_split == "warmstart" and lex.sft_field == "best"
+    with pytest.raises(ValueError, match="held-out splits are never trained on"):
+        cfg("--task", "lexical", "--train-split", "test").validate()
     plain = cfg("--task", "detox", "--preset", "none")
     defaults = TrainConfig()
     assert (plain.algo, plain.alpha, plain.lr, plain.batch_size) == (defaults.algo, defaults.alpha, defaults.lr,

@@ -157,3 +157,47 @@ def test_an_adapter_trained_from_a_zeroed_output_has_the_base_as_its_untrained_r
     assert lex["ipa"]["delta_vs_untrained_ci95"] == lex["ipa"]["delta_vs_base_ci95"]
     detox = json.loads(out.read_text())["tasks"]["detox"]
     assert "untrained_is_base" not in detox["ipa_untrained"]  # its adapter records no zeroed start
+
+
+def test_a_residual_adapter_has_the_base_as_its_untrained_row_and_its_trained_network_alone_as_adapter_only(
+        home, tmp_path, monkeypatch):
+    """A residual adapter (policy base + alpha * (trained - initial)) started as the base: its untrained
+    row is the base's; the IPA row is the three-model product and the adapter-alone row is the
+    trained network's own distribution (recomputed here through explicit experts)."""
+    import shutil
+
+    import torch
+    from ipa_fast.cli.demo import PROTOCOL
+    from ipa_fast.decoding.residual import residual_record
+    from ipa_fast.training.rewards import lexical_coverage
+    h = tmp_path / "h"
+    shutil.copytree(home, h)
+    init = h / "models/adapter-init"
+    _, trained, tok = make_tiny_pair(seed=4)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    dest = h / "models/adapters/lexical"
+    shutil.rmtree(dest)
+    save_adapter(dest, trained, tok, alpha=0.7, extra={"residual_of": residual_record(init)})
+    stamp(dest)
+    monkeypatch.setenv("IPA_FAST_HOME", str(h))
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--quick", "--prompts", "4", "--tasks", "lexical", "--train-steps", "0", "--out",
+                 str(tmp_path / "run"), "--json", str(out)]) == 0
+    lex = json.loads(out.read_text())["tasks"]["lexical"]
+    assert lex["ipa_untrained"]["untrained_is_base"] is True and lex["ipa_untrained"]["score"] == lex["base"]["score"]
+    base = TailoredLM.from_pretrained(str(h / "models/base"), str(init)).base
+    initial = TailoredLM.from_pretrained(str(h / "models/base"), str(init)).adapter
+    rows = LEXICAL[:4]
+
+    def score(lm, **kw):
+        gen = lm.generate([r["prompt"] for r in rows], PROTOCOL["max_new_tokens"], top_p=PROTOCOL["top_p"],
+                          seed=PROTOCOL["seed"], **kw)
+        cov = lexical_coverage([r["prompt"] for r in rows], gen.texts, [r["concepts"] for r in rows])
+        return sum(cov) / len(cov)
+
+    product = TailoredLM(base, experts=[trained, initial], weights=[0.7, -0.7], tokenizer=tok)
+    assert lex["ipa"]["score"] == pytest.approx(score(product))
+    alone = TailoredLM(base, trained, tok, alpha=1.0)
+    assert lex["adapter_only"]["score"] == pytest.approx(score(alone, base_weight=0.0))

@@ -76,6 +76,22 @@ def test_lexical_test_never_from_training_text():
         assert not refs & train_text
 
 
+def test_lexical_warmstart_rows_come_from_the_train_split_only():
+    """The shipped warm-start rows (best of 4 base samples) are train prompts, never held-out ones,
+    each with the best sample's text and a reward of at least 0.66 (data/README.md's command)."""
+    rows = _rows("lexical", "warmstart")
+    train = {r["prompt"]: r for r in _rows("lexical", "train")}
+    held_out = {r["prompt"] for s in ("validation", "test") for r in _rows("lexical", s)}
+    assert len(rows) == 281
+    for r in rows:
+        assert r["prompt"] in train and r["prompt"] not in held_out
+        assert r["concepts"] == train[r["prompt"]]["concepts"]
+        assert isinstance(r["best"], str) and r["best"] and 0.66 <= r["best_reward"] <= 1.0
+    from ipa_fast.training.rewards import lexical_coverage
+    got = lexical_coverage([r["prompt"] for r in rows], [r["best"] for r in rows], [r["concepts"] for r in rows])
+    assert got == pytest.approx([r["best_reward"] for r in rows])  # the recorded reward is the task's own
+
+
 @pytest.mark.parametrize("split", ["train", "validation", "test"])
 def test_detox_rows(split):
     rows = _rows("detox", split)

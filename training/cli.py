@@ -43,6 +43,8 @@ HELP = {
     "reward": "custom reward 'module:function' or 'file.py:function': "
               "fn(prompts, completions, **fields) -> list[float]",
     "prompts": "JSON lines {\"prompt\": ..., <field>: ...}; extra fields go to the reward by name",
+    "train_split": "with --task and no --prompts: the task's training file, train (the split) or warmstart "
+                   "(a task's shipped warm-start rows, e.g. lexical's best-of-4 base samples in field 'best')",
     "eval_prompts": "held-out JSON lines (default: the task's validation split, else the last "
                     "--eval-size rows of --prompts)",
     "base": "base model (HF directory or hub name). Default: the embedded base (`ipa-fast setup`)",
@@ -208,7 +210,7 @@ def validate(args) -> None:
     cfg = config_from_args(args)
     args._reward = load_reward(cfg.reward) if cfg.reward else None
     if cfg.task and not cfg.prompts:
-        loading.task_data_path(cfg.task, "train")
+        loading.task_data_path(cfg.task, cfg.train_split)
     if cfg.base is None or cfg.adapter is None:
         from ipa_fast import embedded
         if cfg.base is None and cfg.api_base is None:

@@ -80,6 +80,8 @@ class TrainConfig:
     task: str | None = None             # a registered task (ipa_fast.tasks): built-in data + reward
     reward: str | None = None           # "module:function" or "file.py:function"
     prompts: str | None = None          # JSON lines {"prompt": ..., <fields>...}
+    train_split: str = "train"          # with task and no prompts: the task's training file, "train"
+                                        # or "warmstart" (lexical's best-of-4 rows, field "best")
     eval_prompts: str | None = None     # held-out JSON lines (default: the task's validation split,
                                         # else the last eval_size rows of --prompts)
     base: str | None = None
@@ -197,6 +199,10 @@ class TrainConfig:
         need(self.lr_schedule in ("constant", "linear"), f"lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
         if self.task is not None:
             tasks.get(self.task)  # one line naming the known tasks otherwise
+        from ipa_fast.embedded import TRAIN_FILES
+        need(self.train_split in TRAIN_FILES,
+             f"train_split must be one of {', '.join(TRAIN_FILES)} (held-out splits are never trained on), "
+             f"got {self.train_split!r}")
         need(isinstance(self.steps, int) and self.steps >= 0, f"steps must be an int >= 0, got {self.steps!r}")
         for name in ("batch_size", "minibatch_size", "grad_accum", "max_new_tokens", "n_quantiles",
                      "quark_updates", "ppo_epochs", "eval_size", "eval_max_new_tokens", "keep_checkpoints",
@@ -817,7 +823,7 @@ def train(config: TrainConfig, *, reward: Callable | None = None, train_prompts=
         if config.prompts:
             train_prompts = loading.read_prompts(config.prompts)
         elif config.task:
-            train_prompts = loading.read_prompts(loading.task_data_path(config.task, "train"))
+            train_prompts = loading.read_prompts(loading.task_data_path(config.task, config.train_split))
         else:
             raise ValueError("no prompts: pass --prompts FILE.jsonl (or --task)")
         if eval_prompts is None and config.eval_prompts:

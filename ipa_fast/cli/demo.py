@@ -33,7 +33,7 @@ LIVE_STEPS = {False: 6, True: 2}
 # the live run from the initial adapter: the task's shipped recipe (`ipa-fast train --task T`'s preset)
 # with a small batch and no warm start, so that a few steps fit the demo's budget on a CPU
 LIVE_RUN_KNOBS = ("algo", "alpha", "reference", "lr", "kl_coef", "repeat_coef", "min_new_tokens", "ppo_epochs",
-                  "freeze_shared_embedding")
+                  "freeze_shared_embedding", "residual", "zero_init_output")
 LIVE_SMALL = dict(batch_size=8, minibatch_size=8)
 
 
@@ -170,21 +170,30 @@ def load_pair(base, adapter_dir, tok):
 def run_task(task: str, rows: list[dict], init_lm, trained: Path | None, seeds: int = 1) -> tuple[dict, list[dict]]:
     """Base alone, base + trained adapter, base + initial adapter (same alpha), adapter alone."""
     import functools
+
+    from ipa_fast.decoding.tailored import TailoredLM
     evaluate = functools.partial(evaluate_variant, task=task, rows=rows, seeds=seeds)
     variants = {"base": evaluate(init_lm, alpha=0.0)}
     if trained is not None:
         lm = load_pair(init_lm.base, trained, init_lm.tokenizer)
         variants["ipa"] = evaluate(lm, alpha=lm.alpha)
         # the same product with the *initial* adapter: a second LM alone reshapes the base, so this
-        # row separates what training added. An adapter trained from a zeroed output started as
-        # the base itself (its initial logits are all 0): its untrained row is the base's.
-        zeroed = bool(lm.metadata.get("zero_init_output"))
-        variants["ipa_untrained"] = (dict(variants["base"], untrained_is_base=True) if zeroed else
+        # row separates what training added. An adapter trained from a zeroed output, or as a
+        # residual on its initial weights (adapter - initial), started as the base itself: its
+        # untrained row is the base's.
+        from ipa_fast.decoding.residual import ResidualAdapter
+        residual = isinstance(lm.adapter, ResidualAdapter)
+        starts_at_base = residual or bool(lm.metadata.get("zero_init_output"))
+        variants["ipa_untrained"] = (dict(variants["base"], untrained_is_base=True) if starts_at_base else
                                      evaluate(init_lm, alpha=lm.alpha))
-        variants["adapter_only"] = evaluate(lm, alpha=1.0, base_weight=0.0, ppl_model=init_lm.base)
+        # the trained adapter alone: its own next-token distribution (for a residual adapter, the
+        # trained network, not the residual, which is no distribution of its own)
+        alone = (TailoredLM(init_lm.base, lm.adapter.trained, init_lm.tokenizer, alpha=1.0) if residual else lm)
+        variants["adapter_only"] = evaluate(alone, alpha=1.0, base_weight=0.0, ppl_model=init_lm.base)
     else:  # the product at the alpha the task's recipe trains at (`ipa-fast train --task T`'s preset)
         recipe = tasks.get(task).recipe
-        variants["ipa_untrained"] = (dict(variants["base"], untrained_is_base=True) if recipe.get("zero_init_output")
+        starts_at_base = bool(recipe.get("zero_init_output") or recipe.get("residual"))
+        variants["ipa_untrained"] = (dict(variants["base"], untrained_is_base=True) if starts_at_base
                                      else evaluate(init_lm, alpha=recipe.get("alpha", init_lm.alpha)))
         variants["adapter_init_only"] = evaluate(init_lm, alpha=1.0, base_weight=0.0)
     base_per = variants["base"]["per_prompt"]
@@ -254,7 +263,8 @@ def plot(results: dict, live: dict | None, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     n = len(results) + (live is not None)
-    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.4))
+    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.4), squeeze=False)
+    axes = list(axes[0])  # one task and no live run is one panel
     colors = {"base": "#999", "ipa": "#1f77b4", "ipa_untrained": "#aec7e8", "adapter_only": "#ff7f0e",
               "adapter_init_only": "#ffbb78"}
     for ax, (task, variants) in zip(axes, results.items()):

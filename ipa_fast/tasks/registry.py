@@ -82,30 +82,20 @@ _TASKS = (
         higher_is_better=True, metrics=f"{_EVAL}:lexical_metrics", summary_metric="all_concepts",
         fields=("concepts",),
         description="CommonGen-style instruction: one sentence using every listed concept (any inflection)",
-        # NOT YET A WORKING RECIPE on the SmolLM2 base (no lexical adapter ships): the untrained product is
-        # close to the base only at a small alpha (validation coverage 0.30 / 0.35 / 0.31 / 0.24 at alpha
-        # 0 / 0.1 / 0.2 / 0.3, 48 prompts); tried: a tailored-NLL warm start at alpha 1 and 0.5 (coverage
-        # stayed ~0.2), 150 adapter-NLL warm-start steps at alpha 0.2 (no gain), PPO at lr 1e-3 (KL to the
-        # initial policy 13 nats after 15 steps, coverage 0.36 -> 0.26), PPO at lr 1e-4 (30 steps, no gain);
-        # from a zeroed adapter output (zero_init_output, the untrained product = the base) at alpha 1:
-        # 50 tailored-NLL steps on the references (0.387 -> 0.396), and 120 steps on the best of 4 base
-        # samples of 281 train prompts (scripts/best_of_n.py; best-of-4 coverage 0.70 vs 0.41 mean):
-        # validation coverage 0.358 -> 0.385, all-concepts 0.104 -> 0.104 (48 prompts; on 200, one seed: 0.371 -> 0.391,
-        # paired difference [-0.040, +0.079]: no real gain); 40 PPO steps from the zeroed output at lr 2e-4
-        # (KL to the base 0.03 nats): 0.387 -> 0.380. The zeroed output starves training (every gradient
-        # below the zeroed gain is scaled by it). With --residual instead (alpha 1, best-of-4 data):
-        # 15 warm-start steps, 200 validation prompts 0.371 -> 0.400 (paired [-0.030, +0.087]); 30
-        # warm-start steps + 30 PPO steps (lr 5e-5, kl 0.05): 0.371 -> 0.456, paired [+0.026, +0.143],
-        # all-concepts 0.08 -> 0.13, perplexity under the base 14.6 -> 11.8, but distinct-2 0.871 -> 0.704
-        # (one seed; the first significant gain, not yet a recipe: diversity falls below 0.9x the base's).
-        # Data: the 281 rows with best_reward >= 2/3 of `scripts/best_of_n.py --task lexical --rows 384 --n 4`;
-        # run: `ipa-fast train --task lexical --residual --alpha 1 --prompts FILE --sft-field best --sft-steps 30
-        # --steps 60 --sft-lr 1e-4 --lr 5e-5 --kl-coef 0.05 --eval-every 15` (measured with --frozen-adapter
-        # <adapter-init>:-1 in place of --residual: the same product); scored by `scripts/sweep_alpha.py
-        # OUT/adapter --task lexical --alphas 0,1 --split validation --rows 200`
-        recipe=dict(algo="ppo", alpha=0.2, reference="initial", steps=60, batch_size=16, minibatch_size=8,
-                    ppo_epochs=2, lr=1e-4, kl_coef=0.05, min_new_tokens=8, eval_every=15, eval_size=48,
-                    checkpoint_every=15, freeze_shared_embedding=True),
+        # The shipped lexical adapter's recipe (models/adapters/lexical/MODEL_CARD.md): a residual
+        # adapter (policy base + alpha * (adapter - adapter-init): the untrained policy is the base and
+        # every parameter gets its full gradient), 30 tailored-NLL warm-start steps on the best of 4
+        # base samples of 281 train prompts (data/tasks/lexical/warmstart.jsonl, field "best"), then
+        # PPO on those prompts; the shipped alpha is chosen on validation rows (scripts/sweep_alpha.py).
+        # Tried before on this base, without a significant gain: the plain product at alpha 0.2-1
+        # (tailored-NLL warm starts on the references, PPO at lr 1e-4 and 1e-3: coverage fell or
+        # stayed), and a zeroed adapter output (zero_init_output: the zeroed gain scales every
+        # gradient below it, so only the gain learned; 120 warm-start steps gave 0.371 -> 0.391 on
+        # 200 validation prompts, paired interval [-0.040, +0.079]).
+        recipe=dict(algo="ppo", alpha=1.0, residual=True, train_split="warmstart", sft_steps=30, sft_field="best",
+                    sft_lr=1e-4, reference="initial", steps=60, batch_size=16, minibatch_size=8, ppo_epochs=2,
+                    lr=5e-5, kl_coef=0.05, min_new_tokens=8, eval_every=15, eval_size=48, checkpoint_every=15,
+                    freeze_shared_embedding=True),
     ),
     Task(
         name="detox", title="toxicity reduction", prompt_style="continuation",
