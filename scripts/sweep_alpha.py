@@ -22,14 +22,15 @@ from ipa_fast import embedded, tasks
 def sweep(adapter: str, task: str, alphas: list[float], split: str, rows: int, base: str,
           seeds: int = 1, adapter_alone: bool = False) -> list[dict]:
     from ipa_fast import TailoredLM
-    from ipa_fast.cli.demo import evaluate_variant, mean_ci95
+    from ipa_fast.cli.demo import adapter_alone as alone, evaluate_variant, mean_ci95
 
     lm = TailoredLM.from_pretrained(base, adapter)
     data = embedded.read_task(task, split)[:rows]
     out, first = [], None
-    runs = [(a, 1.0) for a in alphas] + ([(alphas[-1], 0.0)] if adapter_alone else [])
-    for a, base_weight in runs:
-        r = evaluate_variant(lm, task, data, alpha=a, base_weight=base_weight, seeds=seeds)
+    # the adapter alone: its own distribution (alpha 1, base weight 0; a residual adapter's trained network)
+    runs = [(lm, a, 1.0) for a in alphas] + ([(alone(lm), 1.0, 0.0)] if adapter_alone else [])
+    for policy, a, base_weight in runs:
+        r = evaluate_variant(policy, task, data, alpha=a, base_weight=base_weight, seeds=seeds)
         first = first or r["per_prompt"]
         delta = mean_ci95([x - y for x, y in zip(r["per_prompt"], first)])  # paired, against the first alpha
         out.append({"alpha": a, "base_weight": base_weight, "score": r["score"], "score_ci95": r["score_ci95"], "delta_vs_first_ci95": delta,
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
                     "protocol: intervals over prompts, each the mean over its seeds)")
     ap.add_argument("--base", default=None, help="default: the embedded base (`ipa-fast setup`)")
     ap.add_argument("--adapter-alone", action="store_true",
-                    help="also evaluate the adapter alone (base weight 0) at the last alpha")
+                    help="also evaluate the adapter alone (its own distribution: base weight 0, alpha 1)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     try:

@@ -167,11 +167,21 @@ def load_pair(base, adapter_dir, tok):
     return TailoredLM.from_pretrained(base, str(adapter_dir), tokenizer=tok, dtype="float32")
 
 
+def adapter_alone(lm):
+    """The TailoredLM whose row at base weight 0 and alpha 1 is the trained adapter's own
+    next-token distribution: ``lm`` itself, or for a residual adapter (adapter - initial, no
+    distribution of its own) the trained network over the same base."""
+    from ipa_fast.decoding.residual import ResidualAdapter
+    from ipa_fast.decoding.tailored import TailoredLM
+
+    if isinstance(lm.adapter, ResidualAdapter):
+        return TailoredLM(lm.base, lm.adapter.trained, lm.tokenizer, alpha=1.0)
+    return lm
+
+
 def run_task(task: str, rows: list[dict], init_lm, trained: Path | None, seeds: int = 1) -> tuple[dict, list[dict]]:
     """Base alone, base + trained adapter, base + initial adapter (same alpha), adapter alone."""
     import functools
-
-    from ipa_fast.decoding.tailored import TailoredLM
     evaluate = functools.partial(evaluate_variant, task=task, rows=rows, seeds=seeds)
     variants = {"base": evaluate(init_lm, alpha=0.0)}
     if trained is not None:
@@ -186,10 +196,7 @@ def run_task(task: str, rows: list[dict], init_lm, trained: Path | None, seeds: 
         starts_at_base = residual or bool(lm.metadata.get("zero_init_output"))
         variants["ipa_untrained"] = (dict(variants["base"], untrained_is_base=True) if starts_at_base else
                                      evaluate(init_lm, alpha=lm.alpha))
-        # the trained adapter alone: its own next-token distribution (for a residual adapter, the
-        # trained network, not the residual, which is no distribution of its own)
-        alone = (TailoredLM(init_lm.base, lm.adapter.trained, init_lm.tokenizer, alpha=1.0) if residual else lm)
-        variants["adapter_only"] = evaluate(alone, alpha=1.0, base_weight=0.0, ppl_model=init_lm.base)
+        variants["adapter_only"] = evaluate(adapter_alone(lm), alpha=1.0, base_weight=0.0, ppl_model=init_lm.base)
     else:  # the product at the alpha the task's recipe trains at (`ipa-fast train --task T`'s preset)
         recipe = tasks.get(task).recipe
         starts_at_base = bool(recipe.get("zero_init_output") or recipe.get("residual"))
