@@ -22,6 +22,7 @@ from ipa_fast import tasks
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 LIMIT_MIB = 30
+LOCAL_KEYS = ("checkpoint",)  # ipa_adapter.json entries that name paths on the training machine
 
 
 def train_command(config: dict) -> str:
@@ -97,10 +98,15 @@ def export(run: Path, task: str, dest: Path, note: str | None = None, alpha: flo
     model.half().save_pretrained(tmp, safe_serialization=True)
     shared = embedded.strip_shared_embedding(tmp / "model.safetensors", config.get("base"), fp32_embedding)
     (tmp / "model.safetensors").chmod(0o644)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "ipa_adapter.json"):
+    # an adapter sharing the base's embedding has the base's tokenizer (ipa_adapter.json's
+    # tokenizer_hash is checked when it loads): `ipa-fast setup` copies the base's files in
+    tokenizer_files = () if shared else ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    for name in (*tokenizer_files, "ipa_adapter.json"):
         if (src / name).exists():
             shutil.copy(src / name, tmp / name)
     meta = json.loads((tmp / "ipa_adapter.json").read_text())
+    for key in LOCAL_KEYS:
+        meta.pop(key, None)
     meta["base"] = embedded.BASE["name"]
     residual = meta.get("residual_of")
     if residual and residual.get("embedded"):  # found again through the cache on any machine
@@ -111,8 +117,12 @@ def export(run: Path, task: str, dest: Path, note: str | None = None, alpha: flo
     if alpha is not None:  # the deployment strength of the adapter, chosen on validation data
         meta["alpha"] = alpha
     (tmp / "ipa_adapter.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if (run / "reward_curve.png").exists():
-        shutil.copy(run / "reward_curve.png", tmp / "reward_curve.png")
+    # the curve of what was shipped: the run's log up to the adapter's step
+    from ipa_fast.training.trainer import plot_reward_curve
+
+    (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    plot_reward_curve(tmp / "metrics.jsonl", tmp / "reward_curve.png")
+    (tmp / "metrics.jsonl").unlink()
     size = (tmp / "model.safetensors").stat().st_size
     if size > LIMIT_MIB * 2**20:
         raise SystemExit(f"{tmp}/model.safetensors is {size / 2**20:.1f} MiB > {LIMIT_MIB} MiB")
@@ -128,6 +138,15 @@ def export(run: Path, task: str, dest: Path, note: str | None = None, alpha: flo
         + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k not in ("type", "step", "reward", "time/eval")) + " |"
         for r in evals)
     train_data, eval_data = data_labels(config, task)
+    own = (f", {n_params - model.get_input_embeddings().weight.numel():,} of them its own "
+           "beside the shared embedding" if shared else "")
+    quark = (f"; input embedding rows >= {meta.get('vocab_size', model.config.vocab_size)} are Quark's reward-quantile "
+             "control tokens, never emitted" if meta.get("control_tokens") else "")
+    prefix_line = (f"the adapter reads `{meta['adapter_prefix_tokens']}` before the prompt "
+                   if meta.get("adapter_prefix_tokens") else "no control prefix ")
+    residual_line = ("\n* Residual: the adapter's logits are its own minus those of the untrained `models/adapter-init`\n"
+                     "  (named by sha256 under `residual_of` in ipa_adapter.json, loaded with it), so the untrained\n"
+                     "  policy is the base itself and training moves it from there." if residual else "")
     card = f"""# adapters/{task}: an IPA policy adapter for the {task} task
 
 Trained with `ipa-fast train` ({config['algo']}) on top of the frozen embedded base
@@ -138,16 +157,12 @@ cache; load it with
     from ipa_fast import TailoredLM, embedded
     lm = TailoredLM.from_pretrained(str(embedded.base_path()), str(embedded.adapter_path("{task}")))
 
-* Architecture: `transformers.{type(model).__name__}` ({n_params:,} parameters; input embedding rows
-  >= {meta.get('vocab_size', model.config.vocab_size)} are Quark's reward-quantile control tokens, never emitted), fp16 safetensors
+* Architecture: `transformers.{type(model).__name__}` ({n_params:,} parameters{own}{quark}), fp16 safetensors
   ({size / 2**20:.1f} MiB{', without the embedding it shares with the base, named by sha256 in ipa_adapter.json' if shared else ''}),
   sha256 `{embedded.sha256_file(tmp / 'model.safetensors')}`.
 * Tailored policy: softmax(base + {meta['alpha']} x {'(adapter - adapter-init)' if residual else 'adapter'}){
     '' if meta['alpha'] == trained_alpha else f" (trained at alpha {trained_alpha}; the shipped alpha was chosen on validation rows, see the status below)"}; the adapter reads
-  `{meta['adapter_prefix_tokens']}` before the prompt (`ipa_adapter.json`).{"""
-* Residual: the adapter's logits are its own minus those of the untrained `models/adapter-init`
-  (named by sha256 under `residual_of` in ipa_adapter.json, loaded with it), so the untrained
-  policy is the base itself and training moves it from there.""" if residual else ""}
+  {prefix_line}(`ipa_adapter.json`).{residual_line}
 * Training: {sft} supervised warm-start steps ({sft_what} of the `{config.get('sft_field', 'reference')}` field of
   the training rows, {sft_rows} rows a step) then {rl_steps} {config['algo']} steps; reward `{config.get('reward') or config['task']}`
   on {train_data}, evaluated on {eval_data} (T=1, top_p={config['eval_top_p']}, {config['eval_max_new_tokens']} new tokens,
@@ -158,7 +173,7 @@ Command (run from the repository root):
     {command or train_command(config)}
     python scripts/export_adapter.py {run.relative_to(ROOT) if run.is_relative_to(ROOT) else 'RUN'} --task {task}{f' --alpha {alpha}' if alpha is not None else ''}
 
-Held-out (validation) evaluations during training (`reward_curve.png`):
+Held-out evaluations during training (`reward_curve.png`):
 
 | step | reward | other metrics |
 |---|---|---|

@@ -65,6 +65,9 @@ def add_arguments(p) -> None:
     p.add_argument("--top-k", type=nonneg_int, default=0, help="0 = off (default)")
     p.add_argument("--alpha", type=float, default=1.0, help="adapter weight (default 1.0)")
     p.add_argument("--tiny", action="store_true", help="random-weight configs instead of the embedded base")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="an adapter directory instead of the adapter initialisation (e.g. a shipped trained one: "
+                        "a residual adapter steps its initial weights too)")
     p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--plot", metavar="PNG", default=None, help="also draw tokens/s ratios vs (a) to PNG")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
@@ -95,9 +98,10 @@ class ForwardTimer:
             h.remove()
 
 
-def bench_models(tiny: bool):
+def bench_models(tiny: bool, adapter_dir: str | None = None):
     """``(base, adapter, tokenizer, description)``. Without ``tiny`` the embedded base must be
-    built: FileNotFoundError naming ``ipa-fast setup`` otherwise."""
+    built: FileNotFoundError naming ``ipa-fast setup`` otherwise. ``adapter_dir``: an adapter
+    directory loaded as every decoding path loads it (a residual adapter with its initial weights)."""
     if tiny:
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -121,6 +125,15 @@ def bench_models(tiny: bool):
     name = embedded.BASE["name"]
     cfg = base.config
     shape = f"{cfg.num_hidden_layers} layers, d={cfg.hidden_size}, V={cfg.vocab_size}"
+    if adapter_dir is not None:
+        from ipa_fast.decoding.residual import ResidualAdapter
+        from ipa_fast.decoding.tailored import TailoredLM
+
+        adapter = TailoredLM.from_pretrained(base, adapter_dir, tokenizer=tok, dtype="float32").adapter.eval()
+        n = (f"{adapter.trained.config.num_hidden_layers} + {adapter.initial.config.num_hidden_layers} layers: "
+             "a residual adapter and its initial weights" if isinstance(adapter, ResidualAdapter)
+             else f"{adapter.config.num_hidden_layers} layers")
+        return base, adapter, tok, f"base: embedded {name} ({shape}, fp32); adapter: {adapter_dir} ({n})"
     try:
         adapter = AutoModelForCausalLM.from_pretrained(str(embedded.adapter_init_path()), dtype=torch.float32).eval()
         what = f"the shipped adapter initialisation ({adapter.config.num_hidden_layers} layers)"
@@ -288,7 +301,9 @@ def _run(args) -> dict:
     n_new = args.new_tokens or (8 if args.quick else 32)
     repeats = args.repeats or (1 if args.quick else 3)
     batches = args.batch or [1, 16]
-    base, adapter, tok, desc = bench_models(args.tiny)
+    if args.tiny and args.adapter:
+        raise ValueError("--adapter goes with the embedded base, not --tiny")
+    base, adapter, tok, desc = bench_models(args.tiny, args.adapter)
     knobs = dict(top_k=args.top_k, top_p=args.top_p, alpha=args.alpha)
     compile = getattr(args, "compile", None)
     methods = METHODS + ((COMPILED,) if compile else ())
