@@ -174,3 +174,23 @@ def test_shipped_adapter_loads_and_decodes(task):
     rows = embedded.read_task(task, "test")[:2]
     out = lm.generate([r["prompt"] for r in rows], max_new_tokens=4, seed=0)
     assert all(1 <= len(t) <= 4 and max(t) < lm.V for t in out.token_ids)
+
+
+def test_a_shipped_residual_adapter_names_the_adapter_init_that_setup_builds(tmp_path):
+    """A shipped residual adapter records the sha256 of the assembled adapter-init; assembling the
+    shipped adapter-init again (as `ipa-fast setup` does on a fresh machine) gives exactly it."""
+    shipped = [d for d in sorted((ROOT / "models/adapters").glob("*"))
+               if json.loads((d / "ipa_adapter.json").read_text()).get("residual_of")] \
+        if (ROOT / "models/adapters").is_dir() else []
+    if not shipped:
+        pytest.skip("no residual adapter is shipped")
+    try:
+        base_dir = embedded.base_path()
+    except FileNotFoundError:
+        pytest.skip("the embedded base is not in the cache: run `ipa-fast setup`")
+    from ipa_fast.decoding.residual import weight_hashes
+    built = embedded.assemble_adapter(ROOT / "models/adapter-init", tmp_path / "adapter-init", base_dir)
+    for d in shipped:
+        rec = json.loads((d / "ipa_adapter.json").read_text())["residual_of"]
+        assert rec["embedded"] is True and rec["name"] == "adapter-init", d
+        assert rec["sha256"] == weight_hashes(built), d
