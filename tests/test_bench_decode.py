@@ -39,7 +39,7 @@ def test_every_method_gives_exactly_n_tokens(one_thread, B):
 def test_run_result_and_plot(monkeypatch, tmp_path, capsys):
     from ipa_fast.cli.main import main
 
-    monkeypatch.setattr(bench_decode, "bench_models", lambda tiny: (*make_tiny_pair(seed=4), "tiny pair"))
+    monkeypatch.setattr(bench_decode, "bench_models", lambda tiny, adapter_dir=None: (*make_tiny_pair(seed=4), "tiny pair"))
     n = torch.get_num_threads()
     rc = main(["bench", "decode", "--tiny", "--prompts", "detox", "--batch", "1", "--batch", "2", "--new-tokens", "3",
                "--repeats", "1", "--threads", "1", "--json", str(tmp_path / "d.json"), "--plot", str(tmp_path / "d.png")])
@@ -66,9 +66,28 @@ def test_missing_base_is_one_line_naming_setup(monkeypatch, tmp_path, capsys):
 def test_bad_flags_refused(capsys):
     from ipa_fast.cli.main import main
 
-    for argv in (["--threads", "0"], ["--top-p", "0"], ["--prompts", "nope"], ["--batch", "-1"]):
+    for argv in (["--threads", "0"], ["--top-p", "0"], ["--prompts", "nope"], ["--batch", "-1"],
+                 ["--tiny", "--adapter", "somewhere"]):
         assert main(["bench", "decode", *argv]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_a_residual_adapter_directory_is_timed_with_its_initial_weights(tmp_path):
+    """--adapter DIR loads the adapter as every decoding path does: a residual adapter comes with
+    its initial weights (one ResidualAdapter), and the naive loop steps it like any causal LM."""
+    from ipa_fast.decoding.residual import ResidualAdapter, residual_record
+    from ipa_fast.decoding.tailored import save_adapter
+
+    base, adapter, tok = make_tiny_pair(seed=4, base_arch="llama", adapter_arch="llama")
+    save_adapter(tmp_path / "init", adapter, tok, alpha=1.0)
+    _, trained, _ = make_tiny_pair(seed=5, base_arch="llama", adapter_arch="llama")
+    save_adapter(tmp_path / "res", trained, tok, alpha=0.5, extra={"residual_of": residual_record(tmp_path / "init")})
+    from ipa_fast.decoding.tailored import TailoredLM
+    loaded = TailoredLM.from_pretrained(base, str(tmp_path / "res"), tokenizer=tok).adapter
+    assert isinstance(loaded, ResidualAdapter)
+    rows = [tok("the cat")["input_ids"], tok("a dog sat down")["input_ids"]]
+    ids, logprobs = bench_decode.naive_generate(base, loaded, rows, 3, pad_id=tok.pad_token_id or 0, seed=0)
+    assert tuple(logprobs.shape) == (2, 3) and bool(torch.isfinite(logprobs).all())
 
 
 def test_compile_row_times_the_compiled_step_apart(monkeypatch, tmp_path, capsys):
@@ -77,7 +96,7 @@ def test_compile_row_times_the_compiled_step_apart(monkeypatch, tmp_path, capsys
     from ipa_fast.cli.main import main
 
     torch._dynamo.reset()
-    monkeypatch.setattr(bench_decode, "bench_models", lambda tiny: (*make_tiny_pair(seed=4, base_arch="llama",
+    monkeypatch.setattr(bench_decode, "bench_models", lambda tiny, adapter_dir=None: (*make_tiny_pair(seed=4, base_arch="llama",
                                                                                    adapter_arch="llama"), "tiny"))
     rc = main(["bench", "decode", "--tiny", "--prompts", "detox", "--batch", "2", "--new-tokens", "4",
                "--repeats", "1", "--threads", "1", "--compile", "eager", "--json", str(tmp_path / "d.json")])
