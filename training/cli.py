@@ -1,9 +1,9 @@
 """``ipa-fast train`` (and ``python training/train.py``): RL training of an adapter.
 
     ipa-fast train --task detox --out runs/detox           # the shipped detox recipe (preset "detox")
-    ipa-fast train --task lexical --steps 200 --sft-steps 150 --out runs/lex   # its recipe, shorter
+    ipa-fast train --task lexical --steps 30 --sft-steps 15 --out runs/lex     # its recipe, shorter
     ipa-fast train --reward my_rewards:polite --prompts prompts.jsonl --algo ppo --steps 100 --out runs/polite
-    ipa-fast train --task lexical --algo quark --sft-steps 300 --sft-lr 1e-3 --steps 400 --out runs/lex
+    ipa-fast train --task lexical --preset none --algo quark --sft-steps 300 --sft-lr 1e-3 --steps 400 --out runs/lex
     ipa-fast train ... --resume          # continue a killed run in --out up to --steps
     ipa-fast train --task lexical --frozen-adapter runs/detox/adapter:0.5 --out runs/lex-with-detox
     ipa-fast train --task lexical --api-base http://127.0.0.1:8000/v1 --adapter DIR --out runs/lex-api
