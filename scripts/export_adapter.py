@@ -22,7 +22,6 @@ from ipa_fast import tasks
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 LIMIT_MIB = 30
-LOCAL_KEYS = ("checkpoint",)  # ipa_adapter.json entries that name paths on the training machine
 
 
 def train_command(config: dict) -> str:
@@ -105,12 +104,8 @@ def export(run: Path, task: str, dest: Path, note: str | None = None, alpha: flo
         if (src / name).exists():
             shutil.copy(src / name, tmp / name)
     meta = json.loads((tmp / "ipa_adapter.json").read_text())
-    for key in LOCAL_KEYS:
-        meta.pop(key, None)
     meta["base"] = embedded.BASE["name"]
     residual = meta.get("residual_of")
-    if residual and residual.get("embedded"):  # found again through the cache on any machine
-        residual["name"] = "adapter-init"
     if shared:  # the embedding table is the base's: named by hash, rebuilt by `ipa-fast setup`
         meta["shared_with_base"] = shared
     trained_alpha = meta["alpha"]
@@ -144,7 +139,8 @@ def export(run: Path, task: str, dest: Path, note: str | None = None, alpha: flo
              "control tokens, never emitted" if meta.get("control_tokens") else "")
     prefix_line = (f"the adapter reads `{meta['adapter_prefix_tokens']}` before the prompt "
                    if meta.get("adapter_prefix_tokens") else "no control prefix ")
-    residual_line = ("\n* Residual: the adapter's logits are its own minus those of the untrained `models/adapter-init`\n"
+    initial = "`models/adapter-init`" if residual and residual.get("embedded") else "weights it started from"
+    residual_line = (f"\n* Residual: the adapter's logits are its own minus those of the untrained {initial}\n"
                      "  (named by sha256 under `residual_of` in ipa_adapter.json, loaded with it), so the untrained\n"
                      "  policy is the base itself and training moves it from there." if residual else "")
     card = f"""# adapters/{task}: an IPA policy adapter for the {task} task

@@ -136,3 +136,23 @@ def test_changed_or_missing_initial_weights_are_refused_in_one_line(tmp_path):
 def test_incompatible_settings_are_refused(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**{**dict(out=str(tmp_path), residual=True), **kw}).validate()
+
+
+def test_the_embedded_initialisation_is_recorded_by_name_and_found_through_the_cache(tmp_path, monkeypatch):
+    """residual_of names the embedded adapter initialisation "adapter-init" (no machine's cache path)
+    and loading finds it wherever the cache is; any other directory is recorded by its path."""
+    from ipa_fast import embedded
+    from ipa_fast.decoding.residual import initial_directory, residual_record
+
+    _, adapter, tok = models()
+    cache_a = saved_initial(tmp_path / "a", adapter, tok)
+    monkeypatch.setattr(embedded, "adapter_init_path", lambda: cache_a)
+    rec = residual_record(cache_a)
+    assert rec["name"] == "adapter-init" and rec["embedded"] is True and str(tmp_path) not in json.dumps(rec)
+    cache_b = tmp_path / "b"
+    import shutil
+    shutil.copytree(cache_a, cache_b)  # the same weights in another machine's cache
+    monkeypatch.setattr(embedded, "adapter_init_path", lambda: cache_b)
+    assert initial_directory({"residual_of": rec}, "adapter") == cache_b
+    other = residual_record(cache_a)  # no longer the embedded one: a plain directory, by path
+    assert other["embedded"] is False and other["name"] == str(cache_a.resolve())

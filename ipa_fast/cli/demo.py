@@ -154,8 +154,6 @@ def _pool_seeds(runs: list[dict]) -> dict:
 
 def _evaluate_once(lm, task: str, rows: list[dict], *, alpha: float, base_weight: float = 1.0,
                    ppl_model=None, seed_offset: int = 0) -> dict:
-    from ipa_fast.tasks.evaluation import distinct_n, perplexity
-
     prompts = [r["prompt"] for r in rows]
     texts, prompt_ids, token_ids = [], [], []
     for start in range(0, len(prompts), EVAL_CHUNK):  # row r's seed is PROTOCOL seed + r in any chunking
@@ -165,12 +163,21 @@ def _evaluate_once(lm, task: str, rows: list[dict], *, alpha: float, base_weight
         texts += gen.texts
         prompt_ids += gen.prompt_token_ids
         token_ids += gen.token_ids
+    return score_texts(task, rows, texts, prompt_ids, token_ids, ppl_model or lm.base, lm.pad_id)
+
+
+def score_texts(task: str, rows: list[dict], texts: list[str], prompt_ids, token_ids, ppl_model, pad_id) -> dict:
+    """One variant's outputs scored with the protocol's metrics: the task's score (per prompt, with
+    its 95 % interval) and metrics, distinct-2, and the perplexity under ``ppl_model`` of each
+    non-empty reply (``token_ids``) given its prompt (``prompt_ids``), both in that model's tokens."""
+    from ipa_fast.tasks.evaluation import distinct_n, perplexity
+
     spec = tasks.get(task)
     per = spec.score_fn(rows, texts)
     out = spec.metrics_fn(rows, texts)
     nonempty = [(p, t) for p, t in zip(prompt_ids, token_ids) if t]
-    ppl = perplexity(ppl_model or lm.base, [p for p, _ in nonempty], [t for _, t in nonempty],
-                     pad_token_id=lm.pad_id) if nonempty else float("nan")
+    ppl = perplexity(ppl_model, [p for p, _ in nonempty], [t for _, t in nonempty],
+                     pad_token_id=pad_id) if nonempty else float("nan")
     return {"score": sum(per) / len(per), "score_ci95": mean_ci95(per), **out, "perplexity": ppl,
             "distinct_2": distinct_n(texts, 2), "per_prompt": per, "texts": texts}
 
@@ -274,11 +281,8 @@ def evaluate_larger_base(larger, task: str, rows: list[dict], *, base_lm, seeds:
     the embedded base (``base_lm``'s base) of each reply, re-tokenised with the base's tokenizer,
     given the row's own (base-format) prompt, as the base's replies are scored. ``larger``:
     ``(model, tokenizer)`` of :func:`load_larger_base`."""
-    from ipa_fast.tasks.evaluation import distinct_n, perplexity
-
     model, tok = larger
-    spec = tasks.get(task)
-    chat = spec.prompt_style == "chat"
+    chat = tasks.get(task).prompt_style == "chat"
     shots = few_shot_examples(task) if chat else []
     prompts = larger_base_prompts(task, rows, shots)
     prompt_ids = base_lm.encode([r["prompt"] for r in rows])  # the rows' prompts as the base reads them
@@ -286,14 +290,8 @@ def evaluate_larger_base(larger, task: str, rows: list[dict], *, base_lm, seeds:
     def once(seed_offset: int) -> dict:
         raw = larger_base_generate(model, tok, prompts, seed=PROTOCOL["seed"] + seed_offset)
         texts = [cut_reply(t) for t in raw] if chat else raw
-        per = spec.score_fn(rows, texts)
-        out = spec.metrics_fn(rows, texts)
         ids = [base_lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        nonempty = [(p, t) for p, t in zip(prompt_ids, ids) if t]
-        ppl = perplexity(base_lm.base, [p for p, _ in nonempty], [t for _, t in nonempty],
-                         pad_token_id=base_lm.pad_id) if nonempty else float("nan")
-        return {"score": sum(per) / len(per), "score_ci95": mean_ci95(per), **out, "perplexity": ppl,
-                "distinct_2": distinct_n(texts, 2), "per_prompt": per, "texts": texts}
+        return score_texts(task, rows, texts, prompt_ids, ids, base_lm.base, base_lm.pad_id)
 
     out = _pool_seeds([once(SEED_STRIDE * s) for s in range(seeds)]) if seeds > 1 else once(0)
     out["prompting"] = (f"{len(shots)}-shot raw text (train rows), first line of the reply" if chat
@@ -338,8 +336,7 @@ def run_task(task: str, rows: list[dict], init_lm, trained: Path | None, seeds: 
         # residual on its initial weights (adapter - initial), started as the base itself: its
         # untrained row is the base's.
         from ipa_fast.decoding.residual import ResidualAdapter
-        residual = isinstance(lm.adapter, ResidualAdapter)
-        starts_at_base = residual or bool(lm.metadata.get("zero_init_output"))
+        starts_at_base = isinstance(lm.adapter, ResidualAdapter) or bool(lm.metadata.get("zero_init_output"))
         variants["ipa_untrained"] = (dict(variants["base"], untrained_is_base=True) if starts_at_base else
                                      evaluate(init_lm, alpha=lm.alpha))
         variants["adapter_only"] = evaluate(adapter_alone(lm), alpha=1.0, base_weight=0.0, ppl_model=init_lm.base)

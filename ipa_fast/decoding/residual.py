@@ -76,9 +76,9 @@ def weight_hashes(directory) -> dict[str, str]:
 
 
 def residual_record(directory) -> dict:
-    """``residual_of`` for ``ipa_adapter.json``: the initial adapter's directory (``"embedded":
-    true`` when it is the embedded adapter initialisation, found again wherever the cache is) and
-    the sha256 of its weight files."""
+    """``residual_of`` for ``ipa_adapter.json``: the initial adapter's directory (or ``"adapter-init"``
+    with ``"embedded": true`` when it is the embedded adapter initialisation, found again wherever
+    the cache is) and the sha256 of its weight files."""
     from ipa_fast import embedded
 
     path = Path(str(directory)).expanduser().resolve()
@@ -86,7 +86,9 @@ def residual_record(directory) -> dict:
         is_embedded = path == embedded.adapter_init_path().resolve()
     except Exception:  # no embedded cache here: a plain directory
         is_embedded = False
-    return {"name": str(path), "embedded": is_embedded, "sha256": weight_hashes(path)}
+    # the embedded initialisation is named, not located: its cache differs from machine to machine
+    return {"name": "adapter-init" if is_embedded else str(path), "embedded": is_embedded,
+            "sha256": weight_hashes(path)}
 
 
 def initial_directory(meta: dict, adapter_dir) -> Path:
