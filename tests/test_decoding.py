@@ -31,7 +31,7 @@ def no_eos(lm, prompts, n, **kw):
 def test_cached_logprobs_match_no_cache_recompute(base_arch):
     base, adapter, tok = make_tiny_pair(seed=1, base_arch=base_arch)  # llama base + gpt2 adapter
     lm = TailoredLM(base, adapter, tok, alpha=0.7)
-    out = no_eos(lm, PROMPTS, 12, temperature=0.8, top_p=0.9, seed=5)
+    out = no_eos(lm, PROMPTS, 12, temperature=0.8, top_p=0.9, seed=5, output_adapter_logprobs=True)
     assert isinstance(out, GenerationOutput)
     assert [len(t) for t in out.token_ids] == [12, 12, 12]
     sc = lm.score(PROMPTS, out.token_ids, temperature=0.8)
@@ -69,7 +69,7 @@ def test_base_weight_zero_is_adapter_only_sampling(pair):
     base, adapter, tok = pair
     lm = TailoredLM(base, adapter, tok, alpha=1.0)
     prompt = tok("the quick brown")["input_ids"]
-    out = no_eos(lm, [prompt], 8, top_p=0.9, seed=[3], base_weight=0.0)
+    out = no_eos(lm, [prompt], 8, top_p=0.9, seed=[3], base_weight=0.0, output_adapter_logprobs=True)
     ids = list(prompt)
     with torch.no_grad():
         for t in range(8):  # no cache, adapter alone, same seed / offset convention
@@ -96,7 +96,7 @@ def test_eos_and_max_new_tokens_per_row(lm):
     greedy = no_eos(lm, PROMPTS, 8, temperature=0.0)
     eos = greedy.token_ids[0][3]
     first = greedy.token_ids[0].index(eos)
-    out = lm.generate(PROMPTS, [8, 5, 8], temperature=0.0, eos_token_id=eos)
+    out = lm.generate(PROMPTS, [8, 5, 8], temperature=0.0, eos_token_id=eos, output_adapter_logprobs=True)
     assert out.token_ids[0] == greedy.token_ids[0][:first + 1]  # EOS included
     assert out.finish_reasons[0] == "eos"
     assert len(out.token_ids[1]) <= 5

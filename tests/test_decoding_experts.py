@@ -189,7 +189,7 @@ def test_k_experts_match_reference_loop(trio, name):
                     tokenizer=tok)
     eos = tok.eos_token_id if "min_new_tokens" in gen else None
     call = dict(weights=torch.tensor(weights)) if per_row else {}  # a [B, K] tensor: per-row weights
-    out = lm.generate(PROMPTS, 10, eos_token_id=[] if eos is None else eos, **call, **gen)
+    out = lm.generate(PROMPTS, 10, eos_token_id=[] if eos is None else eos, output_adapter_logprobs=True, **call, **gen)
     seed = gen.pop("seed")
     seeds = seed if isinstance(seed, list) else [seed + r for r in range(len(PROMPTS))]
     ids = [lm._prefix_ids(p, k) for k, p in enumerate(prefixes)]

@@ -5,8 +5,10 @@ top-k off unless ``--top-k``, temperature 1):
 
 (a) ``hf-base``: Hugging Face ``base.generate(do_sample=True, top_p=...)`` of the base alone —
     the baseline every ratio is taken against;
-(b) ``tailored``: :class:`ipa_fast.TailoredLM` (base + alpha * adapter, two cached forwards and
-    one fused :func:`ipa_fast.sample` call per step, plus the adapter's log-prob of the token);
+(b) ``tailored``: :class:`ipa_fast.TailoredLM` (base + alpha * adapter: the models' cached forwards,
+    their last hidden states mixed and put through the output head they share — once per step —
+    when they share one, as the embedded base and its adapters do, then one fused
+    :func:`ipa_fast.sample` call per step);
 (c) ``hf-processor``: ``base.generate`` with :class:`ipa_fast.decoding.hf.TailoredLogitsProcessor` (the
     adapter stepped inside the processor with its own cache, HF's warpers and draw on the mix);
 (d) ``naive``: a loop written the way the official IPA code decodes (``policy.py``): HF forwards
@@ -27,7 +29,7 @@ and the same ids set to ``-inf`` before the warpers in the naive loop — and ea
 B x N tokens. Tokens/s is B x N over the wall time of the whole call (prefill included); the
 median over ``--repeats`` runs interleaved across methods (a shared machine drifts). "Outside
 forwards" is the share of wall time not spent inside the models' ``forward`` (forward hooks):
-sampling, masking, cache and mask bookkeeping, Python.
+sampling, masking, cache and mask bookkeeping, Python (and (b)'s one product with the shared head).
 
 Models: the embedded base (``ipa-fast setup``) with the shipped adapter initialisation, or, until
 that is shipped, the base's first 4 layers over its tied embedding (``cut_adapter(base, 4)``: the
@@ -76,14 +78,22 @@ def add_arguments(p) -> None:
 
 
 class ForwardTimer:
-    """Accumulates wall time spent inside ``model.forward`` via forward hooks."""
+    """Accumulates wall time spent inside the models' forwards via forward hooks: each network's
+    decoder (``base_model``) and output head, timed apart, so a step that runs the decoders only
+    and applies one shared head itself (docs/DESIGN.md §5.8) is timed like one that runs whole
+    models (that shared product then counts as outside the forwards)."""
 
     def __init__(self, *models):
+        from ipa_fast.decoding.heads import leaves
+
         self.total = 0.0
         self.handles = []
-        for m in models:
-            self.handles.append(m.register_forward_pre_hook(self._pre))
-            self.handles.append(m.register_forward_hook(self._post))
+        for model in models:
+            for leaf in leaves(model):
+                parts = [leaf.base_model, leaf.get_output_embeddings()]
+                for m in (parts if parts[0] is not leaf and parts[1] is not None else [leaf]):
+                    self.handles.append(m.register_forward_pre_hook(self._pre))
+                    self.handles.append(m.register_forward_hook(self._post))
 
     def _pre(self, module, args):
         if not torch.compiler.is_compiling():  # inside a compiled step the forwards are not timed

@@ -41,6 +41,11 @@ class ResidualAdapter(torch.nn.Module):
         self.trained, self.initial = trained, initial.eval().requires_grad_(False)
         self.config = trained.config
 
+    @property
+    def _can_compile_fullgraph(self) -> bool:  # the compiled decode step runs both networks
+        return bool(getattr(self.trained, "_can_compile_fullgraph", False)
+                    and getattr(self.initial, "_can_compile_fullgraph", False))
+
     def get_input_embeddings(self):
         return self.trained.get_input_embeddings()
 

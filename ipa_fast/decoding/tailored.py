@@ -4,7 +4,7 @@
 
     lm = TailoredLM.from_pretrained("path/to/base", "path/to/adapter", alpha=1.0)
     out = lm.generate(["The cat"], max_new_tokens=32, top_p=0.9, seed=0)
-    out.texts, out.token_ids, out.logprobs, out.adapter_logprobs
+    out.texts, out.token_ids, out.logprobs
 
 More generally the base and K >= 1 experts, each with its own weight and prefix, are mixed as
 ``z = base + sum_k w_k * expert_k`` (``TailoredLM(base, experts=[...], weights=[...])``; the
@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ipa_fast.decoding.heads import final_hidden, head_key, shared_head
+from ipa_fast.decoding.residual import ResidualAdapter
 from ipa_fast.ops.log_softmax import experts_log_softmax
 from ipa_fast.ops.reference import RANGES, mix_experts
 from ipa_fast.ops.sampling import sample_experts
@@ -44,14 +46,15 @@ class GenerationOutput:
     ``logprobs[r][t]`` is the sampler's: log pi(token) under the *unfiltered* tailored policy at
     the call's temperature, after hard masks / repetition penalty (log pi at T=1 for greedy rows).
     ``adapter_logprobs[r][t]`` is the adapter's own log-softmax at T=1 (its own prefix, no
-    masks) of the chosen token — what RL needs for KL terms.
+    masks) of the chosen token, when asked for (``generate(..., output_adapter_logprobs=True)``;
+    None otherwise).
     ``texts`` are the decoded generated tokens (special tokens skipped), cut before the first
     stop string. ``finish_reasons`` is "eos", "stop" or "length".
     """
     texts: list[str]
     token_ids: list[list[int]]
     logprobs: list[list[float]]
-    adapter_logprobs: list[list[float]]
+    adapter_logprobs: list[list[float]] | None
     finish_reasons: list[str]
     prompt_token_ids: list[list[int]] = field(default_factory=list)
 
@@ -110,19 +113,32 @@ class CachedLM:
         self.width = P
         self.next_pos = mask.sum(1)  # [B] unpadded position of the next input token
         pos = (mask.cumsum(1) - 1).clamp_(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                         logits_to_keep=1)
-        self.cache = out.cache
-        return out.logits[:, -1]
+        last, self.cache = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos, cache=None,
+                                         prefill=True)
+        return last
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.width += 1
-        out = self.model(input_ids=tokens.to(self.device).view(-1, 1),
-                         attention_mask=self.mask[:, :self.width],
-                         position_ids=self.next_pos.view(-1, 1), cache=self.cache, use_cache=True)
+        last, self.cache = self._forward(input_ids=tokens.to(self.device).view(-1, 1),
+                                         attention_mask=self.mask[:, :self.width],
+                                         position_ids=self.next_pos.view(-1, 1), cache=self.cache, prefill=False)
         self.next_pos = self.next_pos + 1
-        self.cache = out.cache
-        return out.logits[:, -1]
+        return last
+
+    def _forward(self, *, prefill: bool, **kwargs):
+        """``(the last position's logits [B, V_model], the new cache)``."""
+        out = self.model(use_cache=True, **kwargs, **({"logits_to_keep": 1} if prefill else {}))
+        return out.logits[:, -1], out.cache
+
+
+class HiddenCachedLM(CachedLM):
+    """A :class:`CachedLM` returning the last hidden state ``[B, d]`` (after the final norm; the
+    residual of a residual adapter) instead of logits: the shared-head path, where one product
+    with the common output head follows the mix (:mod:`ipa_fast.decoding.heads`)."""
+
+    def _forward(self, *, prefill: bool, **kwargs):
+        hidden, cache = final_hidden(self.model, use_cache=True, **kwargs)
+        return hidden[:, -1], cache
 
 
 class SparseBase:
@@ -161,12 +177,15 @@ class StaticCachedLM(CachedLM):
     — the part that is traced — writes one slot per row at the cache's own position counter and
     reads the whole mask, so every step has the same shapes; the caller advances ``next_pos``
     (each row's unpadded position) in place. ``top_k``: reduce the logits to their top-k log-probs as
-    :class:`SparseBase` does (``vocab_size`` = V then).
+    :class:`SparseBase` does (``vocab_size`` = V then). ``hidden``: return the last hidden state
+    instead of logits, as :class:`HiddenCachedLM` does (the shared-head path). A residual adapter
+    gets one static cache per network.
     """
 
-    def __init__(self, model, pad_id: int = 0, top_k: int | None = None, vocab_size: int | None = None):
+    def __init__(self, model, pad_id: int = 0, top_k: int | None = None, vocab_size: int | None = None,
+                 hidden: bool = False):
         super().__init__(model, pad_id)
-        self.top_k, self.V = top_k, vocab_size
+        self.top_k, self.V, self.hidden = top_k, vocab_size, hidden
 
     def prefill(self, rows: list[list[int]], max_new_tokens: int) -> torch.Tensor:
         from transformers import StaticCache
@@ -174,18 +193,27 @@ class StaticCachedLM(CachedLM):
         ids, mask = left_pad(rows, self.pad_id, self.device)
         B, P = ids.shape
         L = -(-(P + max_new_tokens) // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
-        self.cache = StaticCache(config=self.model.config, max_cache_len=L)
+        if isinstance(self.model, ResidualAdapter):
+            self.cache = tuple(StaticCache(config=m.config, max_cache_len=L)
+                               for m in (self.model.trained, self.model.initial))
+        else:
+            self.cache = StaticCache(config=self.model.config, max_cache_len=L)
         self.mask = torch.ones((B, L), dtype=torch.long, device=self.device)
         self.mask[:, :P] = mask
         self.next_pos = mask.sum(1)
         pos = (mask.cumsum(1) - 1).clamp_(min=0)
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, cache=self.cache,
-                         use_cache=True, logits_to_keep=1)
-        return self._reduce(out.logits[:, -1])
+        return self._last(input_ids=ids, attention_mask=self.mask, position_ids=pos, prefill=True)
 
     def forward_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=tokens.to(self.device).view(-1, 1), attention_mask=self.mask,
-                         position_ids=self.next_pos.view(-1, 1), cache=self.cache, use_cache=True)
+        return self._last(input_ids=tokens.to(self.device).view(-1, 1), attention_mask=self.mask,
+                          position_ids=self.next_pos.view(-1, 1), prefill=False)
+
+    def _last(self, *, prefill: bool, **kwargs) -> torch.Tensor:
+        """The last position's logits (reduced to top-k when asked) or hidden state; the static
+        cache is updated in place."""
+        if self.hidden:
+            return final_hidden(self.model, cache=self.cache, use_cache=True, **kwargs)[0][:, -1]
+        out = self.model(cache=self.cache, use_cache=True, **kwargs, **({"logits_to_keep": 1} if prefill else {}))
         return self._reduce(out.logits[:, -1])
 
     def _reduce(self, logits):
@@ -670,6 +698,15 @@ class TailoredLM:
     def _expert_lm(self, model):
         return model if _is_cached_lm(model) else CachedLM(model, self.pad_id)
 
+    def _shared_head(self):
+        """The output head the base and every expert share (:func:`ipa_fast.decoding.heads.shared_head`),
+        or None; asked again only when a head tensor changed (its identity or version)."""
+        key = head_key(self.base, self.experts)
+        cached = getattr(self, "_head_memo", None)
+        if cached is None or cached[0] != key:
+            self._head_memo = cached = (key, shared_head(self.base, self.experts))
+        return cached[1]
+
     def _call_weights(self, alpha, weights, base_weight, B) -> torch.Tensor:
         """float32 ``[B, K']`` weights of one call, on the base's device: the base's column
         (left out when ``base_weight == 0``: the base is then not run), then each expert's
@@ -736,7 +773,8 @@ class TailoredLM:
     def generate(self, prompts, max_new_tokens=32, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                  seed=None, stop=None, adapter_prefix=None, min_new_tokens=0, bad_words_ids=None,
                  repetition_penalty=1.0, eos_token_id=None, alpha=None, weights=None, base_weight=1.0,
-                 backend="auto", truncate_prompt=None, compile=False) -> GenerationOutput:
+                 backend="auto", truncate_prompt=None, compile=False,
+                 output_adapter_logprobs=False) -> GenerationOutput:
         """Sample continuations of ``prompts`` from the tailored policy.
 
         ``z = base_weight * base + sum_k w_k * expert_k`` (``base_weight * base + alpha * adapter``
@@ -773,6 +811,13 @@ class TailoredLM:
         sampling knobs. Every model must be a local Hugging Face model with static-cache support:
         anything else (an API base, a cached-LM object) is a one-line ValueError, a graph break a
         one-line RuntimeError (docs/DESIGN.md §5.7).
+
+        ``output_adapter_logprobs``: also return the adapter's own log-prob of each drawn token
+        (``adapter_logprobs``; None otherwise). Without it, when the base and every expert share one
+        output head (the embedded base and adapters over its tied embedding), the eager loop mixes
+        their last hidden states and applies the head once per step (docs/DESIGN.md §5.8): the
+        same distribution up to float rounding, at a fraction of the experts' cost; the adapter's
+        own log-probs would need its full logits again.
         """
         from ipa_fast.decoding.api_base import APIBase
 
@@ -810,16 +855,28 @@ class TailoredLM:
         V, dev = self.V, self.device
 
         # Prefill: the base sees the prompt, each expert its prefix + the prompt.
-        if compile_backend is None:
-            lms = ([] if base_weight == 0 else [self._base_lm()]) + [self._expert_lm(m) for m in self.experts]
+        head = None if output_adapter_logprobs or self.base_top_k else self._shared_head()
+        hidden = head is not None  # every model returns its last hidden state; one head product per step
+        if compile_backend is not None:
+            lms = ([] if base_weight == 0 else
+                   [StaticCachedLM(self.base, self.pad_id, self.base_top_k, self.V, hidden=hidden)]) \
+                + [StaticCachedLM(m, self.pad_id, hidden=hidden) for m in self.experts]
+        elif hidden:
+            lms = ([] if base_weight == 0 else [HiddenCachedLM(self.base, self.pad_id)]) + \
+                [HiddenCachedLM(m, self.pad_id) for m in self.experts]
         else:
-            lms = ([] if base_weight == 0 else [StaticCachedLM(self.base, self.pad_id, self.base_top_k, self.V)]) \
-                + [StaticCachedLM(m, self.pad_id) for m in self.experts]
+            lms = ([] if base_weight == 0 else [self._base_lm()]) + [self._expert_lm(m) for m in self.experts]
         inputs = ([] if base_weight == 0 else [rows]) + [[p + r for p, r in zip(pre, rows)] for pre in prefixes]
         logits = [lm.prefill(x, steps) for lm, x in zip(lms, inputs)]
         first = len(lms) - len(self.experts)  # the adapter's (the first expert's) index in lms
         w_masked = torch.cat([w, torch.ones((B, 1), device=dev)], dim=1)  # a hard mask: one more expert
         w_one = torch.ones((B, 1), device=dev)
+        w_mix = w
+        if head is not None:  # the sampler sees one expert: the mixed logits
+            w, w_masked, first = w_one, torch.ones((B, 2), device=dev), None
+            head = head[:V]
+        elif not output_adapter_logprobs:
+            first = None
         prompt_len = torch.tensor([len(r) for r in rows], device=dev)
         seen = None
         if repetition_penalty != 1.0:
@@ -842,19 +899,20 @@ class TailoredLM:
         step_fn = None if compile_backend is None else _compiled_step(compile_backend, [lm.model for lm in lms])
         for t in range(steps):
             mask = self._hard_mask(t, rows, host_tokens, min_new_tokens, eos_t, banned_single, banned_seqs)
-            if t == 0 or step_fn is None:  # eager: the prefill's logits, or every step without compile
-                zs = [z[:, :V].to(dev) for z in logits]
+            if t == 0 or step_fn is None:  # eager: the prefill's outputs, or every step without compile
+                zs = [_mixed_through_head(logits, w_mix, head, dev)] if hidden else [z[:, :V].to(dev) for z in logits]
                 tok, lp, alp = _draw(zs, mask, seen, offset=prompt_len + t, **draw)
             else:  # one graph: every model's forward of the last token, then the same draw
                 # (an all-False mask adds a zero expert: the same mix, one graph for every step)
                 tok, lp, alp = _run_compiled(step_fn, lms, tok, mask if mask is not None else no_mask, seen,
-                                             offset=prompt_len + t, V=V, dev=dev, **draw)
+                                             offset=prompt_len + t, V=V, dev=dev, head=head, w_mix=w_mix, **draw)
                 for lm in lms:
                     lm.next_pos += 1
             active = ~done
             out_tokens[:, t] = tok
             out_lp[:, t] = lp
-            out_alp[:, t] = alp
+            if alp is not None:
+                out_alp[:, t] = alp
             n_out += active.long()
             if seen is not None:
                 seen.scatter_(1, tok.view(-1, 1), True)
@@ -881,7 +939,8 @@ class TailoredLM:
         token_ids = [ids_all[i][:n[i]] for i in range(B)]
         texts = [_cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stops) for ids in token_ids]
         return GenerationOutput(texts=texts, token_ids=token_ids, logprobs=[lp_all[i][:n[i]] for i in range(B)],
-                                adapter_logprobs=[alp_all[i][:n[i]] for i in range(B)], finish_reasons=finish,
+                                adapter_logprobs=[alp_all[i][:n[i]] for i in range(B)] if output_adapter_logprobs
+                                else None, finish_reasons=finish,
                                 prompt_token_ids=rows)
 
     def _fit_context(self, rows, prefixes, steps, truncate_prompt, with_base=True):
@@ -995,12 +1054,21 @@ def _draw(zs, mask, seen, *, w, w_masked, w_one, seeds, knobs, first, penalty, o
         s = sample_experts(zs + [hard], w_masked, seed=seeds, offset=offset, **knobs)
     else:
         s = sample_experts(zs, w, seed=seeds, offset=offset, **knobs)
-    return s.tokens, s.logprobs, _gather_log_softmax(zs[first], s.tokens)
+    return s.tokens, s.logprobs, None if first is None else _gather_log_softmax(zs[first], s.tokens)
 
 
-def _decode_step(lms, tokens, mask, seen, V, dev, draw):
-    """The compiled step: every model's one-token forward over its static cache, then :func:`_draw`."""
-    zs = [lm.forward_step(tokens)[:, :V].to(dev) for lm in lms]
+def _mixed_through_head(hidden, w, head, dev) -> torch.Tensor:
+    """``head @ sum_j w[:, j] * hidden[j]``: the mixed logits ``[B, V]`` (float32) from the models'
+    last hidden states ``[B, d]`` and their ``[B, K']`` weights, through the shared ``head [V, d]``."""
+    h = sum(w[:, j:j + 1] * x.to(dev).float() for j, x in enumerate(hidden))
+    return (h.to(head.dtype) @ head.T).float()
+
+
+def _decode_step(lms, tokens, mask, seen, V, dev, draw, head=None, w_mix=None):
+    """The compiled step: every model's one-token forward over its static cache (hidden states mixed
+    through the shared ``head`` with weights ``w_mix`` when given), then :func:`_draw`."""
+    outs = [lm.forward_step(tokens) for lm in lms]
+    zs = [_mixed_through_head(outs, w_mix, head, dev)] if head is not None else [z[:, :V].to(dev) for z in outs]
     return _draw(zs, mask, seen, **draw)
 
 
@@ -1031,9 +1099,9 @@ def _compiled_step(backend, models):
     return fn
 
 
-def _run_compiled(step_fn, lms, tokens, mask, seen, *, V, dev, **draw):
+def _run_compiled(step_fn, lms, tokens, mask, seen, *, V, dev, head=None, w_mix=None, **draw):
     try:
-        return step_fn(lms, tokens, mask, seen, V, dev, draw)
+        return step_fn(lms, tokens, mask, seen, V, dev, draw, head, w_mix)
     except torch._dynamo.exc.TorchDynamoException as exc:  # a graph break, a backend failure
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise RuntimeError(f"compile: the decode step could not be compiled as one graph ({first_line}); "
