@@ -212,3 +212,31 @@ def test_compiled_step_takes_the_shared_head_path(family, names):
                                                    seed=[6, 7, 8], temperature=2.0, top_p=0.9))
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-head", "own-heads"])
+def test_experts_weighted_zero_are_not_run(family, shared):
+    tok, base, pool = family
+    adapter = pool["adapter"] if shared else make_tiny_model("llama", len(tok), 9, n_layer=1)
+    other = pool["gpt2"]
+    calls = []
+    handles = [m.base_model.register_forward_pre_hook(lambda mod, a, name=name: calls.append(name))
+               for name, m in (("adapter", adapter), ("other", other))]
+    try:
+        lm = TailoredLM(base, experts=[adapter, other], weights=[0.0, 0.0], tokenizer=tok)
+        out = lm.generate(PROMPTS, 6, eos_token_id=[], temperature=2.0, seed=3)
+        assert calls == []  # alpha = 0: the base alone, the experts never run
+        assert_matches(out, *reference_decode(base, [], [[]] * 3, tok, PROMPTS, 6, seed=[3, 4, 5], temperature=2.0))
+        out = lm.generate(PROMPTS, 6, eos_token_id=[], temperature=2.0, seed=3, weights=[0.0, 0.7])
+        assert set(calls) == {"other"}  # only the weighted expert runs
+        assert_matches(out, *reference_decode(base, [other], [0.7], tok, PROMPTS, 6, seed=[3, 4, 5],
+                                              temperature=2.0))
+        calls.clear()  # a weight that is 0 in one row only: the expert runs
+        lm.generate(PROMPTS, 6, eos_token_id=[], temperature=2.0, seed=3, weights=[[0.0, 0.5, 0.0], 0.0])
+        assert set(calls) == {"adapter"}
+        calls.clear()  # the adapter's own log-probs asked for: it runs at weight 0
+        out = lm.generate(PROMPTS, 6, eos_token_id=[], temperature=2.0, seed=3, output_adapter_logprobs=True)
+        assert set(calls) == {"adapter"} and [len(a) for a in out.adapter_logprobs] == [6, 6, 6]
+    finally:
+        for h in handles:
+            h.remove()

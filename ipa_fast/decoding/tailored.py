@@ -698,14 +698,18 @@ class TailoredLM:
     def _expert_lm(self, model):
         return model if _is_cached_lm(model) else CachedLM(model, self.pad_id)
 
-    def _shared_head(self):
-        """The output head the base and every expert share (:func:`ipa_fast.decoding.heads.shared_head`),
-        or None; asked again only when a head tensor changed (its identity or version)."""
-        key = head_key(self.base, self.experts)
-        cached = getattr(self, "_head_memo", None)
-        if cached is None or cached[0] != key:
-            self._head_memo = cached = (key, shared_head(self.base, self.experts))
-        return cached[1]
+    def _shared_head(self, experts=None):
+        """The output head the base and ``experts`` (default: all of them) share
+        (:func:`ipa_fast.decoding.heads.shared_head`), or None; asked again only when a head tensor
+        changed (its identity or version) or the set of experts did."""
+        experts = self.experts if experts is None else experts
+        key = head_key(self.base, experts)
+        memo = self.__dict__.setdefault("_head_memo", {})  # one entry per set of experts run
+        if key not in memo:
+            if len(memo) >= 8:
+                memo.clear()
+            memo[key] = shared_head(self.base, experts)
+        return memo[key]
 
     def _call_weights(self, alpha, weights, base_weight, B) -> torch.Tensor:
         """float32 ``[B, K']`` weights of one call, on the base's device: the base's column
@@ -854,21 +858,29 @@ class TailoredLM:
         banned_single, banned_seqs = _split_bad_words(bad_words_ids, self.V)
         V, dev = self.V, self.device
 
+        # An expert weighted 0 in every row adds nothing to the mix and is not run (alpha=0: the base
+        # alone), unless the adapter's own log-probs are asked for.
+        nb = 0 if base_weight == 0 else 1
+        run = [k for k in range(len(self.experts))
+               if bool((w[:, nb + k] != 0).any()) or (k == 0 and output_adapter_logprobs)] or ([] if nb else [0])
+        experts, prefixes = [self.experts[k] for k in run], [prefixes[k] for k in run]
+        w = w[:, list(range(nb)) + [nb + k for k in run]]
+
         # Prefill: the base sees the prompt, each expert its prefix + the prompt.
-        head = None if output_adapter_logprobs or self.base_top_k else self._shared_head()
+        head = None if output_adapter_logprobs or self.base_top_k else self._shared_head(experts)
         hidden = head is not None  # every model returns its last hidden state; one head product per step
         if compile_backend is not None:
             lms = ([] if base_weight == 0 else
                    [StaticCachedLM(self.base, self.pad_id, self.base_top_k, self.V, hidden=hidden)]) \
-                + [StaticCachedLM(m, self.pad_id, hidden=hidden) for m in self.experts]
+                + [StaticCachedLM(m, self.pad_id, hidden=hidden) for m in experts]
         elif hidden:
             lms = ([] if base_weight == 0 else [HiddenCachedLM(self.base, self.pad_id)]) + \
-                [HiddenCachedLM(m, self.pad_id) for m in self.experts]
+                [HiddenCachedLM(m, self.pad_id) for m in experts]
         else:
-            lms = ([] if base_weight == 0 else [self._base_lm()]) + [self._expert_lm(m) for m in self.experts]
+            lms = ([] if base_weight == 0 else [self._base_lm()]) + [self._expert_lm(m) for m in experts]
         inputs = ([] if base_weight == 0 else [rows]) + [[p + r for p, r in zip(pre, rows)] for pre in prefixes]
         logits = [lm.prefill(x, steps) for lm, x in zip(lms, inputs)]
-        first = len(lms) - len(self.experts)  # the adapter's (the first expert's) index in lms
+        first = nb if run[:1] == [0] else None  # the adapter's (the first expert's) index in lms
         w_masked = torch.cat([w, torch.ones((B, 1), device=dev)], dim=1)  # a hard mask: one more expert
         w_one = torch.ones((B, 1), device=dev)
         w_mix = w
