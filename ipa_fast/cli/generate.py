@@ -220,7 +220,8 @@ def run(args) -> dict:
         out = lm.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=args.stop or None,
                           min_new_tokens=args.min_new_tokens, repetition_penalty=args.repetition_penalty,
-                          truncate_prompt=args.truncate_prompt, output_adapter_logprobs=True)
+                          truncate_prompt=args.truncate_prompt,
+                          output_adapter_logprobs=bool(args.json))  # they go to --json only
     except APIBaseError as e:  # server down / timeout / malformed reply: one line, exit 2
         raise UsageError(str(e)) from None
     except ValueError as e:

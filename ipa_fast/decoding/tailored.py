@@ -818,8 +818,8 @@ class TailoredLM:
 
         ``output_adapter_logprobs``: also return the adapter's own log-prob of each drawn token
         (``adapter_logprobs``; None otherwise). Without it, when the base and every expert share one
-        output head (the embedded base and adapters over its tied embedding), the eager loop mixes
-        their last hidden states and applies the head once per step (docs/DESIGN.md §5.8): the
+        output head (the embedded base and adapters over its tied embedding), the loop (eager or
+        compiled) mixes their last hidden states and applies the head once per step (docs/DESIGN.md §5.8): the
         same distribution up to float rounding, at a fraction of the experts' cost; the adapter's
         own log-probs would need its full logits again.
         """
