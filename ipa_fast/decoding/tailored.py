@@ -773,7 +773,7 @@ class TailoredLM:
 
     # -- decoding ------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all (5-6 % of an eager CPU step)
     def generate(self, prompts, max_new_tokens=32, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                  seed=None, stop=None, adapter_prefix=None, min_new_tokens=0, bad_words_ids=None,
                  repetition_penalty=1.0, eos_token_id=None, alpha=None, weights=None, base_weight=1.0,
