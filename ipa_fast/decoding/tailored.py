@@ -99,9 +99,10 @@ class CachedLM:
     from the attention mask (pads do not count), so a row's positions equal its unpadded ones.
     """
 
-    def __init__(self, model, pad_id: int = 0):
+    def __init__(self, model, pad_id: int = 0, hidden: bool = False):
         self.model = model
         self.pad_id = pad_id
+        self.hidden = hidden
         self.device = next(model.parameters()).device
 
     def prefill(self, rows: list[list[int]], max_new_tokens: int) -> torch.Tensor:
@@ -126,19 +127,15 @@ class CachedLM:
         return last
 
     def _forward(self, *, prefill: bool, **kwargs):
-        """``(the last position's logits [B, V_model], the new cache)``."""
+        """``(the last position's output, the new cache)``: its logits ``[B, V_model]``, or with
+        ``hidden`` its last hidden state ``[B, d]`` (after the final norm; the residual of a
+        residual adapter) for the shared-head path, where one product with the common output head
+        follows the mix (:mod:`ipa_fast.decoding.heads`)."""
+        if self.hidden:
+            hidden, cache = final_hidden(self.model, use_cache=True, **kwargs)
+            return hidden[:, -1], cache
         out = self.model(use_cache=True, **kwargs, **({"logits_to_keep": 1} if prefill else {}))
         return out.logits[:, -1], out.cache
-
-
-class HiddenCachedLM(CachedLM):
-    """A :class:`CachedLM` returning the last hidden state ``[B, d]`` (after the final norm; the
-    residual of a residual adapter) instead of logits: the shared-head path, where one product
-    with the common output head follows the mix (:mod:`ipa_fast.decoding.heads`)."""
-
-    def _forward(self, *, prefill: bool, **kwargs):
-        hidden, cache = final_hidden(self.model, use_cache=True, **kwargs)
-        return hidden[:, -1], cache
 
 
 class SparseBase:
@@ -178,14 +175,14 @@ class StaticCachedLM(CachedLM):
     reads the whole mask, so every step has the same shapes; the caller advances ``next_pos``
     (each row's unpadded position) in place. ``top_k``: reduce the logits to their top-k log-probs as
     :class:`SparseBase` does (``vocab_size`` = V then). ``hidden``: return the last hidden state
-    instead of logits, as :class:`HiddenCachedLM` does (the shared-head path). A residual adapter
-    gets one static cache per network.
+    instead of logits, as :class:`CachedLM` does (the shared-head path). A residual adapter gets
+    one static cache per network.
     """
 
     def __init__(self, model, pad_id: int = 0, top_k: int | None = None, vocab_size: int | None = None,
                  hidden: bool = False):
-        super().__init__(model, pad_id)
-        self.top_k, self.V, self.hidden = top_k, vocab_size, hidden
+        super().__init__(model, pad_id, hidden)
+        self.top_k, self.V = top_k, vocab_size
 
     def prefill(self, rows: list[list[int]], max_new_tokens: int) -> torch.Tensor:
         from transformers import StaticCache
@@ -211,10 +208,8 @@ class StaticCachedLM(CachedLM):
     def _last(self, *, prefill: bool, **kwargs) -> torch.Tensor:
         """The last position's logits (reduced to top-k when asked) or hidden state; the static
         cache is updated in place."""
-        if self.hidden:
-            return final_hidden(self.model, cache=self.cache, use_cache=True, **kwargs)[0][:, -1]
-        out = self.model(cache=self.cache, use_cache=True, **kwargs, **({"logits_to_keep": 1} if prefill else {}))
-        return self._reduce(out.logits[:, -1])
+        last, _ = self._forward(cache=self.cache, prefill=prefill, **kwargs)
+        return last if self.hidden else self._reduce(last)
 
     def _reduce(self, logits):
         if not self.top_k:
@@ -874,21 +869,20 @@ class TailoredLM:
                    [StaticCachedLM(self.base, self.pad_id, self.base_top_k, self.V, hidden=hidden)]) \
                 + [StaticCachedLM(m, self.pad_id, hidden=hidden) for m in experts]
         elif hidden:
-            lms = ([] if base_weight == 0 else [HiddenCachedLM(self.base, self.pad_id)]) + \
-                [HiddenCachedLM(m, self.pad_id) for m in experts]
+            lms = ([] if base_weight == 0 else [CachedLM(self.base, self.pad_id, hidden=True)]) + \
+                [CachedLM(m, self.pad_id, hidden=True) for m in experts]
         else:
             lms = ([] if base_weight == 0 else [self._base_lm()]) + [self._expert_lm(m) for m in experts]
         inputs = ([] if base_weight == 0 else [rows]) + [[p + r for p, r in zip(pre, rows)] for pre in prefixes]
         logits = [lm.prefill(x, steps) for lm, x in zip(lms, inputs)]
-        first = nb if run[:1] == [0] else None  # the adapter's (the first expert's) index in lms
+        # the adapter's (the first expert's) index in lms, when its own log-probs are asked for
+        first = nb if output_adapter_logprobs else None
         w_masked = torch.cat([w, torch.ones((B, 1), device=dev)], dim=1)  # a hard mask: one more expert
         w_one = torch.ones((B, 1), device=dev)
         w_mix = w
         if head is not None:  # the sampler sees one expert: the mixed logits
-            w, w_masked, first = w_one, torch.ones((B, 2), device=dev), None
+            w, w_masked = w_one, torch.ones((B, 2), device=dev)
             head = head[:V]
-        elif not output_adapter_logprobs:
-            first = None
         prompt_len = torch.tensor([len(r) for r in rows], device=dev)
         seen = None
         if repetition_penalty != 1.0:
