@@ -103,7 +103,12 @@ def adapter_tensors(out):
 
 
 def same_tensors(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    """Equal trees of tensors (a checkpoint's packed states are dicts of dicts of tensors)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_tensors(a[k], b[k]) for k in a)
+    return a == b
 
 
 def corrupt(step_dir: Path, name="tensors.safetensors"):

@@ -169,6 +169,95 @@ def from_files(files: dict[str, bytes]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
+# compact model and optimiser states (what can be rebuilt is not written)
+
+def pack_module_state(sd: dict, reference_rows: dict | None = None) -> dict:
+    """A module's ``state_dict`` without what can be rebuilt exactly, for a checkpoint.
+
+    A tensor that is another entry's tensor (tied weights) is stored once and named in ``tied``;
+    for an entry of ``reference_rows`` (name -> table, e.g. the base's embedding that a frozen
+    adapter shares), the leading rows that equal the table bit for bit are left out (``rows_from_
+    reference``), and only the rows after them are stored. :func:`unpack_module_state` inverts it
+    given the same tables; anything that does not match is stored whole.
+    """
+    reference_rows = reference_rows or {}
+    tensors, tied, from_ref, seen = {}, {}, {}, {}
+    for name, t in sd.items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and ident in seen:
+            tied[name] = seen[ident]
+            continue
+        seen[ident] = name
+        ref = reference_rows.get(name)
+        n = 0 if ref is None else ref.shape[0]
+        if (n and t.dim() >= 1 and t.shape[0] >= n and t.shape[1:] == ref.shape[1:] and t.dtype == ref.dtype
+                and torch.equal(t[:n].cpu(), ref.cpu())):
+            from_ref[name] = n
+            t = t[n:]
+        tensors[name] = t
+    return {"tensors": tensors, "tied": tied, "rows_from_reference": from_ref}
+
+
+def unpack_module_state(packed: dict, reference_rows: dict | None = None) -> dict:
+    """The ``state_dict`` that :func:`pack_module_state` packed; a plain state dict (an older
+    checkpoint) comes back as it is. Raises :class:`CheckpointError` when a reference table is
+    missing or has another shape."""
+    if set(packed) != {"tensors", "tied", "rows_from_reference"} or not isinstance(packed["tensors"], dict):
+        return packed
+    reference_rows = reference_rows or {}
+    sd = {}
+    for name, t in packed["tensors"].items():
+        n = packed["rows_from_reference"].get(name)
+        if n is not None:
+            ref = reference_rows.get(name)
+            if ref is None or ref.shape[0] != n or ref.shape[1:] != t.shape[1:]:
+                raise CheckpointError(f"{name}: the checkpoint takes its first {n} rows from a shared table "
+                                      "that this run does not provide with that shape")
+            t = torch.cat([ref.detach().to(t.device, t.dtype), t])
+        sd[name] = t
+    for name, target in packed["tied"].items():
+        if target not in sd:
+            raise CheckpointError(f"{name}: tied to {target}, which the checkpoint does not hold")
+        sd[name] = sd[target]
+    return sd
+
+
+def pack_optimizer_state(sd: dict) -> dict:
+    """An optimiser's ``state_dict`` with the leading all-zero rows of its 2-D+ state tensors left
+    out (Adam's moments of frozen embedding rows stay exactly 0); ``leading_zero_rows`` records
+    them by ``"<param index>/<name>"``."""
+    state, zeros = {}, {}
+    for idx, per in sd["state"].items():
+        out = {}
+        for key, t in per.items():
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0]:
+                nonzero = t.reshape(t.shape[0], -1).ne(0).any(1)
+                z = int(nonzero.long().argmax()) if bool(nonzero.any()) else t.shape[0]
+                if z:
+                    zeros[f"{idx}/{key}"] = z
+                    t = t[z:]
+            out[key] = t
+        state[idx] = out
+    return {**sd, "state": state, "leading_zero_rows": zeros}
+
+
+def unpack_optimizer_state(packed: dict) -> dict:
+    """Inverse of :func:`pack_optimizer_state` (a plain state dict comes back as it is)."""
+    zeros = packed.get("leading_zero_rows")
+    if zeros is None:
+        return packed
+    state = {idx: dict(per) for idx, per in packed["state"].items()}
+    for ref, z in zeros.items():
+        idx, key = ref.rsplit("/", 1)
+        idx = next((i for i in state if str(i) == idx), None)
+        if idx is None or key not in state[idx]:
+            raise CheckpointError(f"optimizer state {ref}: not in the checkpoint")
+        t = state[idx][key]
+        state[idx][key] = torch.cat([t.new_zeros((z, *t.shape[1:])), t])
+    return {k: v for k, v in packed.items() if k != "leading_zero_rows"} | {"state": state}
+
+
+# ---------------------------------------------------------------------------------------
 # files
 
 def _sha256(data: bytes) -> str:

@@ -295,6 +295,7 @@ class Trainer:
         self.initial_eval: dict | None = None
         self.last_eval: dict | None = None
         self.last_samples: list[dict] = []
+        self._base_emb_sha: str | None = None  # the base's embedding, hashed once (checkpoints name it)
 
     # ------------------------------------------------------------------------------------
     # the parts, under the names the loop's callers (tests, scripts) use
@@ -444,26 +445,58 @@ class Trainer:
         the adapter and its reference, the algorithm's state (``value_head``, ``kl_controller``,
         ``pool``, ``control_ids``), the optimiser and schedule, the RNG states and the evaluations."""
         policy = self.policy
+        refs = self._reference_rows()
+        pack = lambda m: ckpt.pack_module_state(m.state_dict(), refs.get(id(m)))  # noqa: E731
         return {"step": self.step, "config": dataclasses.asdict(self.cfg), "data": self.data_fingerprint(),
-                "adapter": policy.adapter.state_dict(),
-                "ref_adapter": None if policy.ref_adapter is None else policy.ref_adapter.state_dict(),
+                "reference_rows_sha256": self._base_embedding_sha256() if refs else None,
+                "adapter": pack(policy.adapter),
+                "ref_adapter": None if policy.ref_adapter is None else pack(policy.ref_adapter),
                 **self.rl.state_dict(),
-                "optimizer": self.updater.optimizer.state_dict(), "scheduler": self.updater.scheduler.state_dict(),
+                "optimizer": ckpt.pack_optimizer_state(self.updater.optimizer.state_dict()),
+                "scheduler": self.updater.scheduler.state_dict(),
                 "rng": rng or ckpt.rng_state(),
                 "initial_eval": self.initial_eval, "last_eval": self.last_eval, "last_samples": self.last_samples}
 
     def load_state_dict(self, state: dict) -> None:
         policy = self.policy
-        policy.adapter.load_state_dict(state["adapter"])
+        refs = self._reference_rows()
+        want = state.get("reference_rows_sha256")
+        if want is not None and (not refs or self._base_embedding_sha256() != want):
+            raise ckpt.CheckpointError("the checkpoint takes the adapter's shared embedding rows from a base "
+                                       "embedding that this run's base does not have (another base?)")
+        policy.adapter.load_state_dict(ckpt.unpack_module_state(state["adapter"], refs.get(id(policy.adapter))))
         if policy.ref_adapter is not None and state["ref_adapter"] is not None:
-            policy.ref_adapter.load_state_dict(state["ref_adapter"])
+            policy.ref_adapter.load_state_dict(
+                ckpt.unpack_module_state(state["ref_adapter"], refs.get(id(policy.ref_adapter))))
         self.rl.load_state_dict(state)
-        self.updater.optimizer.load_state_dict(state["optimizer"])
+        self.updater.optimizer.load_state_dict(ckpt.unpack_optimizer_state(state["optimizer"]))
         self.updater.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.initial_eval, self.last_eval = state["initial_eval"], state["last_eval"]
         self.last_samples = state["last_samples"]
+
+    def _reference_rows(self) -> dict:
+        """Per network of the checkpoint (by ``id``): ``{its embedding's state-dict name: the base's
+        embedding table}``, so that rows equal to the base's (a shared, frozen embedding) are not
+        written (see :func:`~ipa_fast.training.checkpoint.pack_module_state`); empty for a served base."""
+        if self.policy.api_base or self.policy.base.get_input_embeddings() is None:
+            return {}
+        table = self.policy.base.get_input_embeddings().weight.detach()
+        out = {}
+        for model in (self.policy.adapter, self.policy.ref_adapter):
+            emb = None if model is None else model.get_input_embeddings()
+            name = None if emb is None else next(
+                (n for n, p in model.named_parameters(remove_duplicate=False) if p is emb.weight), None)
+            if name is not None:
+                out[id(model)] = {name: table}
+        return out
+
+    def _base_embedding_sha256(self) -> str:
+        if self._base_emb_sha is None:
+            from ipa_fast.embedded import tensor_sha256
+            self._base_emb_sha = tensor_sha256(self.policy.base.get_input_embeddings().weight)
+        return self._base_emb_sha
 
     def data_fingerprint(self) -> dict:
         """sha256 of the training and evaluation prompt rows and, when there are any, of the
