@@ -32,6 +32,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import bisect
 import functools
 import gzip
 import hashlib
@@ -305,9 +306,18 @@ def swear_cuts(model, tok, lines: list[str], profane: list[int], batch_size: int
     return rows
 
 
+_SORTED_TRAIN: list = [None, []]  # (the last train-line list asked about, its lines sorted)
+
+
 def opens_training_line(prompt: str, train_lines: list[str]) -> bool:
-    """A held-out prompt must not be training text (shared opening words)."""
-    return any(t.startswith(prompt) for t in train_lines)
+    """A held-out prompt must not be training text (shared opening words). A binary search in the
+    sorted lines (sorted once per list): the first line >= ``prompt`` is the one that starts with
+    it, if any does."""
+    if _SORTED_TRAIN[0] is not train_lines:
+        _SORTED_TRAIN[:] = [train_lines, sorted(train_lines)]
+    lines = _SORTED_TRAIN[1]
+    i = bisect.bisect_left(lines, prompt)
+    return i < len(lines) and lines[i].startswith(prompt)
 
 
 def best_swear_cuts(base_dir: str, lines: list[str], n: int, seen: set[str],

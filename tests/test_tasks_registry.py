@@ -306,3 +306,18 @@ def test_real_base_prefers_fluent_text():
     good, shuffled = T.fluency(["The cat sat on the"] * 2, [" mat and purred quietly in the sun.",
                                                          " sun purred the quietly mat in and."])
     assert good > shuffled and good <= 1.0
+
+
+def test_opens_training_line_matches_a_linear_scan():
+    """The held-out filter (a binary search over the sorted train lines) against its definition:
+    some train line starts with the prompt."""
+    import random
+
+    lines = ["the cat sat", "the dog", "a b c", "zebra x", "the cat", "The Cat", "the cat sat on a mat"]
+    rng = random.Random(0)
+    prompts = ["", "t", "the c", "the cat sat on", "the cat sat on a mat!", "zebra", "zz", "a", "b", "The",
+               *(" ".join(rng.choice(lines).split()[:rng.randint(1, 3)]) for _ in range(30))]
+    for p in prompts:
+        assert BT.opens_training_line(p, lines) == any(t.startswith(p) for t in lines), p
+    other = ["zebra x"]  # another list is sorted anew, not answered from the first one's order
+    assert BT.opens_training_line("the", other) is False and BT.opens_training_line("zeb", other) is True
