@@ -92,6 +92,23 @@ def test_lexical_warmstart_rows_come_from_the_train_split_only():
     assert got == pytest.approx([r["best_reward"] for r in rows])  # the recorded reward is the task's own
 
 
+def test_grounded_warmstart_rows_come_from_the_train_split_only():
+    """As the lexical file: train prompts only, each with its best base sample and a faithfulness
+    of at least 0.4, the reward recomputed by the task's own reward function."""
+    rows = _rows("grounded", "warmstart")
+    train = {r["prompt"]: r for r in _rows("grounded", "train")}
+    held_out = {r["prompt"] for s in ("validation", "test") for r in _rows("grounded", s)}
+    assert len(rows) == 198
+    for r in rows:
+        assert r["prompt"] in train and r["prompt"] not in held_out
+        assert (r["knowledge"], r["question"]) == (train[r["prompt"]]["knowledge"], train[r["prompt"]]["question"])
+        assert isinstance(r["best"], str) and r["best"] and 0.4 <= r["best_reward"] <= 1.0
+    from ipa_fast.training.rewards_text import faithfulness
+    got = faithfulness([r["prompt"] for r in rows], [r["best"] for r in rows], [r["knowledge"] for r in rows],
+                       [r["question"] for r in rows])
+    assert got == pytest.approx([r["best_reward"] for r in rows])
+
+
 @pytest.mark.parametrize("split", ["train", "validation", "test"])
 def test_detox_rows(split):
     rows = _rows("detox", split)
