@@ -287,6 +287,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "mutually exclusive" in err
     code, err = _cli(common + ["--api-base", "http://127.0.0.1:9/v1", "--api-timeout", "3"], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "cannot reach API base http://127.0.0.1:9" in err
+    code, err = _cli(common + ["--api-base", "http://127.0.0.1:9/v1", "--api-ambiguous", "guess"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "--api-ambiguous" in err and "guess" in err
+
+
+def test_connect_passes_the_ambiguous_policy_on(served):
+    """``api_ambiguous`` reaches the client (the replayed llama-cpp-python test shows what "drop" does);
+    a bad value fails in the config's one-line check."""
+    from ipa_fast.training import TrainConfig
+    from ipa_fast.training.loading import connect_api_base
+    _, _, tok, server = served
+    assert connect_api_base(server.url, tok, top_k=4, ambiguous="drop").ambiguous == "drop"
+    assert connect_api_base(server.url, tok, top_k=4).ambiguous == "error"
+    with pytest.raises(ValueError, match="api_ambiguous must be 'error' or 'drop'"):
+        TrainConfig(api_base=server.url, api_ambiguous="guess").validate()
 
 
 def test_cli_tokenizer_mismatch_is_one_line(tmp_path, capsys):
@@ -314,12 +328,12 @@ def test_cli_run_records_the_served_base_and_resumes(tmp_path, served, capsys):
             "--adapter", str(adapter_dir), "--out", str(out), "--algo", "ppo", "--batch-size", "4",
             "--minibatch-size", "2", "--max-new-tokens", "4", "--eval-size", "2", "--eval-max-new-tokens", "4",
             "--eval-every", "0", "--checkpoint-every", "1", "--no-progress", "--backend", "reference",
-            "--api-base", server.url, "--api-top-k", "8", "--preset", "none"]
+            "--api-base", server.url, "--api-top-k", "8", "--api-ambiguous", "drop", "--preset", "none"]
     code, err = _cli(argv + ["--steps", "1"], capsys)
     assert code == 0, err
     meta = json.loads((out / "adapter" / "ipa_adapter.json").read_text())
     assert meta["base"] == server.url
-    assert meta["api_base"] == {"url": server.url, "top_k": 8, "dialect": "ipa-fast"}
+    assert meta["api_base"] == {"url": server.url, "top_k": 8, "dialect": "ipa-fast", "ambiguous": "drop"}
     assert json.loads((out / "config.json").read_text())["api_base"] == server.url
     code, err = _cli(argv + ["--steps", "2", "--resume"], capsys)
     assert code == 0, err

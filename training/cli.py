@@ -57,6 +57,9 @@ HELP = {
                  "applies, e.g. vLLM's --max-logprobs)",
     "api_dialect": "with --api-base: the server's dialect (default: detected from GET /v1/models)",
     "api_timeout": "with --api-base: deadline in seconds of one server call (a decoding step, or scoring a batch)",
+    "api_ambiguous": "with --api-base on a server that keys log-probs by token text (llama-cpp-python): 'error' "
+                     "(default) fails naming a key that several ids print as, 'drop' leaves those ids out of "
+                     "that position's top-K",
     "alpha": "adapter weight of the tailored policy, > 0 (saved in the adapter's ipa_adapter.json)",
     "reference": "KL reference policy: initial (base x frozen initial adapter) or base (base alone)",
     "kl_target": "target KL for the adaptive KL controller (default: fixed --kl-coef)",
@@ -110,7 +113,7 @@ def _arg_types() -> dict:
     return types_
 
 
-CHOICES = {"api_dialect": ["vllm", "llama-cpp-python", "ipa-fast", "llama-server"],
+CHOICES = {"api_dialect": ["vllm", "llama-cpp-python", "ipa-fast", "llama-server"], "api_ambiguous": ["error", "drop"],
            "sft_target": ["tailored", "adapter"], "algo": ["quark", "ppo"], "task": list(tasks.names()), "reference": ["initial", "base"],
            "lr_schedule": ["constant", "linear"]}
 

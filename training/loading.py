@@ -137,7 +137,8 @@ def load_adapter(adapter: str):
     return _load(AutoModelForCausalLM, adapter, "adapter")
 
 
-def connect_api_base(url: str, tokenizer, *, top_k: int = 20, dialect: str | None = None, timeout: float = 60.0):
+def connect_api_base(url: str, tokenizer, *, top_k: int = 20, dialect: str | None = None, timeout: float = 60.0,
+                     ambiguous: str = "error"):
     """An :class:`~ipa_fast.decoding.api_base.APIBase` for ``url``, checked before training:
     the server answers (dialect detected or given), can score sequences (not llama-server), and
     tokenises a probe text to the tokenizer's ids (one ``/tokenize`` round trip; where the
@@ -145,7 +146,7 @@ def connect_api_base(url: str, tokenizer, *, top_k: int = 20, dialect: str | Non
     :class:`~ipa_fast.decoding.api_base.APIBaseError` (one line) otherwise."""
     from ipa_fast.decoding.api_base import APIBase, APIBaseError
 
-    base = APIBase(url, tokenizer, top_logprobs=top_k, dialect=dialect, timeout=timeout)
+    base = APIBase(url, tokenizer, top_logprobs=top_k, dialect=dialect, timeout=timeout, ambiguous=ambiguous)
     base.detect_dialect()
     if base.dialect == "llama-server":
         raise APIBaseError(f"--api-base {url} is llama.cpp's llama-server, which returns no prompt log-probs: "

@@ -93,6 +93,9 @@ class TrainConfig:
     api_top_k: int = 20
     api_dialect: str | None = None
     api_timeout: float = 60.0
+    # a server that keys its log-probs by token text (llama-cpp-python): "error" fails on a key that
+    # several ids print as (e.g. "" for EOS and partial bytes), "drop" leaves those ids out of the top-K
+    api_ambiguous: str = "error"
     # other adapters in the product, frozen while this one trains: "DIR" or "DIR:WEIGHT" (weight
     # default: the adapter's saved alpha in its ipa_adapter.json, else 1); rollouts, the scored
     # policy, its KL reference and evaluation all include them
@@ -195,6 +198,7 @@ class TrainConfig:
         need(self.api_dialect is None or self.api_dialect in DIALECTS,
              f"api_dialect must be one of {', '.join(DIALECTS)}, got {self.api_dialect!r}")
         need(self.api_timeout > 0, f"api_timeout must be > 0 seconds, got {self.api_timeout}")
+        need(self.api_ambiguous in ("error", "drop"), f"api_ambiguous must be 'error' or 'drop', got {self.api_ambiguous!r}")
         need(self.reference in ("initial", "base"), f"reference must be 'initial' or 'base', got {self.reference!r}")
         need(self.lr_schedule in ("constant", "linear"), f"lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
         if self.task is not None:
@@ -589,9 +593,11 @@ class Trainer:
                                    "frozen_experts": self.frozen_records(),
                                    # a residual adapter: its logits are its own minus these initial weights'
                                    **({"residual_of": self.residual_of} if c.residual else {}),
-                                   # a served base: what it was trained against (URL, top-K, dialect)
+                                   # a served base: what it was trained against (URL, top-K, dialect,
+                                   # what was done with ambiguous text keys)
                                    **({"api_base": {"url": c.api_base, "top_k": c.api_top_k,
-                                                    "dialect": self.policy.base.dialect}} if c.api_base else {}),
+                                                    "dialect": self.policy.base.dialect,
+                                                    "ambiguous": c.api_ambiguous}} if c.api_base else {}),
                                    # its untrained product was the base itself (the demo's untrained row)
                                    "zero_init_output": c.zero_init_output})
 
@@ -880,7 +886,8 @@ def train(config: TrainConfig, *, reward: Callable | None = None, train_prompts=
             tokenizer = tokenizer or tok
         # the server first: a wrong URL or tokenizer fails before any model is loaded
         base = loading.connect_api_base(config.api_base, tokenizer, top_k=config.api_top_k,
-                                        dialect=config.api_dialect, timeout=config.api_timeout)
+                                        dialect=config.api_dialect, timeout=config.api_timeout,
+                                        ambiguous=config.api_ambiguous)
         if adapter is None:
             adapter = loading.load_adapter(adapter_name)
             config = dataclasses.replace(config, adapter=adapter_name)
