@@ -76,37 +76,31 @@ def test_lexical_test_never_from_training_text():
         assert not refs & train_text
 
 
-def test_lexical_warmstart_rows_come_from_the_train_split_only():
+#: the shipped warm-start files (data/README.md's commands): rows kept of a seeded 384, the
+#: minimum best-of-4 reward they were kept at
+WARMSTART = {"lexical": (281, 0.66), "grounded": (198, 0.4)}
+
+
+@pytest.mark.parametrize("task", sorted(WARMSTART))
+def test_warmstart_rows_come_from_the_train_split_only(task):
     """The shipped warm-start rows (best of 4 base samples) are train prompts, never held-out ones,
-    each with the best sample's text and a reward of at least 0.66 (data/README.md's command)."""
-    rows = _rows("lexical", "warmstart")
-    train = {r["prompt"]: r for r in _rows("lexical", "train")}
-    held_out = {r["prompt"] for s in ("validation", "test") for r in _rows("lexical", s)}
-    assert len(rows) == 281
+    each with its train row's fields, the best sample's text and a reward of at least the file's
+    threshold, recomputed here by the task's own reward."""
+    from ipa_fast import tasks
+    from ipa_fast.training.rewards import call_reward
+    n, min_reward = WARMSTART[task]
+    spec = tasks.get(task)
+    rows = _rows(task, "warmstart")
+    train = {r["prompt"]: r for r in _rows(task, "train")}
+    held_out = {r["prompt"] for s in ("validation", "test") for r in _rows(task, s)}
+    assert len(rows) == n
     for r in rows:
         assert r["prompt"] in train and r["prompt"] not in held_out
-        assert r["concepts"] == train[r["prompt"]]["concepts"]
-        assert isinstance(r["best"], str) and r["best"] and 0.66 <= r["best_reward"] <= 1.0
-    from ipa_fast.training.rewards import lexical_coverage
-    got = lexical_coverage([r["prompt"] for r in rows], [r["best"] for r in rows], [r["concepts"] for r in rows])
+        assert all(r[f] == train[r["prompt"]][f] for f in spec.fields)
+        assert isinstance(r["best"], str) and r["best"] and min_reward <= r["best_reward"] <= 1.0
+    fields = {f: [r[f] for r in rows] for f in spec.fields}
+    got = call_reward(spec.reward_fn(), [r["prompt"] for r in rows], [r["best"] for r in rows], fields)
     assert got == pytest.approx([r["best_reward"] for r in rows])  # the recorded reward is the task's own
-
-
-def test_grounded_warmstart_rows_come_from_the_train_split_only():
-    """As the lexical file: train prompts only, each with its best base sample and a faithfulness
-    of at least 0.4, the reward recomputed by the task's own reward function."""
-    rows = _rows("grounded", "warmstart")
-    train = {r["prompt"]: r for r in _rows("grounded", "train")}
-    held_out = {r["prompt"] for s in ("validation", "test") for r in _rows("grounded", s)}
-    assert len(rows) == 198
-    for r in rows:
-        assert r["prompt"] in train and r["prompt"] not in held_out
-        assert (r["knowledge"], r["question"]) == (train[r["prompt"]]["knowledge"], train[r["prompt"]]["question"])
-        assert isinstance(r["best"], str) and r["best"] and 0.4 <= r["best_reward"] <= 1.0
-    from ipa_fast.training.rewards_text import faithfulness
-    got = faithfulness([r["prompt"] for r in rows], [r["best"] for r in rows], [r["knowledge"] for r in rows],
-                       [r["question"] for r in rows])
-    assert got == pytest.approx([r["best_reward"] for r in rows])
 
 
 @pytest.mark.parametrize("split", ["train", "validation", "test"])
