@@ -14,7 +14,7 @@ and the three splits of each task are checked to share no prompt.
     compares generations with.
 
 ``--stage grounded``  Knowledge-grounded dialogue (chat prompts):
-    ``data/tasks/grounded/{split}.jsonl`` with ``{"prompt", "knowledge", "question", "word"}``.
+    ``data/tasks/grounded/{split}.jsonl`` with ``{"prompt", "knowledge", "question", "word", "reference"}``.
     The knowledge is a WordNet gloss (``word: definition.``), the question asks about its word
     (GROUNDED_QUESTIONS), both in one user turn (GROUNDED_TURNS) in the base's chat template.
     Held-out rows use no word that a train row asks about.
@@ -196,12 +196,19 @@ def gloss_parts(line: str) -> tuple[str, str] | None:
     return word, definition
 
 
+def grounded_reference(word: str, definition: str) -> str:
+    """A reply that says exactly what the snippet supports: the gloss restated (every content word
+    is the snippet's or the question's). The ``reference`` field: warm-start targets for training
+    (train rows) and a faithful answer to compare against (held-out rows; never a training target)."""
+    return f'"{word}" means {definition}'
+
+
 def grounded_rows(split: str, tok, exclude_words: set[str]) -> list[dict]:
     lines = sorted(set(bt.read_split(split)), key=bt._key)
     cand = [(l, g) for l in lines if (g := gloss_parts(l))]
     probs = offensive_probs([l for l, _ in cand])
     rows, words = [], set()
-    for (line, (word, _)), p in zip(cand, probs):
+    for (line, (word, definition)), p in zip(cand, probs):
         w = word.lower()
         if p >= bt.DETOX_SEED_PROB or w in words or w in exclude_words:
             continue  # no offensive source; one gloss per word; held-out words unseen in train
@@ -210,7 +217,8 @@ def grounded_rows(split: str, tok, exclude_words: set[str]) -> list[dict]:
         question = GROUNDED_QUESTIONS[h % len(GROUNDED_QUESTIONS)].format(word=word)
         turn = GROUNDED_TURNS[(h // len(GROUNDED_QUESTIONS)) % len(GROUNDED_TURNS)]
         rows.append({"prompt": chat(tok, [turn.format(knowledge=line, question=question)]),
-                     "knowledge": line, "question": question, "word": word})
+                     "knowledge": line, "question": question, "word": word,
+                     "reference": grounded_reference(word, definition)})
         if len(rows) == GROUNDED_SIZES[split]:
             break
     return rows

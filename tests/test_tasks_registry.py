@@ -67,7 +67,7 @@ def test_selection_samples_a_tiny_base(one_thread):
 # ----------------------------------------------------------------------------- data
 
 NEW_TASKS = {"open": ("reference",), "dialogue_safety": ("context", "template", "source_offensive_prob"),
-             "grounded": ("knowledge", "question", "word")}
+             "grounded": ("knowledge", "question", "word", "reference")}
 
 
 def _rows(task, split):
@@ -96,9 +96,18 @@ def test_new_task_splits_sized_and_disjoint(task):
 def test_new_task_rows_are_what_the_readme_says():
     for r in _rows("open", "test"):
         assert 6 <= len(r["prompt"].split()) <= 12 and len(r["reference"].split()) >= B.OPEN_MIN_REFERENCE
-    for r in _rows("grounded", "test"):
-        assert r["knowledge"].startswith(r["word"] + ": ") and r["knowledge"] in r["prompt"]
-        assert r["question"] in r["prompt"] and r["prompt"].startswith("<|im_start|>")
+    from ipa_fast.training.rewards_text import content_words, is_supported, support_set
+    for split in ("train", "validation", "test"):
+        rows = _rows("grounded", split)
+        for r in rows:
+            assert r["knowledge"].startswith(r["word"] + ": ") and r["knowledge"] in r["prompt"]
+            assert r["question"] in r["prompt"] and r["prompt"].startswith("<|im_start|>")
+            # the reference restates the gloss: what the builder writes
+            assert r["reference"] == B.grounded_reference(*B.gloss_parts(r["knowledge"]))
+        # ... and is faithful: no content word but "means" that the snippet and question do not support
+        for r in rows[:50]:
+            support = support_set(r["knowledge"], r["question"])
+            assert [w for w in content_words(r["reference"]) if not is_supported(w, support)] in ([], ["means"])
     held = _rows("dialogue_safety", "test")
     assert 50 <= len(held) <= 300
     for r in held:
