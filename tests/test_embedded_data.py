@@ -167,7 +167,7 @@ def test_shipped_weights_match_manifest():
         assert len(data) == info["bytes"] and hashlib.sha256(data).hexdigest() == info["sha256"], rel
 
 
-@pytest.mark.parametrize("task", ["lexical", "detox"])
+@pytest.mark.parametrize("task", ["lexical", "detox", "grounded"])
 def test_shipped_adapter_loads_and_decodes(task):
     """A shipped trained adapter, assembled in the cache, decodes with the embedded base."""
     d = ROOT / "models/adapters" / task
