@@ -7,8 +7,6 @@ state dicts it replaces (round trips bit for bit), that a training run resumed f
 checkpoint is the run that never stopped, that the file really is smaller, and that a
 checkpoint refuses to take its shared rows from a different base.
 """
-import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +172,13 @@ def test_compact_checkpoint_is_smaller_and_refuses_another_base(tmp_path):
         other.get_input_embeddings().weight[0, 0] += 1.0
     with pytest.raises(ckpt.CheckpointError, match="base embedding"):
         train(config(tmp_path / "run", "ppo", 2), base=other, adapter=adapter2, tokenizer=tok2, resume=True, **kw)
+
+
+def test_an_adapter_with_its_own_embedding_is_stored_whole_and_names_no_base(tmp_path):
+    kw = dict(reward=even_tokens, train_prompts=PROMPTS, eval_prompts=PROMPTS[:4])
+    base, adapter, tok = make_tiny_pair(seed=0)  # the adapter's table is its own
+    train(config(tmp_path / "run", "ppo", 1), base=base, adapter=adapter, tokenizer=tok, **kw)
+    state, _ = ckpt.load_latest(tmp_path / "run" / "checkpoints")
+    assert state["reference_rows_sha256"] is None
+    assert state["adapter"]["rows_from_reference"] == {}
+    assert torch.equal(state["adapter"]["tensors"]["transformer.wte.weight"], adapter.get_input_embeddings().weight)

@@ -450,11 +450,13 @@ class Trainer:
         ``pool``, ``control_ids``), the optimiser and schedule, the RNG states and the evaluations."""
         policy = self.policy
         refs = self._reference_rows()
-        pack = lambda m: ckpt.pack_module_state(m.state_dict(), refs.get(id(m)))  # noqa: E731
+        packed = {name: None if m is None else ckpt.pack_module_state(m.state_dict(), refs.get(id(m)))
+                  for name, m in (("adapter", policy.adapter), ("ref_adapter", policy.ref_adapter))}
+        # the base's table is named only when rows were taken from it (then a resume needs that table)
+        uses_base = any(p and p["rows_from_reference"] for p in packed.values())
         return {"step": self.step, "config": dataclasses.asdict(self.cfg), "data": self.data_fingerprint(),
-                "reference_rows_sha256": self._base_embedding_sha256() if refs else None,
-                "adapter": pack(policy.adapter),
-                "ref_adapter": None if policy.ref_adapter is None else pack(policy.ref_adapter),
+                "reference_rows_sha256": self._base_embedding_sha256() if uses_base else None,
+                **packed,
                 **self.rl.state_dict(),
                 "optimizer": ckpt.pack_optimizer_state(self.updater.optimizer.state_dict()),
                 "scheduler": self.updater.scheduler.state_dict(),
