@@ -24,6 +24,7 @@ import types
 import typing
 
 from ipa_fast import tasks
+from ipa_fast.decoding.api_base import AMBIGUOUS, DIALECTS
 
 from .trainer import TrainConfig
 
@@ -113,7 +114,7 @@ def _arg_types() -> dict:
     return types_
 
 
-CHOICES = {"api_dialect": ["vllm", "llama-cpp-python", "ipa-fast", "llama-server"], "api_ambiguous": ["error", "drop"],
+CHOICES = {"api_dialect": list(DIALECTS), "api_ambiguous": list(AMBIGUOUS),
            "sft_target": ["tailored", "adapter"], "algo": ["quark", "ppo"], "task": list(tasks.names()), "reference": ["initial", "base"],
            "lr_schedule": ["constant", "linear"]}
 

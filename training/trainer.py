@@ -194,11 +194,11 @@ class TrainConfig:
         need(self.api_base is None or (isinstance(self.api_base, str) and self.api_base.startswith(("http://", "https://"))),
              f"api_base must be an http(s) URL, got {self.api_base!r}")
         need(isinstance(self.api_top_k, int) and self.api_top_k >= 1, f"api_top_k must be an int >= 1, got {self.api_top_k!r}")
-        from ipa_fast.decoding.api_base import DIALECTS
+        from ipa_fast.decoding.api_base import AMBIGUOUS, DIALECTS
         need(self.api_dialect is None or self.api_dialect in DIALECTS,
              f"api_dialect must be one of {', '.join(DIALECTS)}, got {self.api_dialect!r}")
         need(self.api_timeout > 0, f"api_timeout must be > 0 seconds, got {self.api_timeout}")
-        need(self.api_ambiguous in ("error", "drop"), f"api_ambiguous must be 'error' or 'drop', got {self.api_ambiguous!r}")
+        need(self.api_ambiguous in AMBIGUOUS, f"api_ambiguous must be 'error' or 'drop', got {self.api_ambiguous!r}")
         need(self.reference in ("initial", "base"), f"reference must be 'initial' or 'base', got {self.reference!r}")
         need(self.lr_schedule in ("constant", "linear"), f"lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
         if self.task is not None:

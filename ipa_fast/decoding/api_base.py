@@ -62,6 +62,8 @@ import httpx
 import torch
 
 DIALECTS = ("vllm", "llama-server", "llama-cpp-python", "ipa-fast")
+#: what a client does with a text key that several token ids print as: fail naming it, or leave those ids out
+AMBIGUOUS = ("error", "drop")
 LLAMA_CPP_PYTHON_PIECE = 32  # bytes: llama-cpp-python prints a longer token as ""
 _BATCHING = {"vllm": True, "ipa-fast": True, "llama-server": False, "llama-cpp-python": False}
 
@@ -151,7 +153,7 @@ class APIBase:
             raise ValueError(f"dialect must be one of {DIALECTS} or None, got {dialect!r}")
         if timeout <= 0 or retries < 0 or backoff < 0 or max_concurrency < 1:
             raise ValueError("timeout must be > 0, retries and backoff >= 0, max_concurrency >= 1")
-        if ambiguous not in ("error", "drop"):
+        if ambiguous not in AMBIGUOUS:
             raise ValueError(f"ambiguous must be 'error' or 'drop', got {ambiguous!r}")
         self.url = completions_url(url)
         self.root = server_root(url)
