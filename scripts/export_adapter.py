@@ -176,7 +176,7 @@ Held-out evaluations during training (`reward_curve.png`):
 {rows}
 
 {("**Status.** " + note + chr(10) + chr(10)) if note else ""}Test-split numbers (base alone vs base + this adapter vs the adapter alone) are the demo's:
-`ipa-fast demo --json runs/demo/demo.json`, reported in the repository README.
+`ipa-fast demo --tasks {task} --json runs/demo/demo.json`, reported in the repository README.
 
 Licence: derived from the embedded corpus (see `data/README.md`); content warning as for
 the base: outputs can be offensive.
