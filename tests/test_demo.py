@@ -201,3 +201,43 @@ def test_a_residual_adapter_has_the_base_as_its_untrained_row_and_its_trained_ne
     assert lex["ipa"]["score"] == pytest.approx(score(product))
     alone = TailoredLM(base, trained, tok, alpha=1.0)
     assert lex["adapter_only"]["score"] == pytest.approx(score(alone, base_weight=0.0))
+
+
+def test_demo_compose_decodes_every_shipped_adapter_at_once(home, tmp_path, monkeypatch, capsys):
+    """--compose: on each task with its own adapter, the other adapter with the base and all of them
+    at once; the composed row equals decoding the explicit K-expert product, and gain_kept is the
+    composed gain over the task adapter's gain."""
+    from ipa_fast.cli.demo import PROTOCOL
+    from ipa_fast.training.rewards import lexical_coverage
+    monkeypatch.setenv("IPA_FAST_HOME", str(home))
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--quick", "--prompts", "4", "--tasks", "lexical", "--compose", "--train-steps", "0",
+                 "--no-larger-base", "--out", str(tmp_path / "run"), "--json", str(out)]) == 0
+    lex = json.loads(out.read_text())["tasks"]["lexical"]
+    assert {"base", "ipa", "ipa_untrained", "adapter_only", "ipa_detox", "composed"} <= set(lex)
+    assert lex["composed"]["weights"] == {"lexical": 0.5, "detox": 0.5}
+    lm = TailoredLM.from_pretrained(str(home / "models/base"), str(home / "models/adapters/lexical"))
+    detox = TailoredLM.from_pretrained(str(home / "models/base"), str(home / "models/adapters/detox")).adapter
+    product = TailoredLM(lm.base, tokenizer=lm.tokenizer, experts=[lm.adapter, detox], weights=[0.5, 0.5])
+    rows = LEXICAL[:4]
+    gen = product.generate([r["prompt"] for r in rows], PROTOCOL["max_new_tokens"], top_p=PROTOCOL["top_p"],
+                           seed=PROTOCOL["seed"])
+    cov = lexical_coverage([r["prompt"] for r in rows], gen.texts, [r["concepts"] for r in rows])
+    assert lex["composed"]["score"] == pytest.approx(sum(cov) / len(cov))
+    gain = lex["ipa"]["score"] - lex["base"]["score"]
+    if gain:
+        assert lex["composed"]["gain_kept"] == pytest.approx((lex["composed"]["score"] - lex["base"]["score"]) / gain)
+        assert "composed keeps" in capsys.readouterr().out
+    else:
+        assert lex["composed"]["gain_kept"] is None
+
+
+def test_demo_compose_needs_two_shipped_adapters(home, tmp_path, monkeypatch, capsys):
+    import shutil
+    h = tmp_path / "h"
+    shutil.copytree(home, h)
+    shutil.rmtree(h / "models/adapters/detox")
+    monkeypatch.setenv("IPA_FAST_HOME", str(h))
+    assert main(["demo", "--quick", "--compose", "--out", str(tmp_path / "run")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--compose needs at least two shipped adapters" in err[0] and "lexical" in err[0]

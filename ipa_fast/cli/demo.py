@@ -53,7 +53,7 @@ def live_recipe(task: str, quick: bool = False) -> dict:
 DEMO_TASKS = ("lexical", "detox")
 LABELS = {"base": "base\nalone", "ipa": "base +\nIPA", "ipa_untrained": "base +\nuntrained",
           "adapter_only": "adapter\nalone", "adapter_init_only": "initial\nadapter",
-          "larger_base": "larger\nuntuned"}
+          "larger_base": "larger\nuntuned", "composed": "all adapters\ncomposed"}
 #: worked examples in the larger untuned model's prompt for a chat task (from its train split)
 LARGER_BASE_SHOTS = 2
 
@@ -78,6 +78,9 @@ def add_arguments(parser) -> None:
                         help=f"the tasks to evaluate (default: {' '.join(DEMO_TASKS)})")
     parser.add_argument("--live-task", choices=list(tasks.names()), default="lexical",
                         help="the task of the live training (default: lexical)")
+    parser.add_argument("--compose", action="store_true",
+                        help="also decode every shipped adapter at once (each at its shipped alpha) on each task "
+                             "that has one, beside each adapter alone: rows composed and ipa_<other task>")
     parser.add_argument("--no-larger-base", action="store_true",
                         help="skip the larger untuned model alone (Gemma 3 270M base), which is otherwise "
                              "evaluated when `ipa-fast setup --larger-base` has built it")
@@ -108,6 +111,14 @@ def validate(args) -> None:
     if missing:
         more = f" (and {len(missing) - 1} more missing asset(s))" if len(missing) > 1 else ""
         raise FileNotFoundError(f"the demo needs the embedded models and data: {missing[0]}{more}")
+    if getattr(args, "compose", False):
+        shipped = trained_adapters()
+        if len(shipped) < 2:
+            raise FileNotFoundError(f"--compose needs at least two shipped adapters in the cache, found "
+                                    f"{sorted(shipped) or 'none'} (`ipa-fast setup` builds them)")
+        if not set(shipped) & set(args.tasks):
+            raise ValueError(f"--compose: none of --tasks {args.tasks} has a shipped adapter "
+                             f"(shipped: {sorted(shipped)})")
 
 
 def trained_adapters(names=None) -> dict:
@@ -312,6 +323,16 @@ def load_pair(base, adapter_dir, tok):
     return TailoredLM.from_pretrained(base, str(adapter_dir), tokenizer=tok, dtype="float32")
 
 
+def load_composed(base, tok, paths: dict):
+    """``(lm, paths)``: one TailoredLM over the loaded ``base`` that decodes every adapter of
+    ``paths`` (``{task: adapter dir}``) at once, each at its stored alpha:
+    ``z = base + sum_i alpha_i * adapter_i`` (a residual adapter contributes its difference to its
+    initial weights)."""
+    from ipa_fast.decoding.tailored import TailoredLM
+
+    return TailoredLM.from_pretrained(base, [str(p) for p in paths.values()], tokenizer=tok, dtype="float32"), paths
+
+
 def adapter_alone(lm):
     """The TailoredLM whose row at base weight 0 and alpha 1 is the trained adapter's own
     next-token distribution: ``lm`` itself, or for a residual adapter (adapter - initial, no
@@ -325,10 +346,16 @@ def adapter_alone(lm):
 
 
 def run_task(task: str, rows: list[dict], init_lm, trained: Path | None, seeds: int = 1,
-             larger=None) -> tuple[dict, list[dict]]:
+             larger=None, composed=None) -> tuple[dict, list[dict]]:
     """Base alone, base + trained adapter, base + initial adapter (same alpha), adapter alone; and
     with ``larger`` (``(model, tokenizer)`` of :func:`load_larger_base`) the larger untuned model
-    alone, evaluated last."""
+    alone, evaluated last.
+
+    ``composed``: ``(lm, {task: adapter dir})``, every shipped adapter decoded at once
+    (:func:`load_composed`). On a task with its own adapter among them this adds each *other*
+    adapter alone with the base (row ``ipa_<other>``) and the composition (row ``composed``, with
+    ``gain_kept``: its gain over the base as a fraction of the task's own adapter's gain, and the
+    paired difference to that adapter, ``delta_vs_ipa_ci95``)."""
     import functools
     evaluate = functools.partial(evaluate_variant, task=task, rows=rows, seeds=seeds)
     variants = {"base": evaluate(init_lm, alpha=0.0)}
@@ -350,6 +377,14 @@ def run_task(task: str, rows: list[dict], init_lm, trained: Path | None, seeds: 
         variants["ipa_untrained"] = (dict(variants["base"], untrained_is_base=True) if starts_at_base
                                      else evaluate(init_lm, alpha=recipe.get("alpha", init_lm.alpha)))
         variants["adapter_init_only"] = evaluate(init_lm, alpha=1.0, base_weight=0.0)
+    if composed is not None and trained is not None and task in composed[1]:
+        composed_lm, paths = composed
+        for other, path in paths.items():
+            if other != task:
+                other_lm = load_pair(init_lm.base, path, init_lm.tokenizer)
+                variants[f"ipa_{other}"] = dict(evaluate(other_lm, alpha=other_lm.alpha), alpha=other_lm.alpha)
+        variants["composed"] = dict(evaluate(composed_lm, alpha=None),
+                                    weights=dict(zip(paths, map(float, composed_lm.weights))))
     if larger is not None:
         variants["larger_base"] = evaluate_larger_base(larger, task, rows, base_lm=init_lm, seeds=seeds)
     base_per = variants["base"]["per_prompt"]
@@ -359,6 +394,11 @@ def run_task(task: str, rows: list[dict], init_lm, trained: Path | None, seeds: 
     if "ipa" in variants:
         variants["ipa"]["delta_vs_untrained_ci95"] = mean_ci95(
             [a - b for a, b in zip(variants["ipa"]["per_prompt"], variants["ipa_untrained"]["per_prompt"])])
+    if "composed" in variants:
+        c, own = variants["composed"], variants["ipa"]
+        gain = own["score"] - variants["base"]["score"]
+        c["gain_kept"] = (c["score"] - variants["base"]["score"]) / gain if gain else None
+        c["delta_vs_ipa_ci95"] = mean_ci95([a - b for a, b in zip(c["per_prompt"], own["per_prompt"])])
     samples = [{"prompt": r["prompt"], **{k: v["texts"][i] for k, v in variants.items()}} for i, r in enumerate(rows[:3])]
     drop = ("per_prompt", "texts")
     return {k: {m: x for m, x in v.items() if m not in drop} for k, v in variants.items()}, samples
@@ -411,6 +451,11 @@ def print_table(results: dict) -> None:
             print(f"{task:8} {name:17} {m['score']:7.3f} [{lo:6.3f},{hi:6.3f}] {extra:>18} "
                   f"{m['perplexity']:11.2f} {m['distinct_2']:11.3f}")
         print(f"{'':8} score = {tasks.get(task).score_label}")
+        c = variants.get("composed")
+        if c is not None and c.get("gain_kept") is not None:
+            lo, hi = c["delta_vs_ipa_ci95"]
+            print(f"{'':8} composed keeps {100 * c['gain_kept']:.0f} % of the {task} adapter's gain over the base "
+                  f"(composed - {task} adapter alone: [{lo:+.3f}, {hi:+.3f}])")
 
 
 def plot(results: dict, live: dict | None, path: Path) -> None:
@@ -484,6 +529,11 @@ def run(args) -> dict:
                   f"({models['larger_base']['parameters'] / 1e6:.1f}M parameters) alone: one more row per task")
             larger = load_larger_base(larger_dir, next(base.parameters()).device)
     trained = trained_adapters(args.tasks)
+    composed = None
+    if getattr(args, "compose", False):
+        composed = load_composed(base, tok, trained_adapters())
+        print(f"[demo] composition: {' + '.join(f'{w:g} x {t}' for t, w in zip(composed[1], composed[0].weights))} "
+              f"adapters at once, on each task that has its own adapter")
     results, samples = {}, {}
     for task in args.tasks:
         rows = embedded.read_task(task, args.split)[:n_prompts]
@@ -492,7 +542,7 @@ def run(args) -> dict:
                 "the initial adapter alone")
         print(f"[demo] {task}: {what}, on {len(rows)} held-out {args.split} prompts x {args.seeds} seed(s)"
               + (" (content warning: outputs may be offensive)" if task == "detox" else ""), flush=True)
-        results[task], samples[task] = run_task(task, rows, init_lm, trained.get(task), args.seeds, larger)
+        results[task], samples[task] = run_task(task, rows, init_lm, trained.get(task), args.seeds, larger, composed)
     print_table(results)
     for task, rows in samples.items():
         print(f"\nSamples ({task}):")
