@@ -211,7 +211,8 @@ def test_demo_compose_decodes_every_shipped_adapter_at_once(home, tmp_path, monk
     from ipa_fast.training.rewards import lexical_coverage
     monkeypatch.setenv("IPA_FAST_HOME", str(home))
     out = tmp_path / "demo.json"
-    assert main(["demo", "--quick", "--prompts", "4", "--tasks", "lexical", "--compose", "--train-steps", "0",
+    assert main(["demo", "--quick", "--prompts", "4", "--tasks", "lexical", "--compose", "lexical", "detox",
+                 "--train-steps", "0",
                  "--no-larger-base", "--out", str(tmp_path / "run"), "--json", str(out)]) == 0
     lex = json.loads(out.read_text())["tasks"]["lexical"]
     assert {"base", "ipa", "ipa_untrained", "adapter_only", "ipa_detox", "composed"} <= set(lex)
@@ -232,12 +233,15 @@ def test_demo_compose_decodes_every_shipped_adapter_at_once(home, tmp_path, monk
         assert lex["composed"]["gain_kept"] is None
 
 
-def test_demo_compose_needs_two_shipped_adapters(home, tmp_path, monkeypatch, capsys):
+def test_demo_compose_needs_two_shipped_adapters_of_the_named_tasks(home, tmp_path, monkeypatch, capsys):
     import shutil
     h = tmp_path / "h"
     shutil.copytree(home, h)
     shutil.rmtree(h / "models/adapters/detox")
     monkeypatch.setenv("IPA_FAST_HOME", str(h))
-    assert main(["demo", "--quick", "--compose", "--out", str(tmp_path / "run")]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--compose needs at least two shipped adapters" in err[0] and "lexical" in err[0]
+    for compose, says in ((["lexical", "detox"], "no shipped adapter in the cache for ['detox']"),
+                          (["lexical", "lexical"], "two or more"),
+                          (["lexical", "grounded"], "no shipped adapter in the cache for ['grounded']")):
+        assert main(["demo", "--quick", "--compose", *compose, "--out", str(tmp_path / "run")]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err

@@ -15,6 +15,8 @@ held-out test prompts, with the fixed protocol of docs/DESIGN.md §6:
    untuned model alone (Gemma 3 270M base, :data:`ipa_fast.embedded.LARGER_BASE`: the paper's claim is
    that a tailored small model beats a larger untuned one), row ``larger_base``, prompted as an
    untuned LM can be (:func:`larger_base_prompts`) and scored like the others (:func:`evaluate_larger_base`);
+   with ``--compose T1 T2 ...``, those tasks' adapters decoded at once (rows ``composed`` and
+   ``ipa_<other task>``, with the share of each task adapter's gain the composition keeps);
 2. a short live IPA training from the initial adapter, with a progress bar, and the held-out
    reward before and after;
 3. a JSON summary (``--json``) and a PNG plot.
@@ -53,7 +55,7 @@ def live_recipe(task: str, quick: bool = False) -> dict:
 DEMO_TASKS = ("lexical", "detox")
 LABELS = {"base": "base\nalone", "ipa": "base +\nIPA", "ipa_untrained": "base +\nuntrained",
           "adapter_only": "adapter\nalone", "adapter_init_only": "initial\nadapter",
-          "larger_base": "larger\nuntuned", "composed": "all adapters\ncomposed"}
+          "larger_base": "larger\nuntuned", "composed": "adapters\ncomposed"}
 #: worked examples in the larger untuned model's prompt for a chat task (from its train split)
 LARGER_BASE_SHOTS = 2
 
@@ -78,9 +80,10 @@ def add_arguments(parser) -> None:
                         help=f"the tasks to evaluate (default: {' '.join(DEMO_TASKS)})")
     parser.add_argument("--live-task", choices=list(tasks.names()), default="lexical",
                         help="the task of the live training (default: lexical)")
-    parser.add_argument("--compose", action="store_true",
-                        help="also decode every shipped adapter at once (each at its shipped alpha) on each task "
-                             "that has one, beside each adapter alone: rows composed and ipa_<other task>")
+    parser.add_argument("--compose", nargs="+", choices=list(tasks.names()), default=None, metavar="TASK",
+                        help="also decode these tasks' shipped adapters at once (two or more, each at its shipped "
+                             "alpha) on each of them that is in --tasks, beside each adapter alone: rows composed "
+                             "and ipa_<other task>")
     parser.add_argument("--no-larger-base", action="store_true",
                         help="skip the larger untuned model alone (Gemma 3 270M base), which is otherwise "
                              "evaluated when `ipa-fast setup --larger-base` has built it")
@@ -111,14 +114,18 @@ def validate(args) -> None:
     if missing:
         more = f" (and {len(missing) - 1} more missing asset(s))" if len(missing) > 1 else ""
         raise FileNotFoundError(f"the demo needs the embedded models and data: {missing[0]}{more}")
-    if getattr(args, "compose", False):
-        shipped = trained_adapters()
-        if len(shipped) < 2:
-            raise FileNotFoundError(f"--compose needs at least two shipped adapters in the cache, found "
-                                    f"{sorted(shipped) or 'none'} (`ipa-fast setup` builds them)")
-        if not set(shipped) & set(args.tasks):
-            raise ValueError(f"--compose: none of --tasks {args.tasks} has a shipped adapter "
-                             f"(shipped: {sorted(shipped)})")
+    if getattr(args, "compose", None):
+        named = list(dict.fromkeys(args.compose))
+        if len(named) < 2:
+            raise ValueError(f"--compose needs two or more tasks' adapters, got {named}")
+        shipped = trained_adapters(named)
+        if len(shipped) < len(named):
+            raise FileNotFoundError(f"--compose: no shipped adapter in the cache for "
+                                    f"{sorted(set(named) - set(shipped))} (shipped: {sorted(trained_adapters())}; "
+                                    f"`ipa-fast setup` builds them)")
+        if not set(named) & set(args.tasks):
+            raise ValueError(f"--compose: none of {named} is in --tasks {args.tasks}: the composition is evaluated "
+                             f"on the tasks of its adapters")
 
 
 def trained_adapters(names=None) -> dict:
@@ -351,7 +358,7 @@ def run_task(task: str, rows: list[dict], init_lm, trained: Path | None, seeds: 
     with ``larger`` (``(model, tokenizer)`` of :func:`load_larger_base`) the larger untuned model
     alone, evaluated last.
 
-    ``composed``: ``(lm, {task: adapter dir})``, every shipped adapter decoded at once
+    ``composed``: ``(lm, {task: adapter dir})``, the ``--compose`` adapters decoded at once
     (:func:`load_composed`). On a task with its own adapter among them this adds each *other*
     adapter alone with the base (row ``ipa_<other>``) and the composition (row ``composed``, with
     ``gain_kept``: its gain over the base as a fraction of the task's own adapter's gain, and the
@@ -530,8 +537,8 @@ def run(args) -> dict:
             larger = load_larger_base(larger_dir, next(base.parameters()).device)
     trained = trained_adapters(args.tasks)
     composed = None
-    if getattr(args, "compose", False):
-        composed = load_composed(base, tok, trained_adapters())
+    if getattr(args, "compose", None):
+        composed = load_composed(base, tok, trained_adapters(list(dict.fromkeys(args.compose))))
         print(f"[demo] composition: {' + '.join(f'{w:g} x {t}' for t, w in zip(composed[1], composed[0].weights))} "
               f"adapters at once, on each task that has its own adapter")
     results, samples = {}, {}
