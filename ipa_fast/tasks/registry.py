@@ -118,7 +118,12 @@ _TASKS = (
         # The lexical recipe's shape: a residual adapter (the untrained policy is the base), 30
         # tailored-NLL warm-start steps on the best of 4 base samples of the 195 train prompts
         # (of a seeded 384) whose best sample reaches reward 0.25 (data/tasks/open/warmstart.jsonl,
-        # field "best"; base mean 0.156, best-of-4 0.335), then PPO on those prompts.
+        # field "best"; base mean 0.156, best-of-4 0.335), then PPO on those prompts. TRIED, NO GAIN
+        # (so no adapter is shipped): 48 validation prompts at alpha 1, quality 0.138 -> 0.105 after
+        # the warm start (step 15) -> 0.107 (30) -> 0.187 after 15 PPO steps (45), with distinct-2
+        # 0.93 -> 0.81 and MAUVE 0.76 -> 0.44; on 100 validation prompts (scripts/sweep_alpha.py,
+        # one seed) 0.149 (base) / 0.142 / 0.115 at alpha 0 / 0.5 / 1, distinct-2 0.914 / 0.858 /
+        # 0.798: PPO's gain on its 195 training prompts did not carry over to held-out ones.
         recipe=dict(algo="ppo", alpha=1.0, residual=True, train_split="warmstart", sft_steps=30, sft_field="best",
                     sft_lr=1e-4, reference="initial", steps=45, batch_size=16, minibatch_size=8, ppo_epochs=2,
                     lr=5e-5, kl_coef=0.05, min_new_tokens=16, eval_every=15, eval_size=48, checkpoint_every=15,
