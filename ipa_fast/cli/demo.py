@@ -465,6 +465,13 @@ def print_table(results: dict) -> None:
                   f"(composed - {task} adapter alone: [{lo:+.3f}, {hi:+.3f}])")
 
 
+def label(variant: str) -> str:
+    """A variant's bar label: LABELS, or "base + <task> adapter" for another task's adapter (--compose)."""
+    if variant in LABELS:
+        return LABELS[variant]
+    return f"base +\n{variant[4:]}\nadapter" if variant.startswith("ipa_") else variant
+
+
 def plot(results: dict, live: dict | None, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -474,14 +481,14 @@ def plot(results: dict, live: dict | None, path: Path) -> None:
     fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.4), squeeze=False)
     axes = list(axes[0])  # one task and no live run is one panel
     colors = {"base": "#999", "ipa": "#1f77b4", "ipa_untrained": "#aec7e8", "adapter_only": "#ff7f0e",
-              "adapter_init_only": "#ffbb78", "larger_base": "#9467bd"}
+              "adapter_init_only": "#ffbb78", "larger_base": "#9467bd", "composed": "#2ca02c"}
     for ax, (task, variants) in zip(axes, results.items()):
         names = list(variants)
         scores = [variants[k]["score"] for k in names]
         err = [[s - variants[k]["score_ci95"][0] for s, k in zip(scores, names)],
                [variants[k]["score_ci95"][1] - s for s, k in zip(scores, names)]]
-        bars = ax.bar([LABELS.get(k, k) for k in names], scores, yerr=err, capsize=3,
-                      color=[colors.get(k, "#777") for k in names])
+        bars = ax.bar([label(k) for k in names], scores, yerr=err, capsize=3,
+                      color=[colors.get(k, "#c5b0d5" if k.startswith("ipa_") else "#777") for k in names])
         for bar, k in zip(bars, names):  # the score alone can hide degenerate text: show fluency and diversity
             ax.annotate(f"ppl {variants[k]['perplexity']:.3g}\ndist-2 {variants[k]['distinct_2']:.2f}",
                         (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
