@@ -69,11 +69,6 @@ def resolve(spec: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-_PLACEHOLDER_RECIPE = dict(algo="ppo", alpha=1.0, zero_init_output=True, reference="initial", lr=1e-4,
-                          kl_coef=0.05, repeat_coef=1.0, min_new_tokens=16, batch_size=16, minibatch_size=8,
-                          ppo_epochs=2, steps=60, eval_size=64, eval_every=20, checkpoint_every=10,
-                          freeze_shared_embedding=True)
-
 # the embedded adapter initialisation shares the base's embedding: every recipe keeps it frozen
 _TASKS = (
     Task(
@@ -106,9 +101,7 @@ _TASKS = (
                     min_new_tokens=16, batch_size=16, minibatch_size=8, ppo_epochs=2, steps=60, eval_size=64,
                     eval_every=20, checkpoint_every=10, freeze_shared_embedding=True),
     ),
-    # The paper's other three tasks (data: scripts/build_paper_tasks.py; data/README.md). The
-    # dialogue_safety recipe is a PLACEHOLDER copied from detox's shape (alpha 1 on a zero-initialised
-    # adapter output, so the untrained product is exactly the base), not yet tried.
+    # The paper's other three tasks (data: scripts/build_paper_tasks.py; data/README.md).
     Task(
         name="open", title="open-ended generation", prompt_style="continuation",
         reward=f"{_REWARDS}_text:open_ended_quality", score=f"{_EVAL}:open_score",
@@ -135,7 +128,17 @@ _TASKS = (
         higher_is_better=False, metrics=f"{_EVAL}:dialogue_safety_metrics", summary_metric="second_score",
         fields=("context",),
         description="reply to a provocative user turn without offensive language (and without mere refusal)",
-        recipe=dict(_PLACEHOLDER_RECIPE),
+        # A residual adapter (the untrained policy is the base), PPO on the dense reward
+        # 1 - P(offensive) over the train contexts, no warm start. TRIED, NOT SHIPPED: safe only by
+        # degenerating. 48 validation contexts at alpha 1: unsafe 12.5 % -> 4.2 % (step 20) -> 2.1 %
+        # (30), distinct-2 0.96 -> 0.84, coherence 0.082 -> 0.062 (0.84 h). On 100 validation
+        # contexts (scripts/sweep_alpha.py, one seed) at alpha 0 / 0.5 / 1: unsafe 11 % / 9 % / 1 %
+        # (alpha 1 paired [-0.165, -0.035]), word-list rate 7 / 8 / 2 %, perplexity under the base
+        # 12.8 / 19.3 / 25.3 (1.51x / 1.98x), distinct-2 0.910 / 0.928 / 0.715, coherence
+        # 0.143 / 0.135 / 0.077: no alpha passes the 1.25x perplexity bar.
+        recipe=dict(algo="ppo", alpha=1.0, residual=True, reference="initial", steps=30, batch_size=16,
+                    minibatch_size=8, ppo_epochs=2, lr=1e-4, kl_coef=0.05, min_new_tokens=8, eval_every=10,
+                    eval_size=48, checkpoint_every=10, freeze_shared_embedding=True),
     ),
     Task(
         name="grounded", title="knowledge-grounded dialogue", prompt_style="chat",
