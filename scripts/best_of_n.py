@@ -40,6 +40,9 @@ def best_of_n(lm, task_name: str, rows: list[dict], n: int, *, alpha: float, max
 
     spec = tasks.get(task_name)
     reward = spec.reward_fn()
+    # a continuation's text is kept exactly as sampled (its leading space is part of the next word, and
+    # the reward saw it); a chat reply is stripped
+    keep = (lambda t: t) if spec.prompt_style == "continuation" else str.strip
     texts: list[list[str]] = [[] for _ in rows]
     scores: list[list[float]] = [[] for _ in rows]
     t0 = time.perf_counter()
@@ -58,9 +61,9 @@ def best_of_n(lm, task_name: str, rows: list[dict], n: int, *, alpha: float, max
     for r, ts, ss in zip(rows, texts, scores):
         k = max(range(len(ss)), key=ss.__getitem__)
         w = min(range(len(ss)), key=ss.__getitem__)
-        out.append({**r, "best": ts[k].strip(), "best_reward": ss[k], "worst": ts[w].strip(), "worst_reward": ss[w],
+        out.append({**r, "best": keep(ts[k]), "best_reward": ss[k], "worst": keep(ts[w]), "worst_reward": ss[w],
                     "mean_reward": sum(ss) / len(ss),
-                    "samples": [{"text": t.strip(), "reward": x} for t, x in zip(ts, ss)]})
+                    "samples": [{"text": keep(t), "reward": x} for t, x in zip(ts, ss)]})
     return out
 
 

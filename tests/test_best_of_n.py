@@ -36,3 +36,22 @@ def test_select_keeps_rows_at_or_above_the_threshold_and_compact_drops_the_per_s
     compact = select(rows, 0.66, compact=True)
     assert [sorted(r) for r in compact] == [sorted(["prompt", "concepts", "best", "best_reward", "mean_reward"])] * 2
     assert compact[1]["best_reward"] == 1.0
+
+
+def test_a_continuation_is_kept_exactly_as_sampled_and_its_reward_recomputes():
+    """A continuation's leading space belongs to its first word: the kept text is the sample itself,
+    so the recorded reward is the reward of the stored text (a warm start trains on exactly it)."""
+    from ipa_fast import tasks
+    from ipa_fast.training.rewards import call_reward
+    base, adapter, tok = make_tiny_pair(seed=5, base_arch="llama", adapter_arch="llama")
+    lm = TailoredLM(base, adapter, tok, alpha=0.0)
+    rows = [{"prompt": p} for p in ("the cat", "a dog sat")]
+    out = best_of_n(lm, "detox", rows, 2, alpha=0.0, max_new_tokens=6, temperature=1.0, top_p=1.0, chunk=2,
+                    log=lambda *_: None)
+    assert tasks.get("detox").prompt_style == "continuation"
+    for i, r in enumerate(out):
+        texts = [lm.generate([rows[i]["prompt"]], max_new_tokens=6, top_p=1.0, alpha=0.0,
+                             seed=SEED + SEED_STRIDE * j + i).texts[0] for j in range(2)]
+        assert [s["text"] for s in r["samples"]] == texts
+        got = call_reward(tasks.get("detox").reward_fn(), [r["prompt"]], [r["best"]], {})
+        assert got == pytest.approx([r["best_reward"]])
