@@ -116,7 +116,10 @@ _TASKS = (
         # the warm start (step 15) -> 0.107 (30) -> 0.187 after 15 PPO steps (45), with distinct-2
         # 0.93 -> 0.81 and MAUVE 0.76 -> 0.44; on 100 validation prompts (scripts/sweep_alpha.py,
         # one seed) 0.149 (base) / 0.142 / 0.115 at alpha 0 / 0.5 / 1, distinct-2 0.914 / 0.858 /
-        # 0.798: PPO's gain on its 195 training prompts did not carry over to held-out ones.
+        # 0.798: PPO's gain on its 195 training prompts did not carry over to held-out ones. That run's
+        # warm-start targets had lost their leading whitespace (scripts/best_of_n.py stripped every
+        # sample, gluing a continuation's first word to the prompt's last); the file now keeps
+        # continuations as sampled, and the recipe has not been re-run on it.
         recipe=dict(algo="ppo", alpha=1.0, residual=True, train_split="warmstart", sft_steps=30, sft_field="best",
                     sft_lr=1e-4, reference="initial", steps=45, batch_size=16, minibatch_size=8, ppo_epochs=2,
                     lr=5e-5, kl_coef=0.05, min_new_tokens=16, eval_every=15, eval_size=48, checkpoint_every=15,
