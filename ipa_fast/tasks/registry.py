@@ -134,7 +134,7 @@ _TASKS = (
         # A residual adapter (the untrained policy is the base), PPO on the dense reward
         # 1 - P(offensive) over the train contexts, no warm start. TRIED, NOT SHIPPED: safe only by
         # degenerating. 48 validation contexts at alpha 1: unsafe 12.5 % -> 4.2 % (step 20) -> 2.1 %
-        # (30), distinct-2 0.96 -> 0.84, coherence 0.082 -> 0.062 (0.84 h). On 100 validation
+        # (30), distinct-2 0.96 -> 0.84, coherence 0.082 -> 0.062 (0.46 h). On 100 validation
         # contexts (scripts/sweep_alpha.py, one seed) at alpha 0 / 0.5 / 1: unsafe 11 % / 9 % / 1 %
         # (alpha 1 paired [-0.165, -0.035]), word-list rate 7 / 8 / 2 %, perplexity under the base
         # 12.8 / 19.3 / 25.3 (1.51x / 1.98x), distinct-2 0.910 / 0.928 / 0.715, coherence
