@@ -113,6 +113,25 @@ def test_a_saved_residual_adapter_loads_back_and_decodes_as_the_two_expert_compo
     assert isinstance(proc.adapter, ResidualAdapter) and proc.alpha == ALPHA
 
 
+def test_composed_residual_adapters_share_one_initial_copy_and_decode_as_the_explicit_product(tmp_path):
+    """Two residual adapters of the same initial weights load that network once (one frozen module,
+    each residual keeping its own cache) and decode as base + a1 (t1 - init) + a2 (t2 - init)."""
+    import shutil
+    base, tok, d, cfg, summary = trained_run(tmp_path)
+    out = tmp_path / "run" / "adapter"
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    lm = TailoredLM.from_pretrained(base, [str(out), str(other)], alpha=[ALPHA, 0.3])
+    a, b = lm.experts
+    assert isinstance(a, ResidualAdapter) and isinstance(b, ResidualAdapter)
+    assert a.initial is b.initial and a.trained is not b.trained
+    t1, t2, init = (copy.deepcopy(m) for m in (a.trained, b.trained, a.initial))
+    explicit = TailoredLM(base, tokenizer=tok, experts=[t1, init, t2, init],
+                          weights=[ALPHA, -ALPHA, 0.3, -0.3])
+    kw = dict(max_new_tokens=6, seed=3, top_p=0.9, backend="reference")
+    assert lm.generate(PROMPTS[:4], **kw).token_ids == explicit.generate(PROMPTS[:4], **kw).token_ids
+
+
 def test_changed_or_missing_initial_weights_are_refused_in_one_line(tmp_path):
     base, tok, d, cfg, summary = trained_run(tmp_path)
     out = tmp_path / "run" / "adapter"

@@ -550,9 +550,17 @@ class TailoredLM:
 
         def load_adapters():
             """Each adapter; a residual one (ipa_adapter.json: residual_of) wrapped with its initial
-            weights, loaded the same way (ipa_fast.decoding.residual)."""
+            weights, loaded the same way (ipa_fast.decoding.residual). Residual adapters of the same
+            initial weights share one frozen copy of them (each keeps its own cache)."""
             from ipa_fast.decoding.residual import wrap_if_residual
-            return [wrap_if_residual(load_adapter(p), m, p, load_adapter) for p, m in zip(paths, metas)]
+            initial = {}
+
+            def load_initial(path):
+                key = str(Path(path).resolve())
+                if key not in initial:
+                    initial[key] = load_adapter(path)
+                return initial[key]
+            return [wrap_if_residual(load_adapter(p), m, p, load_initial) for p, m in zip(paths, metas)]
 
         if api_base or loaded_base:
             base = base_name_or_path
