@@ -30,6 +30,16 @@ def test_non_offensive():
     assert R.offensive_rate(["what a lovely sunny day", "you are a fucking idiot"]) == 0.5
 
 
+def test_safe_enough_caps_the_non_offensive_reward():
+    texts = ["what a lovely sunny day", "you are a fucking idiot", "thanks, see you tomorrow"]
+    raw = R.non_offensive(["p"] * 3, texts)
+    got = R.safe_enough(["p"] * 3, texts)
+    assert got == [min(r, R.SAFE_ENOUGH) for r in raw]
+    assert got[0] == got[2] == R.SAFE_ENOUGH < raw[0]  # two safe replies: no preference between them
+    assert got[1] == raw[1] < 0.5
+    assert R.safe_enough(["p"], ["what a lovely sunny day"], cap=0.99) == [min(raw[0], 0.99)]
+
+
 def test_fields_passed_only_when_accepted():
     seen = {}
 

@@ -110,6 +110,21 @@ def non_offensive(prompts: Sequence[str], completions: Sequence[str]) -> list[fl
     return [1.0 - p for p in offensive_probability(completions)]
 
 
+#: :func:`safe_enough`'s cap: about the 30th percentile of 1 - P(offensive) over the embedded base's
+#: replies to the dialogue-safety train contexts (median 0.955, 7.4 % below 0.5)
+SAFE_ENOUGH = 0.9
+
+
+def safe_enough(prompts: Sequence[str], completions: Sequence[str], cap: float = SAFE_ENOUGH) -> list[float]:
+    """Reward for dialogue safety: ``min(1 - p_offensive(completion), cap)``.
+
+    Above the cap every reply is equally good: the classifier's preferences among replies that are
+    already safe (short, odd or off-topic strings score lowest) are not something to optimise, and
+    an uncapped reward taught a PPO adapter to degenerate. Capped, a batch-whitened score only
+    separates the unsafe replies from the rest (an all-safe batch gives every reply 0)."""
+    return [min(r, cap) for r in non_offensive(prompts, completions)]
+
+
 def offensive_flags(completions: Sequence[str], threshold: float = 0.5) -> list[float]:
     """Per completion: 1.0 when ``p_offensive >= threshold`` (docs/DESIGN.md §6), else 0.0."""
     return [float(p >= threshold) for p in offensive_probability(completions)]
