@@ -175,3 +175,25 @@ def test_the_embedded_initialisation_is_recorded_by_name_and_found_through_the_c
     assert initial_directory({"residual_of": rec}, "adapter") == cache_b
     other = residual_record(cache_a)  # no longer the embedded one: a plain directory, by path
     assert other["embedded"] is False and other["name"] == str(cache_a.resolve())
+
+
+def test_an_adapter_directory_without_its_shared_tensors_is_refused_in_one_line(tmp_path):
+    """A shipped adapter's own directory leaves out the embedding it shares with the base
+    (``shared_with_base``); loaded as is, transformers would initialise that tensor at random."""
+    from safetensors.torch import load_file, save_file
+    base, adapter, tok = models()
+    d = saved_initial(tmp_path, adapter, tok)
+    TailoredLM.from_pretrained(base, str(d))  # complete: loads
+    (weights,) = d.glob("*.safetensors")
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    meta = json.loads((d / "ipa_adapter.json").read_text())
+    meta["shared_with_base"] = {name: "0" * 64}
+    (d / "ipa_adapter.json").write_text(json.dumps(meta))
+    TailoredLM.from_pretrained(base, str(d))  # still complete: the named tensor is there
+    save_file({k: v for k, v in tensors.items() if k != name}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="holds only its own layers") as e:
+        TailoredLM.from_pretrained(base, str(d))
+    assert name in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="holds only its own layers"):
+        TailoredLogitsProcessor.from_pretrained(str(d))

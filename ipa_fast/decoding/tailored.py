@@ -1261,4 +1261,26 @@ def load_adapter_metadata(directory) -> dict | None:
     meta = json.loads(f.read_text())
     if meta.get("format") != "ipa_fast.adapter":
         raise ValueError(f"{f} is not an ipa_fast adapter metadata file")
+    _check_shared_tensors(Path(str(directory)), meta)
     return meta
+
+
+def _check_shared_tensors(directory: Path, meta: dict) -> None:
+    """A shipped adapter's own directory (``models/adapters/<task>``) leaves out the tensors it
+    shares with the base (``shared_with_base``); transformers would load it with those tensors
+    freshly initialised, so it is refused in one line that names the assembled copy."""
+    shared = meta.get("shared_with_base") or {}
+    files = sorted(directory.glob("*.safetensors"))
+    if not shared or not files:
+        return
+    from safetensors import safe_open
+
+    names = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            names.update(fh.keys())
+    missing = sorted(set(shared) - names)
+    if missing:
+        raise ValueError(f"adapter {directory} holds only its own layers ({missing[0]} is shared with the base and "
+                         f"not in its weight files): load the copy `ipa-fast setup` assembles, "
+                         f"ipa_fast.embedded.adapter_path(task) for a shipped adapter")
