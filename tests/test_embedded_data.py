@@ -79,7 +79,7 @@ def test_lexical_test_never_from_training_text():
 #: the shipped warm-start files (data/README.md's commands): rows kept of a seeded 384, the
 #: minimum best-of-4 reward they were kept at, and how many rows the reward is recomputed on (open's
 #: reward runs the base: the first 32)
-WARMSTART = {"lexical": (281, 0.66, 281), "open": (195, 0.25, 32), "dialogue_safety": (383, 0.5, 32)}
+WARMSTART = {"lexical": (281, 0.66, 281), "open": (195, 0.25, 32)}
 
 
 @pytest.mark.parametrize("task", sorted(WARMSTART))
