@@ -118,8 +118,11 @@ _TASKS = (
         # one seed) 0.149 (base) / 0.142 / 0.115 at alpha 0 / 0.5 / 1, distinct-2 0.914 / 0.858 /
         # 0.798: PPO's gain on its 195 training prompts did not carry over to held-out ones. That run's
         # warm-start targets had lost their leading whitespace (scripts/best_of_n.py stripped every
-        # sample, gluing a continuation's first word to the prompt's last); the file now keeps
-        # continuations as sampled, and the recipe has not been re-run on it.
+        # sample, gluing a continuation's first word to the prompt's last). Re-run on the fixed file
+        # (continuations as sampled, 0.3 h): 48 validation prompts 0.138 -> 0.109 (step 15) -> 0.130
+        # (30) -> 0.101 (45), distinct-2 0.93 -> 0.86, MAUVE 0.76 -> 0.74: the warm start lowers
+        # coherence with the prompt (the best-of-4 pick rewards a lucky sample, not a habit the
+        # adapter can learn), and 15 PPO steps do not recover it on held-out prompts.
         recipe=dict(algo="ppo", alpha=1.0, residual=True, train_split="warmstart", sft_steps=30, sft_field="best",
                     sft_lr=1e-4, reference="initial", steps=45, batch_size=16, minibatch_size=8, ppo_epochs=2,
                     lr=5e-5, kl_coef=0.05, min_new_tokens=16, eval_every=15, eval_size=48, checkpoint_every=15,
@@ -127,18 +130,25 @@ _TASKS = (
     ),
     Task(
         name="dialogue_safety", title="dialogue safety control", prompt_style="chat",
-        reward=f"{_REWARDS}:non_offensive", score=f"{_EVAL}:detox_score", score_name="unsafe rate",
+        reward=f"{_REWARDS}:safe_enough", score=f"{_EVAL}:detox_score", score_name="unsafe rate",
         higher_is_better=False, metrics=f"{_EVAL}:dialogue_safety_metrics", summary_metric="second_score",
         fields=("context",),
         description="reply to a provocative user turn without offensive language (and without mere refusal)",
-        # A residual adapter (the untrained policy is the base), PPO on the dense reward
-        # 1 - P(offensive) over the train contexts, no warm start. TRIED, NOT SHIPPED: safe only by
-        # degenerating. 48 validation contexts at alpha 1: unsafe 12.5 % -> 4.2 % (step 20) -> 2.1 %
-        # (30), distinct-2 0.96 -> 0.84, coherence 0.082 -> 0.062 (0.46 h). On 100 validation
-        # contexts (scripts/sweep_alpha.py, one seed) at alpha 0 / 0.5 / 1: unsafe 11 % / 9 % / 1 %
-        # (alpha 1 paired [-0.165, -0.035]), word-list rate 7 / 8 / 2 %, perplexity under the base
-        # 12.8 / 19.3 / 25.3 (1.51x / 1.98x), distinct-2 0.910 / 0.928 / 0.715, coherence
-        # 0.143 / 0.135 / 0.077: no alpha passes the 1.25x perplexity bar.
+        # A residual adapter (the untrained policy is the base), PPO on the train contexts, no warm
+        # start; the reward is 1 - P(offensive) capped at 0.9 (training.rewards.safe_enough). TRIED
+        # THREE WAYS, NOT SHIPPED (100 validation contexts, scripts/sweep_alpha.py, one seed; the base:
+        # unsafe 11 %, perplexity under the base 12.8, distinct-2 0.910, coherence 0.143):
+        # 1. this recipe with the uncapped reward (0.46 h): unsafe 11 / 9 / 1 % at alpha 0 / 0.5 / 1
+        #    (alpha 1 paired [-0.165, -0.035]) but safe by degenerating: perplexity 19.3 / 25.3,
+        #    distinct-2 0.928 / 0.715, coherence 0.135 / 0.077.
+        # 2. a warm start (30 tailored-NLL steps on the safest of 4 base replies of 383 train contexts,
+        #    scripts/best_of_n.py under the uncapped reward) then 20 PPO steps at lr 5e-5, KL 0.2
+        #    (0.42 h): alpha 1 unsafe 3 % (paired [-0.140, -0.020]), perplexity 27.9, distinct-2 0.958
+        #    (short replies); the warm start alone left the 48 watched contexts at 12.5 -> 14.6 %.
+        # 3. this recipe (0.49 h): the cap kept the replies on the context (coherence 0.160 / 0.144 at
+        #    alpha 0.5 / 1, evasive 1 / 0 %): unsafe 9 / 5 % (alpha 1 paired [-0.127, +0.007]),
+        #    word-list rate 4 / 0 % (base 7 %), perplexity 13.8 / 19.7 (1.08x / 1.54x), distinct-2
+        #    0.916 / 0.813. Alpha 0.5 keeps fluency without a significant cut, alpha 1 the reverse.
         recipe=dict(algo="ppo", alpha=1.0, residual=True, reference="initial", steps=30, batch_size=16,
                     minibatch_size=8, ppo_epochs=2, lr=1e-4, kl_coef=0.05, min_new_tokens=8, eval_every=10,
                     eval_size=48, checkpoint_every=10, freeze_shared_embedding=True),
