@@ -119,7 +119,7 @@ def safe_enough(prompts: Sequence[str], completions: Sequence[str], cap: float =
     """Reward for dialogue safety: ``min(1 - p_offensive(completion), cap)``.
 
     Above the cap every reply is equally good: the classifier's preferences among replies that are
-    already safe (short, odd or off-topic strings score lowest) are not something to optimise, and
+    already safe (short, odd or off-topic strings get the lowest P) are not something to optimise, and
     an uncapped reward taught a PPO adapter to degenerate. Capped, a batch-whitened score only
     separates the unsafe replies from the rest (an all-safe batch gives every reply 0)."""
     return [min(r, cap) for r in non_offensive(prompts, completions)]
