@@ -397,7 +397,8 @@ def assemble_adapter(shipped: Path, final: Path, base_dir: Path) -> Path:
             if not (tmp / f).exists() and (base_dir / f).exists():
                 shutil.copy2(base_dir / f, tmp / f)
         (tmp / STAMP).write_text(json.dumps({"assembled_from": str(shipped),
-                                             "shipped_sha256": sha256_file(shipped / "model.safetensors")},
+                                             "shipped_sha256": sha256_file(shipped / "model.safetensors"),
+                                             "shipped_files": shipped_files(shipped)},
                                             indent=2) + "\n")
         _publish(tmp, final)
     except BaseException:
@@ -451,7 +452,14 @@ def write_models_manifest(models_dir: str | Path) -> dict:
     return manifest
 
 
+def shipped_files(shipped: Path) -> dict[str, str]:
+    """The sha256 of every file of a shipped adapter directory, by name (the assembled copy's stamp)."""
+    return {f.name: sha256_file(f) for f in sorted(shipped.iterdir()) if f.is_file()}
+
+
 def _stale(final: Path, shipped: Path) -> bool:
+    """Whether the assembled copy must be rebuilt: no stamp, or any shipped file changed since (a new
+    alpha in ipa_adapter.json as much as new weights)."""
     stamp = final / STAMP
     if not stamp.is_file():
         return True
@@ -459,7 +467,7 @@ def _stale(final: Path, shipped: Path) -> bool:
         rec = json.loads(stamp.read_text())
     except ValueError:
         return True
-    return rec.get("shipped_sha256") != sha256_file(shipped / "model.safetensors")
+    return rec.get("shipped_files") != shipped_files(shipped)
 
 
 def setup(verbose: bool = True, larger_base: bool = False) -> dict:

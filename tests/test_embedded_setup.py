@@ -113,6 +113,20 @@ def test_shared_embedding_round_trip(tmp_path):
     assert json.loads((final / "ipa_adapter.json").read_text())["alpha"] == 0.5
 
 
+def test_an_assembled_copy_is_stale_when_any_shipped_file_changes(tmp_path):
+    """A re-shipped alpha (ipa_adapter.json only, same weights) must reach the cache on the next setup."""
+    _, _, base_dir, shipped, shared = _shipped_pair(tmp_path)
+    final = embedded.assemble_adapter(shipped, tmp_path / "assembled", base_dir)
+    assert not embedded._stale(final, shipped)
+    (shipped / "ipa_adapter.json").write_text(json.dumps({"alpha": 0.7, "shared_with_base": shared}))
+    assert embedded._stale(final, shipped)
+    final = embedded.assemble_adapter(shipped, final, base_dir)
+    assert not embedded._stale(final, shipped)
+    assert json.loads((final / "ipa_adapter.json").read_text())["alpha"] == 0.7
+    (shipped / "MODEL_CARD.md").write_text("card")
+    assert embedded._stale(final, shipped)
+
+
 def test_assemble_refuses_another_base(tmp_path):
     base, _, base_dir, shipped, _ = _shipped_pair(tmp_path)
     other = _tied_llama(base.config.vocab_size, 7, 3)
