@@ -129,7 +129,26 @@ def test_composed_residual_adapters_share_one_initial_copy_and_decode_as_the_exp
     explicit = TailoredLM(base, tokenizer=tok, experts=[t1, init, t2, init],
                           weights=[ALPHA, -ALPHA, 0.3, -0.3])
     kw = dict(max_new_tokens=6, seed=3, top_p=0.9, backend="reference")
-    assert lm.generate(PROMPTS[:4], **kw).token_ids == explicit.generate(PROMPTS[:4], **kw).token_ids
+    calls = []
+    hook = a.initial.register_forward_hook(lambda *args: calls.append(1))
+    got = lm.generate(PROMPTS[:4], **kw)
+    hook.remove()
+    want = explicit.generate(PROMPTS[:4], **kw)
+    assert got.token_ids == want.token_ids
+    for g, w in zip(got.logprobs, want.logprobs):
+        assert g == pytest.approx(w, abs=1e-5)
+    # the shared initial network runs once per step (prefill + 5 steps), at weight -(a1 + a2): the
+    # same mix as base + a1 t1 + a2 t2 - (a1 + a2) init, computed in that order
+    assert len(calls) == kw["max_new_tokens"]
+    merged = TailoredLM(base, tokenizer=tok, experts=[t1, t2, init], weights=[ALPHA, 0.3, -(ALPHA + 0.3)])
+    again = merged.generate(PROMPTS[:4], **kw)
+    assert got.token_ids == again.token_ids and got.logprobs == again.logprobs
+    # asked for the adapter's own log-probs, the first residual is kept whole (its initial runs per adapter)
+    calls.clear()
+    hook = a.initial.register_forward_hook(lambda *args: calls.append(1))
+    lm.generate(PROMPTS[:4], output_adapter_logprobs=True, **kw)
+    hook.remove()
+    assert len(calls) == 2 * kw["max_new_tokens"]
 
 
 def test_changed_or_missing_initial_weights_are_refused_in_one_line(tmp_path):

@@ -73,6 +73,9 @@ CASES = {  # name: (experts, weights, generate kwargs)
     "residual": ([("trained", "initial")], [0.8], dict(temperature=2.5, top_p=0.95, seed=9)),
     "three": (["adapter", "gpt2", ("trained", "initial")], [0.5, -0.4, 1.2],
               dict(temperature=3.0, min_p=0.05, seed=7)),
+    # two residual adapters of one initial network: it runs once, at weight -(0.8 + 0.5)
+    "two-residuals": ([("trained", "initial"), ("adapter", "initial")], [0.8, 0.5],
+                      dict(temperature=2.5, top_p=0.95, seed=4)),
     "masks": (["adapter"], [0.6], dict(temperature=3.0, min_new_tokens=4, bad_words_ids=[[10], [40, 41]],
                                        repetition_penalty=1.3, seed=3)),
 }
@@ -189,14 +192,17 @@ def test_a_head_changed_in_place_is_seen(family):
                                           temperature=2.0))
 
 
-@pytest.mark.parametrize("names", [["adapter"], [("trained", "initial")]], ids=["adapter", "residual"])
+@pytest.mark.parametrize("names", [["adapter"], [("trained", "initial")],
+                                   [("trained", "initial"), ("adapter", "initial")]],
+                         ids=["adapter", "residual", "two-residuals"])
 def test_compiled_step_takes_the_shared_head_path(family, names):
     from tests.test_decoding_compiled import Counting, assert_same
 
     torch._dynamo.reset()
     try:
         tok, base, models, ref_models = build(family, names)
-        lm = TailoredLM(base, experts=models, weights=[0.8], tokenizer=tok)
+        weights = [0.8, 0.5][:len(names)]
+        lm = TailoredLM(base, experts=models, weights=weights, tokenizer=tok)
         backend = Counting()
         assert lm._shared_head() is not None  # (its probe calls the heads once)
         calls = HeadCalls(base, *ref_models)
@@ -208,7 +214,7 @@ def test_compiled_step_takes_the_shared_head_path(family, names):
             calls.close()
         assert calls.n == 0 and backend.graphs == 1
         assert_same(eager, compiled)
-        assert_matches(compiled, *reference_decode(base, ref_models, ref_weights(names, [0.8]), tok, PROMPTS, 8,
+        assert_matches(compiled, *reference_decode(base, ref_models, ref_weights(names, weights), tok, PROMPTS, 8,
                                                    seed=[6, 7, 8], temperature=2.0, top_p=0.9))
     finally:
         torch._dynamo.reset()

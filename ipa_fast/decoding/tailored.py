@@ -871,6 +871,9 @@ class TailoredLM:
 
         # Prefill: the base sees the prompt, each expert its prefix + the prompt.
         head = None if output_adapter_logprobs or self.base_top_k else self._shared_head(experts)
+        # (asked of the experts as given: the merge below runs the same networks)
+        if not output_adapter_logprobs:  # residual adapters of one initial network: it runs once
+            experts, prefixes, w = _merge_shared_initials(experts, prefixes, w, nb)
         hidden = head is not None  # every model returns its last hidden state; one head product per step
         if compile_backend is not None:
             lms = ([] if base_weight == 0 else
@@ -1069,6 +1072,33 @@ def _draw(zs, mask, seen, *, w, w_masked, w_one, seeds, knobs, first, penalty, o
     else:
         s = sample_experts(zs, w, seed=seeds, offset=offset, **knobs)
     return s.tokens, s.logprobs, None if first is None else _gather_log_softmax(zs[first], s.tokens)
+
+
+def _merge_shared_initials(experts, prefixes, w, nb):
+    """``(experts, prefixes, w)`` with the residual adapters that share one initial network (the
+    same module object, loaded once by ``from_pretrained``) and see the same prefixes split into
+    their trained networks and that initial network, run once at weight ``-sum_k w_k``:
+    ``sum_k w_k (trained_k - initial) = sum_k w_k trained_k - (sum_k w_k) initial``, the same
+    mix up to float rounding, one network fewer per extra adapter. ``w``: ``[B, nb + K]`` (the
+    base's column first when ``nb`` is 1). Unchanged when no initial network is shared."""
+    groups: dict = {}
+    for k, e in enumerate(experts):
+        if isinstance(e, ResidualAdapter):
+            groups.setdefault((id(e.initial), repr(prefixes[k])), []).append(k)
+    if not any(len(ks) > 1 for ks in groups.values()):
+        return experts, prefixes, w
+    out_e, out_p, cols = [], [], [w[:, j] for j in range(nb)]
+    merged = {k: ks for ks in groups.values() if len(ks) > 1 for k in ks}
+    for k, e in enumerate(experts):
+        if k not in merged:
+            out_e.append(e), out_p.append(prefixes[k]), cols.append(w[:, nb + k])
+            continue
+        out_e.append(e.trained), out_p.append(prefixes[k]), cols.append(w[:, nb + k])
+        ks = merged[k]
+        if k == ks[-1]:  # the shared initial network once, after the last of its adapters
+            out_e.append(e.initial), out_p.append(prefixes[k])
+            cols.append(-sum(w[:, nb + j] for j in ks))
+    return out_e, out_p, torch.stack(cols, dim=1).contiguous()
 
 
 def _mixed_through_head(hidden, w, head, dev) -> torch.Tensor:
