@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from ipa_fast.decoding.serve import CompletionServer
 
@@ -234,3 +235,80 @@ def test_same_reply_whatever_else_is_in_flight(pair):
             assert a["logprobs"]["top_logprobs"][0].keys() == b["logprobs"]["top_logprobs"][0].keys()
             for k, v in a["logprobs"]["top_logprobs"][0].items():
                 assert b["logprobs"]["top_logprobs"][0][k] == pytest.approx(v, abs=1e-4)
+
+
+# -- the continuation cache: a request extending cached rows by one token runs that token only ----------
+
+def _top(server, rows, k=6):
+    """Each row's next-token top-k as {id: logprob}, through the server."""
+    status, r = _post(server, {"prompt": rows, "max_tokens": 1, "logprobs": k, "return_tokens_as_token_ids": True})
+    assert status == 200, r
+    return [{int(key.split(":")[1]): v for key, v in c["logprobs"]["top_logprobs"][0].items()} for c in r["choices"]]
+
+
+def _assert_close(a, b):
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key] == pytest.approx(y[key], abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_continuation_cache_runs_only_the_new_token_and_matches_recompute(arch):
+    from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model(arch, len(tok), 3)
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 300, (n,), generator=g).tolist() for n in (7, 3, 5, 5)]
+    seen = []
+
+    class Counting(torch.nn.Module):  # counts the input positions each forward runs
+        def __init__(self, m):
+            super().__init__()
+            self.m, self.config = m, m.config
+
+        def get_output_embeddings(self):
+            return self.m.get_output_embeddings()
+
+        def forward(self, **kw):
+            seen.append(kw["input_ids"].numel())
+            return self.m(**kw)
+
+    with CompletionServer(model, tok, max_logprobs=8) as cached, \
+            CompletionServer(model, tok, max_logprobs=8, kv_cache_tokens=0) as plain:
+        cached.model = Counting(model)
+        for step in range(5):
+            got, want = _top(cached, rows), _top(plain, rows)
+            _assert_close(got, want)
+            # the next request: every row one token longer (a different token per row)
+            rows = [r + [10 + 7 * step + i] for i, r in enumerate(rows)]
+        assert cached.kv_hits == 4 and plain.kv_hits == 0
+        assert seen[0] == 4 * 7 and seen[1:] == [4] * 4  # the first request in full, then one token a row
+        # a subset of the cached rows, reordered, one repeated: still one token a row
+        sub = [rows[2], rows[0], rows[2]]
+        _assert_close(_top(cached, sub), _top(plain, sub))
+        assert cached.kv_hits == 5 and seen[-1] == 3
+        # a row two tokens past the cache, or a changed one: recomputed in full
+        seen.clear()
+        other = [rows[1] + [5], rows[3][:-1] + [9, 9]]
+        _assert_close(_top(cached, other), _top(plain, other))
+        assert cached.kv_hits == 5 and seen == [2 * max(len(r) for r in other)]
+        # multi-token requests use the cache between their own steps, sampled the same way
+        body = {"prompt": rows[:2], "max_tokens": 4, "logprobs": 3, "seed": 11, "return_tokens_as_token_ids": True}
+        a, b = _post(cached, body)[1], _post(plain, body)[1]
+        for ca, cb in zip(a["choices"], b["choices"]):
+            assert ca["logprobs"]["tokens"] == cb["logprobs"]["tokens"]
+            assert ca["logprobs"]["token_logprobs"] == pytest.approx(cb["logprobs"]["token_logprobs"], abs=1e-5)
+
+
+def test_continuation_cache_keeps_within_its_budget(pair):
+    base, _, tok = pair
+    rows = [[1, 2, 3, 4, 5, 6]] * 4
+    with CompletionServer(base, tok, max_logprobs=8, kv_cache_tokens=30) as s:
+        _top(s, rows)  # 4 rows x 6 = 24 positions: kept
+        assert sum(e.size for e in s._kv.values()) == 24
+        _top(s, [[7, 8, 9, 10]] * 2)  # 8 more: over 30, the oldest batch goes
+        assert [e.size for e in s._kv.values()] == [8]
+        _top(s, [[1] * 40])  # larger than the whole budget: not kept
+        assert [e.size for e in s._kv.values()] == [8]

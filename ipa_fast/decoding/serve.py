@@ -29,15 +29,23 @@ timeout and a deadline for reading a request body (408); a bounded queue (503 wh
 every bad input is a 4xx with an OpenAI-style error body, never a 500. No lock is held across a
 generation: one worker thread runs a step-level batcher - each step it runs one forward over
 the rows of every request in flight (requests join between steps and leave when done), so a
-1-token request waits at most about one step behind a long one. Each request is recomputed
-without a KV cache (a faithful, tiny reference server, not a fast one: use vLLM or llama.cpp
-for big bases); a request's sampling uses its own generator, so it does not depend on what
-else is in flight.
+1-token request waits at most about one step behind a long one. A request's sampling uses its
+own generator, so it does not depend on what else is in flight.
+
+Continuation cache: a client that decodes through the server (``APIBase``, and so tailored
+decoding and training rollouts) sends every row again each step, one token longer. The server
+keeps the KV cache of the rows it last ran (a few batches, LRU, at most ``kv_cache_tokens``
+cached positions in all) keyed by their token ids; a request whose rows each extend a cached
+row by exactly one token (any subset, order or repetition of that batch's rows) runs only the
+new token over the cached keys and values, and anything else is recomputed in full. The
+answers are the same up to float rounding. A tiny reference server still, not a fast one: use
+vLLM or llama.cpp for big bases.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import json
 import math
 import socket
@@ -86,14 +94,17 @@ class CompletionServer:
     ``max_body_bytes``, ``context`` (prompt + max_tokens; default the model's
     ``max_position_embeddings`` / ``n_positions``), ``conn_timeout`` (seconds a connection may
     sit idle or take to send its request), ``max_queue`` (requests waiting or in flight),
-    ``max_batch_rows`` (rows in one forward).
+    ``max_batch_rows`` (rows in one forward), ``kv_cache_tokens`` (positions kept by the
+    continuation cache, rows x padded width over every cached batch; 0 = no cache; a position
+    costs 2 x layers x KV heads x head size floats: 46 KB for SmolLM2-135M in float32).
     """
 
     def __init__(self, model, tokenizer, *, host: str = "127.0.0.1", port: int = 0,
                  model_name: str = "ipa-fast-local", max_logprobs: int = 20, vocab_size: int | None = None,
                  max_tokens: int = 512, max_rows: int = 64, max_body_bytes: int = 4 << 20,
                  context: int | None = None, conn_timeout: float = 30.0, max_queue: int = 1024,
-                 max_batch_rows: int = 128, max_prompt_logprob_entries: int = 1 << 21):
+                 max_batch_rows: int = 128, max_prompt_logprob_entries: int = 1 << 21,
+                 kv_cache_tokens: int = 16384):
         self.model, self.tokenizer, self.model_name = model.eval(), tokenizer, model_name
         self.max_logprobs = max_logprobs
         out = model.get_output_embeddings()
@@ -114,6 +125,9 @@ class CompletionServer:
         self._active: list[_Job] = []
         self._stopping = False
         self.steps = 0  # forward passes run (for tests)
+        self.kv_cache_tokens = max(0, int(kv_cache_tokens))
+        self._kv: collections.OrderedDict = collections.OrderedDict()  # id -> _CachedBatch, oldest first
+        self.kv_hits = 0  # requests steps that ran one token over a cached batch (for tests)
         self.httpd = _HTTPServer((host, port), _handler(self))
         self.thread = None
         self._worker = threading.Thread(target=self._work, daemon=True, name="ipa-fast-serve-batcher")
@@ -326,17 +340,41 @@ class CompletionServer:
         for j in jobs:
             if j.steps == 0 and j.prompt_out is None and (j.prompt_k is not None or j.echo):
                 self._score_prompts(j)
-        rows = [r for j in jobs for r in j.rows]
-        ids, mask = left_pad(rows, self.pad_id, self.device)
-        pos = (mask.cumsum(1) - 1).clamp_(min=0)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                            use_cache=False, logits_to_keep=1).logits[:, -1, :self.V].float()
-        logprobs = torch.log_softmax(logits, dim=-1).cpu()
+        hits = {id(j): self._continuation(j.rows) for j in jobs}
+        miss = [j for j in jobs if hits[id(j)] is None]
+        logprobs = {}
+        if miss:  # one forward over every row without a cached prefix (each job's cache kept after)
+            rows = [r for j in miss for r in j.rows]
+            ids, mask = left_pad(rows, self.pad_id, self.device)
+            pos = (mask.cumsum(1) - 1).clamp_(min=0)
+            keep = self.kv_cache_tokens > 0
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=keep, logits_to_keep=1)
+            lp = torch.log_softmax(out.logits[:, -1, :self.V].float(), dim=-1).cpu()
+            at = 0
+            for j in miss:
+                n = len(j.rows)
+                logprobs[id(j)] = lp[at:at + n]
+                if keep:
+                    sel = torch.arange(at, at + n, device=self.device)
+                    self._remember(j.rows, _select_rows(out.cache, sel), ids.shape[1])
+                at += n
+        for j in jobs:  # one forward of the new token per job whose rows extend a cached batch
+            hit = hits[id(j)]
+            if hit is None:
+                continue
+            cache, width, idx = hit
+            lens = torch.tensor([len(r) - 1 for r in j.rows], device=self.device)
+            cols = torch.arange(width + 1, device=self.device)
+            mask = (cols.view(1, -1) >= (width - lens).view(-1, 1)).long()  # left pads 0, the new token 1
+            last = torch.tensor([r[-1] for r in j.rows], device=self.device).view(-1, 1)
+            out = self.model(input_ids=last, attention_mask=mask, position_ids=lens.view(-1, 1), cache=cache,
+                             use_cache=True)
+            logprobs[id(j)] = torch.log_softmax(out.logits[:, -1, :self.V].float(), dim=-1).cpu()
+            self._remember(j.rows, out.cache, width + 1)
+            self.kv_hits += 1
         self.steps += 1
-        at = 0
         for j in jobs:
-            lp = logprobs[at:at + len(j.rows)]
-            at += len(j.rows)
+            lp = logprobs[id(j)]
             if j.temperature == 0:
                 nxt = lp.argmax(-1)
             else:
@@ -352,6 +390,31 @@ class CompletionServer:
                     o["top_logprobs"].append({self._key(int(q), j.as_ids): float(v)
                                               for q, v in zip(top.tolist(), vals.tolist())})
             j.steps += 1
+
+    # -- the continuation cache (worker thread only) -------------------------------------------------
+
+    def _remember(self, rows, cache, width: int) -> None:
+        """Keep ``cache`` (the KV of ``rows``, left-padded to ``width``) for a request that extends them."""
+        if not self.kv_cache_tokens or len(rows) * width > self.kv_cache_tokens:
+            return
+        entry = _CachedBatch(rows, cache, width)
+        self._kv[id(entry)] = entry
+        while sum(e.size for e in self._kv.values()) > self.kv_cache_tokens:
+            self._kv.popitem(last=False)
+
+    def _continuation(self, rows):
+        """``(cache, width, indices)`` when every row is a row of one cached batch plus one token
+        (the cache holds that batch's selected rows, and leaves the store), else None."""
+        if not self._kv:
+            return None
+        keys = [tuple(r[:-1]) for r in rows]
+        for eid, entry in reversed(self._kv.items()):  # newest first
+            idx = [entry.index.get(k) for k in keys]
+            if all(i is not None for i in idx) and all(len(r) > 1 for r in rows):
+                del self._kv[eid]
+                sel = torch.tensor(idx, device=self.device)
+                return _select_rows(entry.cache, sel), entry.width, idx
+        return None
 
     def _key(self, i: int, as_ids: bool) -> str:
         if as_ids:
@@ -485,6 +548,24 @@ def _handler(server: CompletionServer):
     return Handler
 
 
+class _CachedBatch:
+    """One batch's KV cache for the continuation cache: its rows (token ids) by index, the cache
+    (left-padded to ``width``) and its size in cached positions."""
+
+    def __init__(self, rows, cache, width: int):
+        self.index = {tuple(r): i for i, r in enumerate(rows)}
+        self.cache, self.width, self.size = cache, width, len(rows) * width
+
+
+def _select_rows(cache, indices: torch.Tensor):
+    """A new cache holding ``cache``'s batch rows ``indices`` (copies; ``cache`` is unchanged)."""
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in out.layers:
+        layer.batch_select_indices(indices)
+    return out
+
+
 def _no_constant(name):
     raise BadRequest(f"{name} is not valid JSON")
 
@@ -502,12 +583,15 @@ def main(argv=None) -> None:
     p.add_argument("--max-rows", type=int, default=64, help="cap on prompts per request")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20)
     p.add_argument("--conn-timeout", type=float, default=30.0, help="per-connection socket timeout (s)")
+    p.add_argument("--kv-cache-tokens", type=int, default=16384,
+                   help="positions the continuation cache keeps (rows x width over its batches; 0 = off)")
     args = p.parse_args(argv)
     model = AutoModelForCausalLM.from_pretrained(args.model)
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     server = CompletionServer(model, tok, host=args.host, port=args.port, model_name=args.model,
                               max_logprobs=args.max_logprobs, max_tokens=args.max_tokens, max_rows=args.max_rows,
-                              max_body_bytes=args.max_body_bytes, conn_timeout=args.conn_timeout)
+                              max_body_bytes=args.max_body_bytes, conn_timeout=args.conn_timeout,
+                              kv_cache_tokens=args.kv_cache_tokens)
     print(f"serving {args.model} at {server.url}", flush=True)
     try:
         server.httpd.serve_forever()
