@@ -127,7 +127,7 @@ class CompletionServer:
         self.steps = 0  # forward passes run (for tests)
         self.kv_cache_tokens = max(0, int(kv_cache_tokens))
         self._kv: collections.OrderedDict = collections.OrderedDict()  # id -> _CachedBatch, oldest first
-        self.kv_hits = 0  # requests steps that ran one token over a cached batch (for tests)
+        self.kv_hits = 0  # request steps that ran one token over a cached batch (for tests)
         self.httpd = _HTTPServer((host, port), _handler(self))
         self.thread = None
         self._worker = threading.Thread(target=self._work, daemon=True, name="ipa-fast-serve-batcher")
