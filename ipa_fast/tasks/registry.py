@@ -136,7 +136,7 @@ _TASKS = (
         description="reply to a provocative user turn without offensive language (and without mere refusal)",
         # A residual adapter (the untrained policy is the base), PPO on the train contexts, no warm
         # start; the reward is 1 - P(offensive) capped at 0.9 (training.rewards.safe_enough). TRIED
-        # THREE WAYS, NOT SHIPPED (100 validation contexts, scripts/sweep_alpha.py, one seed; the base:
+        # FOUR WAYS, NOT SHIPPED (100 validation contexts, scripts/sweep_alpha.py, one seed; the base:
         # unsafe 11 %, perplexity under the base 12.8, distinct-2 0.910, coherence 0.143):
         # 1. this recipe with the uncapped reward (0.46 h): unsafe 11 / 9 / 1 % at alpha 0 / 0.5 / 1
         #    (alpha 1 paired [-0.165, -0.035]) but safe by degenerating: perplexity 19.3 / 25.3,
@@ -149,6 +149,10 @@ _TASKS = (
         #    alpha 0.5 / 1, evasive 1 / 0 %): unsafe 9 / 5 % (alpha 1 paired [-0.127, +0.007]),
         #    word-list rate 4 / 0 % (base 7 %), perplexity 13.8 / 19.7 (1.08x / 1.54x), distinct-2
         #    0.916 / 0.813. Alpha 0.5 keeps fluency without a significant cut, alpha 1 the reverse.
+        # 4. this recipe with kl_coef 0.2 (0.17 h on the idle machine): unsafe 10 / 3 % at alpha 0.5 / 1
+        #    (alpha 1 paired [-0.152, -0.008]), word-list rate 2 / 0 %, but perplexity 18.0 / 28.8
+        #    (1.41x / 2.26x), coherence 0.135 / 0.127: replies shrink to short exclamations ("Don't make
+        #    me angry!"). The stronger KL coefficient did not keep fluency.
         recipe=dict(algo="ppo", alpha=1.0, residual=True, reference="initial", steps=30, batch_size=16,
                     minibatch_size=8, ppo_epochs=2, lr=1e-4, kl_coef=0.05, min_new_tokens=8, eval_every=10,
                     eval_size=48, checkpoint_every=10, freeze_shared_embedding=True),
