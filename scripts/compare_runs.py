@@ -17,6 +17,8 @@ import math
 import sys
 from pathlib import Path
 
+from ipa_fast.cli.demo import mean_se
+
 
 def evals(run: str, metric: str) -> dict[int, float]:
     """``{step: value}`` of ``metric`` in a run's held-out evaluations (one line, ValueError, when the
@@ -37,15 +39,6 @@ def evals(run: str, metric: str) -> dict[int, float]:
     if not out:
         raise ValueError(f"{path}: no held-out evaluation of {metric!r}")
     return out
-
-
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    """Mean and standard error (sample standard deviation / sqrt(n); 0 for one value)."""
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, 0.0
-    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
-    return m, math.sqrt(var / len(xs))
 
 
 def compare(a: list[str], b: list[str], metric: str = "reward") -> list[dict]:

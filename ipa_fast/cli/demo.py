@@ -139,15 +139,20 @@ def trained_adapters(names=None) -> dict:
     return out
 
 
-def mean_ci95(values) -> list[float]:
-    """Normal-approximation 95 % interval of a mean over prompts (a list of two floats)."""
+def mean_se(values) -> tuple[float, float]:
+    """The mean and its standard error (sample standard deviation / sqrt(n); 0 for one value)."""
     import math
 
     n = len(values)
     m = sum(values) / n
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    h = 1.96 * sd / math.sqrt(n) if n else 0.0
-    return [m - h, m + h]
+    return m, sd / math.sqrt(n)
+
+
+def mean_ci95(values) -> list[float]:
+    """Normal-approximation 95 % interval of a mean over prompts (a list of two floats)."""
+    m, se = mean_se(values)
+    return [m - 1.96 * se, m + 1.96 * se]
 
 
 def evaluate_variant(lm, task: str, rows: list[dict], *, alpha: float, base_weight: float = 1.0,

@@ -362,7 +362,7 @@ class CompletionServer:
             hit = hits[id(j)]
             if hit is None:
                 continue
-            cache, width, idx = hit
+            cache, width = hit
             lens = torch.tensor([len(r) - 1 for r in j.rows], device=self.device)
             cols = torch.arange(width + 1, device=self.device)
             mask = (cols.view(1, -1) >= (width - lens).view(-1, 1)).long()  # left pads 0, the new token 1
@@ -403,17 +403,16 @@ class CompletionServer:
             self._kv.popitem(last=False)
 
     def _continuation(self, rows):
-        """``(cache, width, indices)`` when every row is a row of one cached batch plus one token
-        (the cache holds that batch's selected rows, and leaves the store), else None."""
-        if not self._kv:
+        """``(cache, width)`` when every row is a row of one cached batch plus one token (the cache
+        holds that batch's selected rows, and leaves the store), else None."""
+        if not self._kv or any(len(r) < 2 for r in rows):
             return None
         keys = [tuple(r[:-1]) for r in rows]
         for eid, entry in reversed(self._kv.items()):  # newest first
             idx = [entry.index.get(k) for k in keys]
-            if all(i is not None for i in idx) and all(len(r) > 1 for r in rows):
+            if all(i is not None for i in idx):
                 del self._kv[eid]
-                sel = torch.tensor(idx, device=self.device)
-                return _select_rows(entry.cache, sel), entry.width, idx
+                return _select_rows(entry.cache, torch.tensor(idx, device=self.device)), entry.width
         return None
 
     def _key(self, i: int, as_ids: bool) -> str:
