@@ -412,6 +412,8 @@ class CompletionServer:
             idx = [entry.index.get(k) for k in keys]
             if all(i is not None for i in idx):
                 del self._kv[eid]
+                if idx == list(range(entry.n_rows)):  # the same rows in the same order: the cache as is
+                    return entry.cache, entry.width
                 return _select_rows(entry.cache, torch.tensor(idx, device=self.device)), entry.width
         return None
 
@@ -553,6 +555,7 @@ class _CachedBatch:
 
     def __init__(self, rows, cache, width: int):
         self.index = {tuple(r): i for i, r in enumerate(rows)}
+        self.n_rows = len(rows)
         self.cache, self.width, self.size = cache, width, len(rows) * width
 
 
