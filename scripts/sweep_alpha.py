@@ -7,6 +7,11 @@ choose the shipped alpha of an adapter on *validation* rows, never on the test s
 
     python scripts/sweep_alpha.py runs/lexical-v3/adapter --task lexical --alphas 0,1,1.5,2 \\
         --split validation --rows 200 [--json out.json]
+
+With alpha 0 first, it also names the alpha to ship (``choose``): the highest task score among the
+alphas whose perplexity under the base is at most ``--max-perplexity-ratio`` (1.25) times the base
+alone's and whose distinct-2 is at least ``--min-distinct2-ratio`` (0.9) times it; none if no
+alpha qualifies.
 """
 
 from __future__ import annotations
@@ -43,6 +48,25 @@ def sweep(adapter: str, task: str, alphas: list[float], split: str, rows: int, b
     return out
 
 
+def choose(results: list[dict], max_perplexity_ratio: float = 1.25, min_distinct2_ratio: float = 0.9):
+    """The alpha to ship from :func:`sweep`'s rows: the first row must be alpha 0 (the base alone);
+    among the other tailored rows (the adapter alone never counts), the highest score whose
+    perplexity <= ``max_perplexity_ratio`` x the base's and distinct-2 >= ``min_distinct2_ratio`` x
+    the base's. Returns ``(alpha or None, reason)``."""
+    if not results or results[0]["alpha"] != 0 or results[0]["base_weight"] != 1.0:
+        raise ValueError("choose needs alpha 0 (the base alone) as the first alpha")
+    base = results[0]
+    ok = [r for r in results[1:] if r["base_weight"] == 1.0
+          and r["perplexity"] <= max_perplexity_ratio * base["perplexity"]
+          and r["distinct_2"] >= min_distinct2_ratio * base["distinct_2"]]
+    if not ok:
+        return None, (f"no alpha keeps perplexity <= {max_perplexity_ratio:g}x and distinct-2 >= "
+                      f"{min_distinct2_ratio:g}x the base's")
+    best = max(ok, key=lambda r: (r["score"], -r["alpha"]))
+    return best["alpha"], (f"highest score {best['score']:.3f} at perplexity {best['perplexity'] / base['perplexity']:.2f}x "
+                           f"and distinct-2 {best['distinct_2'] / base['distinct_2']:.2f}x the base's")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("adapter", help="adapter directory (e.g. an `ipa-fast train --out` run's adapter/)")
@@ -55,6 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default=None, help="default: the embedded base (`ipa-fast setup`)")
     ap.add_argument("--adapter-alone", action="store_true",
                     help="also evaluate the adapter alone (its own distribution: base weight 0, alpha 1)")
+    ap.add_argument("--max-perplexity-ratio", type=float, default=1.25)
+    ap.add_argument("--min-distinct2-ratio", type=float, default=0.9)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     try:
@@ -69,9 +95,16 @@ def main(argv=None) -> int:
         from ipa_fast import embedded
         args.base = str(embedded.base_path())
     res = sweep(args.adapter, args.task, alphas, args.split, args.rows, args.base, args.seeds, args.adapter_alone)
+    chosen = None
+    if alphas[0] == 0:
+        chosen, why = choose(res, args.max_perplexity_ratio, args.min_distinct2_ratio)
+        print(f"chosen alpha: {'none' if chosen is None else f'{chosen:g}'} ({why})")
     if args.json:
         Path(args.json).write_text(json.dumps({"task": args.task, "split": args.split, "rows": args.rows,
-                                               "adapter": args.adapter, "results": res}, indent=2) + "\n")
+                                               "adapter": args.adapter, "results": res, "chosen_alpha": chosen,
+                                               "rule": {"max_perplexity_ratio": args.max_perplexity_ratio,
+                                                        "min_distinct2_ratio": args.min_distinct2_ratio}},
+                                              indent=2) + "\n")
     return 0
 
 
