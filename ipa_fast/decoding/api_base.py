@@ -17,8 +17,10 @@ Dialects (``dialect=`` or detected, see :func:`detect_dialect`):
 ``"llama-server"``  llama.cpp's C++ server. One row per request (sent concurrently) as token
     ids; it answers ``logprobs.content[0].top_logprobs[] = {id, token, bytes, logprob}`` and the
     ids are used. Its log-probs are the raw softmax (``post_sampling_probs: false``), so the
-    ``logit_bias`` of -100 on the end-of-generation tokens that stops the server from ending
-    (and answering no log-probs) does not change them.
+    ``logit_bias`` of -100 that keeps the server's own one-token sample off the ids where it
+    answers ``logprobs: null`` does not change them: the end-of-generation tokens (it would end)
+    and the tokens whose text ends inside a UTF-8 character (it holds such text back; 3 of 6 seeds
+    on a Japanese prompt, recorded).
 ``"llama-cpp-python"``  llama-cpp-python's server. It takes one *text* prompt per request
     (sent concurrently) and keys its top log-probs by printed token strings. The row is sent as
     ``tokenizer.decode(row)`` only when the tokenizer encodes that text back to exactly the row
@@ -65,7 +67,10 @@ DIALECTS = ("vllm", "llama-server", "llama-cpp-python", "ipa-fast")
 #: what a client does with a text key that several token ids print as: fail naming it, or leave those ids out
 AMBIGUOUS = ("error", "drop")
 LLAMA_CPP_PYTHON_PIECE = 32  # bytes: llama-cpp-python prints a longer token as ""
-_BATCHING = {"vllm": True, "ipa-fast": True, "llama-server": False, "llama-cpp-python": False}
+#: dialect -> (batches by default, can batch): llama-server answers a list of id prompts with one
+#: choice each (recorded), but by default its rows go out concurrently, one per request
+_BATCHING = {"vllm": (True, True), "ipa-fast": (True, True), "llama-server": (False, True),
+             "llama-cpp-python": (False, False)}
 
 
 class APIBaseError(RuntimeError):
@@ -139,7 +144,7 @@ class APIBase:
     ``retries`` / ``backoff``: retries of connection errors and HTTP 5xx/429, and the first
     back-off in seconds (doubling). ``batch``: None = the dialect's way; False = one request
     per row (sent concurrently, at most ``max_concurrency`` at a time); True = all rows in one
-    request (vllm / ipa-fast only). ``ambiguous``: ``"error"`` or ``"drop"`` for a string key
+    request (vllm, ipa-fast, llama-server). ``ambiguous``: ``"error"`` or ``"drop"`` for a string key
     printed by several ids (llama-cpp-python only). ``extra_body``: merged into each request.
     """
 
@@ -173,6 +178,7 @@ class APIBase:
         self.requests = 0  # completion requests sent, retries included (for benchmarks / tests)
         self.dropped = 0   # ambiguous keys left out (ambiguous="drop")
         self._printed = None
+        self._bias = None
         self._adds_bos = None
         self._echo_checked = False
         self._loop = None
@@ -339,11 +345,11 @@ class APIBase:
         return found
 
     def _check_batch(self):
-        if self.batch and not _BATCHING[self.dialect]:
+        if self.batch and not _BATCHING[self.dialect][1]:
             raise ValueError(f"batch=True: the {self.dialect} dialect takes one prompt per request")
 
     def _batched(self) -> bool:
-        return _BATCHING[self.dialect] if self.batch is None else bool(self.batch)
+        return _BATCHING[self.dialect][0] if self.batch is None else bool(self.batch)
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -638,9 +644,9 @@ class APIBase:
             body = {"prompt": prompts, "max_tokens": 1, "logprobs": K, "temperature": 1.0, "top_p": 1.0,
                     "echo": False, "return_tokens_as_token_ids": True}
         elif d == "llama-server":
-            body = {"prompt": prompts[0], "max_tokens": 1, "logprobs": K, "temperature": 1.0,
-                    "post_sampling_probs": False, "cache_prompt": True,
-                    "logit_bias": {str(i): -100 for i in _special_ids(self.tokenizer)}}
+            body = {"prompt": prompts if self._batched() else prompts[0], "max_tokens": 1, "logprobs": K,
+                    "temperature": 1.0, "post_sampling_probs": False, "cache_prompt": True,
+                    "logit_bias": self._llama_server_bias()}
         else:  # llama-cpp-python
             body = {"prompt": prompts[0], "max_tokens": 1, "logprobs": K, "temperature": 0.0, "echo": False,
                     "logit_bias": {str(i): -100 for i in _special_ids(self.tokenizer)}}
@@ -648,6 +654,15 @@ class APIBase:
             body["model"] = self.model
         body.update(self.extra_body)
         return body
+
+    def _llama_server_bias(self) -> dict[str, int]:
+        """-100 on every id llama-server must not sample: the special ids (it would end and
+        answer no log-probs) and the ids whose text ends inside a UTF-8 character (it holds such
+        text back and answers ``logprobs: null``), once per client."""
+        if self._bias is None:
+            held = [i for i, b in enumerate(token_bytes(self.tokenizer)) if b is not None and cuts_utf8(b)]
+            self._bias = {str(i): -100 for i in sorted(set(_special_ids(self.tokenizer)) | set(held))}
+        return self._bias
 
     def _bad(self, what, reply):
         return APIBaseError(f"API base {self.url} returned {what} (does it support logprobs?): "
@@ -797,6 +812,17 @@ def _special_ids(tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return sorted(i for i in ids if i is not None and i >= 0)
+
+
+def cuts_utf8(b: bytes) -> bool:
+    """True when ``b`` ends inside a multi-byte UTF-8 character, by llama.cpp server's rule
+    (``validate_utf8``): a lead byte among the last four needs more bytes than follow it."""
+    n = len(b)
+    for i in range(1, min(4, n) + 1):
+        c = b[n - i]
+        if (c & 0xE0) == 0xC0 and i < 2 or (c & 0xF0) == 0xE0 and i < 3 or (c & 0xF8) == 0xF0 and i < 4:
+            return True
+    return False
 
 
 def _adds_bos(tokenizer) -> bool:
