@@ -384,7 +384,7 @@ def _llama_server(gguf, **kw):
 def test_live_llama_server_q4_1(tok, local_lm, report):
     """The original Q4_1 GGUF as users serve it: the dialect is detected, the README's
     ``TailoredLM.from_pretrained(APIBase(url, tok, top_logprobs=20), adapter)`` generates end to end
-    (one row and two concurrent rows), teacher-forced scoring is refused in one line, and the gap to
+    (one row and two concurrent rows), teacher-forced scoring answers every position, and the gap to
     the local fp32 base (this GGUF dequantised) is measured. Ids come back as ids: nothing dropped."""
     with _llama_server(GGUF) as server:
         api = APIBase(server.url, tok, top_logprobs=20, timeout=60)
@@ -394,8 +394,8 @@ def test_live_llama_server_q4_1(tok, local_lm, report):
         rows = _gap_rows(tok)
         one = lm.generate([rows[2]], max_new_tokens=8, top_p=0.9, seed=0)
         two = lm.generate([rows[2], rows[3]], max_new_tokens=8, top_p=0.9, seed=0)
-        with pytest.raises(APIBaseError, match="cannot score given sequences"):
-            api.score_top_k([rows[0]], [1])
+        ids, vals, chosen = api.score_top_k([rows[1]], 1)[0]  # teacher-forced: one request per position
+        assert ids.shape == (len(rows[1]) - 1, 20) and bool(torch.isfinite(chosen).all())
         # a Japanese step, where the server's own sample often ends inside a character (it then
         # answers logprobs null unless biased off): 12 steps, the server's seed random each time
         jp = tok("日本の首都は")["input_ids"]
@@ -418,16 +418,29 @@ def test_live_llama_server_f32_gguf_matches_the_local_base(tok, local_lm, report
     attention off (:data:`LLAMA_SERVER_F32_KV`): its top-20
     at every position of plain and chat prompts agree with the local base within 5e-3 nats and the
     ids are exactly the local top-20 (ties at the edge aside): no key is lost to strings."""
+    rows = _gap_rows(tok)
     with _llama_server(GGUF_F32, extra_args=LLAMA_SERVER_F32_KV) as server:
         api = APIBase(server.url, tok, top_logprobs=20, timeout=60)
-        gap = top_k_gap(api, local_lm.base, _gap_rows(tok))
+        gap = top_k_gap(api, local_lm.base, rows)
+        # teacher-forced scoring (training against this server): each position's top-20 and the
+        # row's own token, also outside the top-20, against the local forward
+        scored = api.score_top_k([rows[1], rows[2]], [1, 30])
         api.close()
-    report["llama_server_f32_gguf_f32_kv"] = _summary(gap)
+    worst, outside = 0.0, 0
+    for r, s, (ids, vals, chosen) in zip([rows[1], rows[2]], [1, 30], scored):
+        with torch.no_grad():
+            lp = torch.log_softmax(local_lm.base(input_ids=torch.tensor([r])).logits[0].float(), -1)
+        for j, t in enumerate(range(s, len(r))):
+            worst = max(worst, (vals[j] - lp[t - 1, ids[j]]).abs().max().item(), abs(chosen[j].item() - lp[t - 1, r[t]].item()))
+            outside += r[t] not in ids[j].tolist()
+    gap["scored_max"], gap["scored_outside_top20"] = worst, outside
+    report["llama_server_f32_gguf_f32_kv"] = _summary(gap) | {"score_top_k_max": worst, "scored_tokens_outside_top20": outside}
     print(f"llama-server f32 GGUF (f32 KV) vs local fp32 base, top-20: max |d| {gap['max']:.2e}, "
           f"mean {gap['mean']:.2e} nats over {gap['pairs']} pairs at {gap['positions']} positions")
     assert gap["positions"] == sum(map(len, _gap_rows(tok)))
     assert gap["max"] < AGREEMENT, gap["max"]
     assert gap["set_mismatches"] == []
+    assert worst < AGREEMENT, worst
 
 
 @pytest.mark.engines

@@ -73,15 +73,90 @@ def test_score_top_k_is_the_models_log_softmax_at_every_position(served, K):
         assert outside > 0  # the chosen-token path outside the top-K was exercised
 
 
-def test_score_top_k_bad_start_and_llama_server(served):
+def test_score_top_k_bad_start(served):
     _, _, tok, server = served
     api = APIBase(server.url, tok, top_logprobs=4)
     with pytest.raises(ValueError, match=r"start of row 0 must be in \[1, 3\]"):
         api.score_top_k([[5, 6, 7]], 0)
     assert [x[0].shape for x in api.score_top_k([[5, 6, 7]], 3)] == [(0, 4)]
-    ls = APIBase(server.url, tok, top_logprobs=4, dialect="llama-server")
-    with pytest.raises(APIBaseError, match="llama-server.*no prompt log-probs"):
-        ls.score_top_k([[5, 6, 7]], 1)
+
+
+def fake_llama_server(model, tok, held=(), ignore_bias=False):
+    """llama-server's next-token reply, computed from ``model``: raw log-softmax top-K of the id
+    prompt, the server's own sample the argmax of logits + logit_bias (greedy), and ``logprobs:
+    null`` when that sample is in ``held`` (a token ending inside a UTF-8 character)."""
+    V = len(tok)
+
+    def answer(body):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([body["prompt"]])).logits[0, -1, :V].double(), -1)
+        bias = torch.zeros(V, dtype=torch.double)
+        for k, v in ({} if ignore_bias else body.get("logit_bias", {})).items():
+            bias[int(k)] = v
+        sampled = int((lp + bias).argmax())
+        if sampled in held:
+            return json_reply(200, {"choices": [{"text": "\ufffd", "index": 0, "logprobs": None}]})
+        vals, ids = lp.topk(body["logprobs"])
+        entry = lambda i, v: {"id": int(i), "token": tok.decode([int(i)]), "bytes": [], "logprob": float(v)}
+        top = [entry(i, v) for i, v in zip(ids.tolist(), vals.tolist())]
+        return json_reply(200, {"choices": [{"text": "", "index": 0, "logprobs": {
+            "content": [dict(entry(sampled, lp[sampled]), top_logprobs=top)]}}]})
+
+    models = json_reply(200, {"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "llamacpp"}]})
+    return {("GET", "/v1/models"): [models], ("POST", "/v1/completions"): [answer]}
+
+
+def test_score_top_k_llama_server_one_request_per_position(served):
+    """llama-server has no prompt log-probs: one next-token request per scored position, the
+    server's sample forced onto the row's token (+100) so its log-prob comes back also outside
+    the top-K; against the model's own forward."""
+    base, _, tok, _ = served
+    V, K = len(tok), 4
+    rows = [tok(t)["input_ids"] for t in ("the cat sat on the mat", "a dog runs")]
+    starts = [1, 2]
+    with FakeEngine(fake_llama_server(base, tok)) as fake:
+        api = APIBase(fake.url, tok, top_logprobs=K)
+        got = api.score_top_k(rows, starts)
+        sent = [b for m, _, b in fake.log if m == "POST"]
+        api.close()
+    assert api.dialect == "llama-server" and len(sent) == sum(len(r) - s for r, s in zip(rows, starts))
+    outside, n = 0, 0
+    for r, s, (ids, vals, chosen) in zip(rows, starts, got):
+        with torch.no_grad():
+            lp = torch.log_softmax(base(torch.tensor([r])).logits[0, :, :V].double(), -1)
+        for j, t in enumerate(range(s, len(r))):
+            ref_v, ref_i = lp[t - 1].topk(K)
+            assert ids[j].tolist() == ref_i.tolist()
+            torch.testing.assert_close(vals[j].double(), ref_v, atol=2e-5, rtol=0)
+            assert chosen[j].item() == pytest.approx(lp[t - 1, r[t]].item(), abs=2e-5)
+            assert sent[n]["prompt"] == r[:t] and sent[n]["logit_bias"][str(r[t])] == 100
+            outside += r[t] not in ref_i.tolist()
+            n += 1
+    assert outside > 0
+
+
+def test_score_top_k_llama_server_held_back_and_ignored_bias(served):
+    """A row token the server would hold back is not forced (its log-prob only from inside the
+    top-K, else NaN); a server that ignores the bias is a one-line error naming the token."""
+    base, _, tok, _ = served
+    from ipa_fast.decoding.api_base import cuts_utf8, token_bytes
+
+    held = [i for i, b in enumerate(token_bytes(tok)) if b is not None and cuts_utf8(b)]
+    assert held
+    row = tok("the cat")["input_ids"] + [held[0]]
+    with FakeEngine(fake_llama_server(base, tok, held=set(held))) as fake:
+        api = APIBase(fake.url, tok, top_logprobs=4)
+        ids, vals, chosen = api.score_top_k([row], len(row) - 1)[0]
+        sent = [b for m, _, b in fake.log if m == "POST"][-1]
+        api.close()
+    assert sent["logit_bias"][str(held[0])] == -100 and ids.shape == (1, 4)
+    assert math.isnan(chosen[0]) or held[0] in ids[0].tolist()
+    with FakeEngine(fake_llama_server(base, tok, ignore_bias=True)) as fake:
+        api = APIBase(fake.url, tok, top_logprobs=4)
+        r = tok("the cat sat on the mat")["input_ids"]
+        with pytest.raises(APIBaseError, match="ignored the logit bias that forces token"):
+            api.score_top_k([r], 1)
+        api.close()
 
 
 def test_bundled_server_prompt_logprobs_limits(served):

@@ -140,18 +140,13 @@ def load_adapter(adapter: str):
 def connect_api_base(url: str, tokenizer, *, top_k: int = 20, dialect: str | None = None, timeout: float = 60.0,
                      ambiguous: str = "error"):
     """An :class:`~ipa_fast.decoding.api_base.APIBase` for ``url``, checked before training:
-    the server answers (dialect detected or given), can score sequences (not llama-server), and
-    tokenises a probe text to the tokenizer's ids (one ``/tokenize`` round trip; where the
+    the server answers (dialect detected or given) and tokenises a probe text to the tokenizer's ids (one ``/tokenize`` round trip; where the
     server has none, the probe's scored ids must lie in the tokenizer's vocabulary).
     :class:`~ipa_fast.decoding.api_base.APIBaseError` (one line) otherwise."""
     from ipa_fast.decoding.api_base import APIBase, APIBaseError
 
     base = APIBase(url, tokenizer, top_logprobs=top_k, dialect=dialect, timeout=timeout, ambiguous=ambiguous)
     base.detect_dialect()
-    if base.dialect == "llama-server":
-        raise APIBaseError(f"--api-base {url} is llama.cpp's llama-server, which returns no prompt log-probs: "
-                           "training needs vllm, llama-cpp-python or the bundled server (python -m "
-                           "ipa_fast.decoding.serve)", url=url, cause="no prompt logprobs")
     if not base.check_tokenizer():
         probe = tokenizer(base.TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
         base.score_top_k([probe], 2 if base.dialect == "llama-cpp-python" else 1)  # ids >= V fail here

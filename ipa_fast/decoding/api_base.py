@@ -400,19 +400,15 @@ class APIBase:
         distribution after the first ``i + 1`` prompt tokens, so ``start_r >= 2``; the keys are
         printed strings, mapped as in :meth:`top_k`; the alignment is checked once per base
         against a plain :meth:`top_k` of the first row). ``llama-server`` has no prompt
-        log-probs: an :class:`APIBaseError`. One call: the deadline, retries and errors of
-        :meth:`top_k`.
+        log-probs: one next-token request per position, the server's sample forced onto the
+        row's token so its log-prob comes back (:meth:`_llama_server_score`; each request has
+        its own deadline). Otherwise one call: the deadline, retries and errors of :meth:`top_k`.
         """
         self.detect_dialect()
         rows = [[int(t) for t in r] for r in rows]
         starts = [int(start)] * len(rows) if isinstance(start, int) else [int(s) for s in start]
         if len(starts) != len(rows):
             raise ValueError(f"start: one per row ({len(rows)} rows), got {len(starts)}")
-        if self.dialect == "llama-server":
-            raise APIBaseError(
-                f"API base {self.url} (dialect llama-server) cannot score given sequences: llama.cpp's server "
-                f"returns no prompt log-probs; use vllm, llama-cpp-python or ipa-fast to train against a served base",
-                url=self.url, cause="no prompt logprobs")
         least = 2 if self.dialect == "llama-cpp-python" else 1
         for i, (r, s) in enumerate(zip(rows, starts)):
             if not least <= s <= len(r):
@@ -429,7 +425,10 @@ class APIBase:
             return out
         if self.dialect == "llama-cpp-python" and not self._echo_checked:
             self._check_echo_alignment(rows[todo[0]])
-        got = self._run(self._score, [rows[i] for i in todo])
+        if self.dialect == "llama-server":  # one request per position: the deadline is per request
+            got = [self._llama_server_score(rows[i], starts[i]) for i in todo]
+        else:
+            got = self._run(self._score, [rows[i] for i in todo])
         for i, per_pos in zip(todo, got):
             r, s = rows[i], starts[i]
             n = len(r) - s
@@ -492,6 +491,37 @@ class APIBase:
         return True
 
     SCORE_CHUNK = 32  # rows per batched scoring request (the bundled server takes 64)
+
+    def _llama_server_score(self, row: list[int], start: int) -> list[list[tuple[int, float]]]:
+        """llama-server has no prompt log-probs: position t's top-K is the next-token top-K of
+        ``row[:t]``, asked in order (each request extends the slot's cached prefix by one token),
+        each under its own deadline. The request biases the server's own sample onto ``row[t]``
+        (+100), so the reply's sampled entry is that token with its raw log-prob, also outside
+        the top-K; a token the server would hold back (it ends inside a UTF-8 character) is not
+        forced and gets its log-prob only from inside the top-K."""
+        held = self._llama_server_bias()
+        per: list[list[tuple[int, float]]] = [[] for _ in range(start)]
+        for t in range(start, len(row)):
+            body = dict(self._body([row[:t]]), prompt=row[:t])
+            target = row[t]
+            forced = str(target) not in held or target in _special_ids(self.tokenizer)
+            if forced:
+                body["logit_bias"] = dict(held, **{str(target): 100})
+            reply = self._run(self._request, "POST", self.url, body)
+            pairs = self._parse(reply, 1)[0]
+            if forced:
+                try:
+                    entry = reply["choices"][0]["logprobs"]["content"][0]
+                    sampled, lp = self._id(entry["id"]), _as_logprob(entry["logprob"], entry.get("token"), self.url)
+                except (KeyError, IndexError, TypeError):
+                    raise self._bad("no choices[0].logprobs.content[0].{id, logprob}", reply) from None
+                if sampled != target:
+                    raise APIBaseError(f"API base {self.url} ignored the logit bias that forces token {target} "
+                                       f"(it sampled {sampled}): cannot read that token's log-prob",
+                                       url=self.url, cause="logit bias ignored")
+                pairs = [(i, v) for i, v in pairs if i != target] + [(target, lp)]
+            per.append(pairs)
+        return per
 
     async def _score(self, rows, deadline):
         """Per row, per position t (0 .. len-1): ``[(id, logprob), ...]`` of the distribution of
