@@ -5,6 +5,7 @@ base, the per-sequence cache, replayed vLLM / llama-cpp-python prompt-log-prob r
 bad input. Tiny random models (tests/tiny_models.py), 127.0.0.1 only, no downloads."""
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -120,7 +121,8 @@ def test_score_top_k_llama_server_one_request_per_position(served):
         sent = [b for m, _, b in fake.log if m == "POST"]
         api.close()
     assert api.dialect == "llama-server" and len(sent) == sum(len(r) - s for r, s in zip(rows, starts))
-    outside, n = 0, 0
+    by_prompt = {tuple(b["prompt"]): b for b in sent}  # rows go concurrently, positions in order
+    outside = 0
     for r, s, (ids, vals, chosen) in zip(rows, starts, got):
         with torch.no_grad():
             lp = torch.log_softmax(base(torch.tensor([r])).logits[0, :, :V].double(), -1)
@@ -129,9 +131,8 @@ def test_score_top_k_llama_server_one_request_per_position(served):
             assert ids[j].tolist() == ref_i.tolist()
             torch.testing.assert_close(vals[j].double(), ref_v, atol=2e-5, rtol=0)
             assert chosen[j].item() == pytest.approx(lp[t - 1, r[t]].item(), abs=2e-5)
-            assert sent[n]["prompt"] == r[:t] and sent[n]["logit_bias"][str(r[t])] == 100
+            assert by_prompt[tuple(r[:t])]["logit_bias"][str(r[t])] == 100
             outside += r[t] not in ref_i.tolist()
-            n += 1
     assert outside > 0
 
 
@@ -417,3 +418,20 @@ def test_cli_run_records_the_served_base_and_resumes(tmp_path, served, capsys):
     assert steps == [1, 2]
     code, err = _cli([a if a != "8" else "4" for a in argv] + ["--steps", "3", "--resume"], capsys)
     assert code == 2 and "api_top_k 8 -> 4" in err
+
+
+def test_score_top_k_llama_server_hang_is_a_timeout(served):
+    """Each position's request has its own deadline: a hung llama-server is an APIBaseError
+    after about ``timeout`` seconds, never a hang."""
+    from fixtures.engines.replay import hang
+
+    _, _, tok, _ = served
+    routes = fake_llama_server(served[0], tok)
+    routes[("POST", "/v1/completions")] = [hang()]
+    with FakeEngine(routes) as fake:
+        api = APIBase(fake.url, tok, top_logprobs=4, timeout=1.0, retries=0)
+        t0 = time.monotonic()
+        with pytest.raises(APIBaseError, match="timed out") as e:
+            api.score_top_k([tok("the cat sat")["input_ids"]], 1)
+        api.close()
+    assert e.value.cause == "timeout" and time.monotonic() - t0 < 6

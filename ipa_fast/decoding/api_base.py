@@ -189,25 +189,27 @@ class APIBase:
 
     # -- the event loop the HTTP calls run on ------------------------------------------------
 
-    def _run(self, coro_fn, *args):
-        """Run ``coro_fn(*args, deadline)`` on this base's loop thread; the deadline is enforced."""
+    def _run(self, coro_fn, *args, timeout: float | None = None):
+        """Run ``coro_fn(*args, deadline)`` on this base's loop thread; the deadline (``timeout``
+        seconds from now, default :attr:`timeout`) is enforced."""
         with self._lock:
             if self._loop is None or self._loop.is_closed():
                 loop = asyncio.new_event_loop()
                 threading.Thread(target=loop.run_forever, daemon=True, name="ipa-fast-apibase").start()
                 self._loop = loop
-        deadline = time.monotonic() + self.timeout
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
 
         async def bounded():
             try:
                 return await asyncio.wait_for(coro_fn(*args, deadline), max(deadline - time.monotonic(), 0.001))
             except asyncio.TimeoutError:
-                raise APIBaseError(f"API base {self.url} timed out after {self.timeout} s",
+                raise APIBaseError(f"API base {self.url} timed out after {timeout:g} s",
                                    url=self.url, cause="timeout") from None
 
         fut = asyncio.run_coroutine_threadsafe(bounded(), self._loop)
         try:
-            return fut.result(self.timeout + 5.0)  # the loop enforces the deadline; this is a backstop
+            return fut.result(timeout + 5.0)  # the loop enforces the deadline; this is a backstop
         except APIBaseError:
             raise
         except Exception as e:  # the backstop, or a bug surfacing as a plain exception
@@ -401,8 +403,8 @@ class APIBase:
         printed strings, mapped as in :meth:`top_k`; the alignment is checked once per base
         against a plain :meth:`top_k` of the first row). ``llama-server`` has no prompt
         log-probs: one next-token request per position, the server's sample forced onto the
-        row's token so its log-prob comes back (:meth:`_llama_server_score`; each request has
-        its own deadline). Otherwise one call: the deadline, retries and errors of :meth:`top_k`.
+        row's token so its log-prob comes back (:meth:`_llama_server_score`; rows concurrently,
+        each request with its own deadline). Otherwise one call: the deadline, retries and errors of :meth:`top_k`.
         """
         self.detect_dialect()
         rows = [[int(t) for t in r] for r in rows]
@@ -426,7 +428,9 @@ class APIBase:
         if self.dialect == "llama-cpp-python" and not self._echo_checked:
             self._check_echo_alignment(rows[todo[0]])
         if self.dialect == "llama-server":  # one request per position: the deadline is per request
-            got = [self._llama_server_score(rows[i], starts[i]) for i in todo]
+            most = max(len(rows[i]) - starts[i] for i in todo)
+            got = self._run(self._llama_server_score, [rows[i] for i in todo], [starts[i] for i in todo],
+                            timeout=self.timeout * most)
         else:
             got = self._run(self._score, [rows[i] for i in todo])
         for i, per_pos in zip(todo, got):
@@ -492,36 +496,54 @@ class APIBase:
 
     SCORE_CHUNK = 32  # rows per batched scoring request (the bundled server takes 64)
 
-    def _llama_server_score(self, row: list[int], start: int) -> list[list[tuple[int, float]]]:
+    async def _llama_server_score(self, rows, starts, _deadline):
         """llama-server has no prompt log-probs: position t's top-K is the next-token top-K of
-        ``row[:t]``, asked in order (each request extends the slot's cached prefix by one token),
-        each under its own deadline. The request biases the server's own sample onto ``row[t]``
-        (+100), so the reply's sampled entry is that token with its raw log-prob, also outside
-        the top-K; a token the server would hold back (it ends inside a UTF-8 character) is not
-        forced and gets its log-prob only from inside the top-K."""
+        ``row[:t]``, asked in order within a row (each request extends the slot's cached prefix by
+        one token), rows concurrently; each request has its own deadline (:attr:`timeout`). The
+        request biases the server's own sample onto ``row[t]`` (+100), so the reply's sampled
+        entry is that token with its raw log-prob, also outside the top-K; a token the server would
+        hold back (it ends inside a UTF-8 character) is not forced and gets its log-prob only from
+        inside the top-K."""
         held = self._llama_server_bias()
-        per: list[list[tuple[int, float]]] = [[] for _ in range(start)]
-        for t in range(start, len(row)):
+        specials = set(_special_ids(self.tokenizer))
+        sem = asyncio.Semaphore(self.max_concurrency)
+
+        async def position(row, t):
             body = dict(self._body([row[:t]]), prompt=row[:t])
             target = row[t]
-            forced = str(target) not in held or target in _special_ids(self.tokenizer)
+            forced = str(target) not in held or target in specials
             if forced:
                 body["logit_bias"] = dict(held, **{str(target): 100})
-            reply = self._run(self._request, "POST", self.url, body)
+            deadline = time.monotonic() + self.timeout
+            try:
+                reply = await asyncio.wait_for(self._request("POST", self.url, body, deadline), self.timeout)
+            except asyncio.TimeoutError:
+                raise APIBaseError(f"API base {self.url} timed out after {self.timeout:g} s", url=self.url,
+                                   cause="timeout") from None
             pairs = self._parse(reply, 1)[0]
-            if forced:
-                try:
-                    entry = reply["choices"][0]["logprobs"]["content"][0]
-                    sampled, lp = self._id(entry["id"]), _as_logprob(entry["logprob"], entry.get("token"), self.url)
-                except (KeyError, IndexError, TypeError):
-                    raise self._bad("no choices[0].logprobs.content[0].{id, logprob}", reply) from None
-                if sampled != target:
-                    raise APIBaseError(f"API base {self.url} ignored the logit bias that forces token {target} "
-                                       f"(it sampled {sampled}): cannot read that token's log-prob",
-                                       url=self.url, cause="logit bias ignored")
-                pairs = [(i, v) for i, v in pairs if i != target] + [(target, lp)]
-            per.append(pairs)
-        return per
+            if not forced:
+                return pairs
+            try:
+                entry = reply["choices"][0]["logprobs"]["content"][0]
+                sampled, lp = self._id(entry["id"]), _as_logprob(entry["logprob"], entry.get("token"), self.url)
+            except (KeyError, IndexError, TypeError):
+                raise self._bad("no choices[0].logprobs.content[0].{id, logprob}", reply) from None
+            if sampled != target:
+                raise APIBaseError(f"API base {self.url} ignored the logit bias that forces token {target} "
+                                   f"(it sampled {sampled}): cannot read that token's log-prob",
+                                   url=self.url, cause="logit bias ignored")
+            return [(i, v) for i, v in pairs if i != target] + [(target, lp)]
+
+        async def one(row, start):
+            async with sem:
+                return [[] for _ in range(start)] + [await position(row, t) for t in range(start, len(row))]
+
+        tasks = [asyncio.ensure_future(one(r, s)) for r, s in zip(rows, starts)]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
 
     async def _score(self, rows, deadline):
         """Per row, per position t (0 .. len-1): ``[(id, logprob), ...]`` of the distribution of
