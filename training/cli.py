@@ -51,8 +51,8 @@ HELP = {
     "base": "base model (HF directory or hub name). Default: the embedded base (`ipa-fast setup`)",
     "adapter": "initial adapter (HF directory or hub name). Default: the embedded adapter initialisation",
     "api_base": "train against a served base instead of --base (not with --base): an OpenAI-compatible "
-                "completions URL (vLLM, llama-cpp-python or python -m ipa_fast.decoding.serve) that returns "
-                "prompt log-probs; the base is then sparse (its top --api-top-k log-probs per position, -inf "
+                "completions URL (vLLM, llama.cpp's llama-server or llama-cpp-python, or python -m "
+                "ipa_fast.decoding.serve); the base is then sparse (its top --api-top-k log-probs per position, -inf "
                 "elsewhere) and the tokenizer comes from the --adapter directory (checked against the server's)",
     "api_top_k": "with --api-base: top-k log-probs asked of the server per position (the server's limit "
                  "applies, e.g. vLLM's --max-logprobs)",
