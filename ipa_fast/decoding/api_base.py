@@ -538,12 +538,7 @@ class APIBase:
             async with sem:
                 return [[] for _ in range(start)] + [await position(row, t) for t in range(start, len(row))]
 
-        tasks = [asyncio.ensure_future(one(r, s)) for r, s in zip(rows, starts)]
-        try:
-            return await asyncio.gather(*tasks)
-        finally:
-            for t in tasks:
-                t.cancel()
+        return await _gather_or_cancel(one(r, s) for r, s in zip(rows, starts))
 
     async def _score(self, rows, deadline):
         """Per row, per position t (0 .. len-1): ``[(id, logprob), ...]`` of the distribution of
@@ -574,12 +569,7 @@ class APIBase:
                     f"log-probs would be for other ids", url=self.url, cause="prompt round trip")
             return self._parse_echo(reply, r)
 
-        tasks = [asyncio.ensure_future(one(r)) for r in rows]
-        try:
-            return await asyncio.gather(*tasks)
-        finally:
-            for t in tasks:
-                t.cancel()
+        return await _gather_or_cancel(one(r) for r in rows)
 
     def _parse_prompt_logprobs(self, reply, rows) -> list[list[list[tuple[int, float]]]]:
         """vLLM's ``choices[i].prompt_logprobs`` (keys: ids as decimal strings, or ``token_id:N``;
@@ -682,12 +672,7 @@ class APIBase:
                         url=self.url, cause="prompt round trip")
             return self._parse(reply, 1)[0]
 
-        tasks = [asyncio.ensure_future(one(p, n)) for p, n in zip(prompts, lengths)]
-        try:
-            return await asyncio.gather(*tasks)
-        finally:
-            for t in tasks:
-                t.cancel()
+        return await _gather_or_cancel(one(p, n) for p, n in zip(prompts, lengths))
 
     def _body(self, prompts) -> dict:
         K = self.top_logprobs
@@ -845,6 +830,16 @@ class APIBase:
             if act is None or act[i]:
                 self.rows[i].append(t)
         return self._dense(self.rows, act)
+
+
+async def _gather_or_cancel(coros):
+    """``asyncio.gather`` of ``coros`` in order; the first failure cancels the others."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 def _as_logprob(v, key, url) -> float:
