@@ -404,7 +404,8 @@ class APIBase:
         against a plain :meth:`top_k` of the first row). ``llama-server`` has no prompt
         log-probs: one next-token request per position, the server's sample forced onto the
         row's token so its log-prob comes back (:meth:`_llama_server_score`; rows concurrently,
-        each request with its own deadline). Otherwise one call: the deadline, retries and errors of :meth:`top_k`.
+        each request with its own deadline). Otherwise one call: the deadline, retries and errors
+        of :meth:`top_k`.
         """
         self.detect_dialect()
         rows = [[int(t) for t in r] for r in rows]
@@ -697,7 +698,10 @@ class APIBase:
         answer no log-probs) and the ids whose text ends inside a UTF-8 character (it holds such
         text back and answers ``logprobs: null``), once per client."""
         if self._bias is None:
-            held = [i for i, b in enumerate(token_bytes(self.tokenizer)) if b is not None and cuts_utf8(b)]
+            try:
+                held = [i for i, b in enumerate(token_bytes(self.tokenizer)) if b is not None and cuts_utf8(b)]
+            except ValueError:  # a tokenizer whose token bytes are unknown: the special ids only
+                held = []
             self._bias = {str(i): -100 for i in sorted(set(_special_ids(self.tokenizer)) | set(held))}
         return self._bias
 
@@ -718,6 +722,11 @@ class APIBase:
         out = []
         for lp in lps:
             if self.dialect == "llama-server":
+                if lp is None:
+                    raise APIBaseError(
+                        f"API base {self.url} answered logprobs null (llama-server withholds them when its own "
+                        f"sample ends inside a UTF-8 character or is not shown; is the logit_bias ignored?)",
+                        url=self.url, cause="empty top_logprobs")
                 try:
                     top = lp["content"][0]["top_logprobs"]
                     pairs = [(self._id(e["id"]), _as_logprob(e["logprob"], e.get("token"), self.url)) for e in top]
