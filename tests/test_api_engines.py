@@ -23,7 +23,8 @@ from ipa_fast import embedded
 from ipa_fast.decoding.tailored import TailoredLM
 
 from fixtures.engines.live import (F32_KV, GGUF, GGUF_F32, ENGINE_VENV, LLAMA_SERVER, LLAMA_SERVER_F32_KV,
-                                   LlamaCppPythonServer, LlamaServer, ambiguous_ids, load_tokenizer, top_k_gap)
+                                   LLAMA_SERVER_F32_KV_ONLY, LlamaCppPythonServer, LlamaServer, ambiguous_ids,
+                                   load_tokenizer, top_k_gap)
 from fixtures.engines.replay import FakeEngine, replay_routes
 
 HERE = Path(__file__).resolve().parent / "fixtures" / "engines"
@@ -448,8 +449,7 @@ def test_live_llama_server_f32_gguf_matches_the_local_base(tok, local_lm, report
 def test_live_llama_server_default_flash_attention_gap(tok, local_lm, report):
     """What llama-server's default flash attention (``auto``: on, on the CPU) costs the f32 serving:
     measured and reported, bounded loosely (it is why the exact serving turns it off)."""
-    kv_only = [a for a in LLAMA_SERVER_F32_KV if a not in ("--flash-attn", "off")]
-    with _llama_server(GGUF_F32, extra_args=kv_only) as server:
+    with _llama_server(GGUF_F32, extra_args=LLAMA_SERVER_F32_KV_ONLY) as server:
         api = APIBase(server.url, tok, top_logprobs=20, timeout=60)
         gap = top_k_gap(api, local_lm.base, _gap_rows(tok))
         api.close()

@@ -140,10 +140,11 @@ def load_adapter(adapter: str):
 def connect_api_base(url: str, tokenizer, *, top_k: int = 20, dialect: str | None = None, timeout: float = 60.0,
                      ambiguous: str = "error"):
     """An :class:`~ipa_fast.decoding.api_base.APIBase` for ``url``, checked before training:
-    the server answers (dialect detected or given) and tokenises a probe text to the tokenizer's ids (one ``/tokenize`` round trip; where the
-    server has none, the probe's scored ids must lie in the tokenizer's vocabulary).
-    :class:`~ipa_fast.decoding.api_base.APIBaseError` (one line) otherwise."""
-    from ipa_fast.decoding.api_base import APIBase, APIBaseError
+    the server answers (dialect detected or given) and tokenises a probe text to the tokenizer's
+    ids (one ``/tokenize`` round trip; where the server has none, the probe's scored ids must lie
+    in the tokenizer's vocabulary). :class:`~ipa_fast.decoding.api_base.APIBaseError` (one line)
+    otherwise."""
+    from ipa_fast.decoding.api_base import APIBase
 
     base = APIBase(url, tokenizer, top_logprobs=top_k, dialect=dialect, timeout=timeout, ambiguous=ambiguous)
     base.detect_dialect()

@@ -178,7 +178,8 @@ class APIBase:
         self.requests = 0  # completion requests sent, retries included (for benchmarks / tests)
         self.dropped = 0   # ambiguous keys left out (ambiguous="drop")
         self._printed = None
-        self._bias = None
+        self._bias = None      # the logit_bias keeping a server's own sample off bad ids (_sample_bias)
+        self._cut_utf8 = set()  # llama-server: ids whose text ends inside a UTF-8 character
         self._adds_bos = None
         self._echo_checked = False
         self._loop = None
@@ -505,14 +506,13 @@ class APIBase:
         entry is that token with its raw log-prob, also outside the top-K; a token the server would
         hold back (it ends inside a UTF-8 character) is not forced and gets its log-prob only from
         inside the top-K."""
-        held = self._llama_server_bias()
-        specials = set(_special_ids(self.tokenizer))
+        held = self._sample_bias()
         sem = asyncio.Semaphore(self.max_concurrency)
 
         async def position(row, t):
             body = dict(self._body([row[:t]]), prompt=row[:t])
             target = row[t]
-            forced = str(target) not in held or target in specials
+            forced = target not in self._cut_utf8
             if forced:
                 body["logit_bias"] = dict(held, **{str(target): 100})
             deadline = time.monotonic() + self.timeout
@@ -684,25 +684,28 @@ class APIBase:
         elif d == "llama-server":
             body = {"prompt": prompts if self._batched() else prompts[0], "max_tokens": 1, "logprobs": K,
                     "temperature": 1.0, "post_sampling_probs": False, "cache_prompt": True,
-                    "logit_bias": self._llama_server_bias()}
+                    "logit_bias": self._sample_bias()}
         else:  # llama-cpp-python
             body = {"prompt": prompts[0], "max_tokens": 1, "logprobs": K, "temperature": 0.0, "echo": False,
-                    "logit_bias": {str(i): -100 for i in _special_ids(self.tokenizer)}}
+                    "logit_bias": self._sample_bias()}
         if self.model is not None:
             body["model"] = self.model
         body.update(self.extra_body)
         return body
 
-    def _llama_server_bias(self) -> dict[str, int]:
-        """-100 on every id llama-server must not sample: the special ids (it would end and
-        answer no log-probs) and the ids whose text ends inside a UTF-8 character (it holds such
-        text back and answers ``logprobs: null``), once per client."""
+    def _sample_bias(self) -> dict[str, int]:
+        """-100 on every id the llama.cpp servers must not sample themselves, once per client: the
+        special ids (the server would end and answer no log-probs) and, for llama-server, the ids
+        whose text ends inside a UTF-8 character (it holds such text back and answers ``logprobs:
+        null``; kept in :attr:`_cut_utf8`)."""
         if self._bias is None:
-            try:
-                held = [i for i, b in enumerate(token_bytes(self.tokenizer)) if b is not None and cuts_utf8(b)]
-            except ValueError:  # a tokenizer whose token bytes are unknown: the special ids only
-                held = []
-            self._bias = {str(i): -100 for i in sorted(set(_special_ids(self.tokenizer)) | set(held))}
+            if self.dialect == "llama-server":
+                try:
+                    self._cut_utf8 = {i for i, b in enumerate(token_bytes(self.tokenizer))
+                                      if b is not None and cuts_utf8(b)}
+                except ValueError:  # a tokenizer whose token bytes are unknown: the special ids only
+                    self._cut_utf8 = set()
+            self._bias = {str(i): -100 for i in sorted(set(_special_ids(self.tokenizer)) | self._cut_utf8)}
         return self._bias
 
     def _bad(self, what, reply):
