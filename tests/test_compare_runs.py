@@ -43,3 +43,22 @@ def test_bad_folders_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--a", str(tmp_path), "--b", str(bad)])
     assert exc.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_a_saved_group_stands_for_its_runs(tmp_path, capsys):
+    """FILE.json:b of an earlier --json reproduces that group's runs: comparing against it gives the
+    same rows as comparing against the folders themselves; a bad spec is a one-line error."""
+    a = [run(tmp_path, f"a{i}", {0: 0.2, 15: v}) for i, v in enumerate([0.3, 0.4, 0.5])]
+    b = [run(tmp_path, f"b{i}", {0: 0.25, 15: v}) for i, v in enumerate([0.6, 0.7, 0.8])]
+    saved = tmp_path / "saved.json"
+    assert main(["--a", *a, "--b", *b, "--json", str(saved)]) == 0
+    c = [run(tmp_path, f"c{i}", {0: 0.2, 15: v, 30: 0.9}) for i, v in enumerate([0.35, 0.45, 0.55])]
+    assert compare(c, [f"{saved}:b"]) == compare(c, b)
+    assert compare([f"{saved}:a", f"{saved}:b"], c)[1]["a"] == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    out = tmp_path / "again.json"
+    assert main(["--a", *c, "--b", f"{saved}:b", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["b"] == [f"{r} (from {saved}:b)" for r in b]
+    with pytest.raises(ValueError, match="not a group"):
+        compare(c, [f"{tmp_path / 'missing.json'}:a"])
+    with pytest.raises(ValueError, match="compared 'reward', not 'kl'"):
+        compare([f"{saved}:b"], [f"{saved}:a"], metric="kl")

@@ -250,26 +250,42 @@ def test_cache_asks_each_sequence_once(served):
     torch.testing.assert_close(first["logprob"][m], torch.cat(lp), atol=1e-4, rtol=0)
 
 
-# -- (c) replayed engine replies (constructed from the documented formats: see the README there) -----
+# -- (c) replayed engine replies (recorded from the real servers: see the README there) -------------------
 
 def _fixture(name):
     return json.loads((HERE / name).read_text())
 
 
 def test_vllm_prompt_logprobs_replayed():
+    """Recorded from vLLM's CPU build: the scoring request is the recorded body (all rows, token
+    ids, ``prompt_logprobs`` K, no ``logprobs``), and at every scored position the client returns
+    the reply's K best entries by value and the row's own token's log-prob, which vLLM lists
+    with its rank also outside the top K."""
     from fixtures.engines.live import load_tokenizer
     tok = load_tokenizer()
     fx = _fixture("vllm_prompt_logprobs.json")
+    K, rows, starts = fx["top_logprobs"], fx["rows"], fx["starts"]
+    assert fx["recorded"]
     with FakeEngine(replay_routes(fx)) as fake:
-        api = APIBase(fake.url, tok, top_logprobs=fx["top_logprobs"])
-        got = api.score_top_k(fx["rows"], fx["starts"])
+        api = APIBase(fake.url + "/v1", tok, top_logprobs=K)
+        got = api.score_top_k(rows, starts)
         body = fake.log[-1][2]
-    assert body["prompt"] == fx["rows"] and body["prompt_logprobs"] == fx["top_logprobs"]
+    assert body["prompt"] == rows and body["prompt_logprobs"] == K
     assert "logprobs" not in body
-    for (ids, vals, chosen), exp in zip(got, fx["expected"]):
-        assert ids.tolist() == exp["ids"]
-        assert vals.tolist() == exp["logprobs"]  # binary fractions: exact
-        assert chosen.tolist() == exp["chosen"]  # also outside the top-K (rank > K, -9999.0 clamped)
+    reply = next(e for e in fx["exchanges"] if e.get("name") == "prompt-logprobs")["response"]["body"]
+    choices = sorted(reply["choices"], key=lambda c: c["index"])
+    outside = 0
+    for (ids, vals, chosen), row, start, choice in zip(got, rows, starts, choices):
+        plp = choice["prompt_logprobs"]
+        assert plp[0] is None and ids.shape == (len(row) - start, K)
+        for j, t in enumerate(range(start, len(row))):
+            entry = {int(k): v["logprob"] for k, v in plp[t].items()}
+            top = sorted(entry.items(), key=lambda e: -e[1])[:K]
+            assert ids[j].tolist() == [i for i, _ in top]
+            assert vals[j].tolist() == pytest.approx([v for _, v in top], abs=1e-6)
+            assert chosen[j].item() == pytest.approx(entry[row[t]], abs=1e-6)
+            outside += row[t] not in ids[j].tolist()
+    assert outside > 0  # some scored tokens lie outside the top K: their log-probs still come back
 
 
 def test_llama_cpp_python_echo_replayed():
