@@ -322,6 +322,22 @@ def _gap_rows(tok):
     return [tok(p)["input_ids"] for p in ["The capital of France is", "Once upon a time, there was a little", *chats]]
 
 
+def _scoring_gap(api, model, rows) -> tuple[float, int]:
+    """Teacher-forced scoring (training against a served base): ``api.score_top_k`` of two rows
+    (from position 1 and 30) against ``model``'s log-softmax, each position's top-20 and the row's
+    own token, also outside the top-20. Returns the largest |delta| and how many row tokens lay
+    outside the top-20."""
+    picked, starts = [rows[1], rows[2]], [1, 30]
+    worst, outside = 0.0, 0
+    for r, s, (ids, vals, chosen) in zip(picked, starts, api.score_top_k(picked, starts)):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([r])).logits[0].float(), -1)
+        for j, t in enumerate(range(s, len(r))):
+            worst = max(worst, (vals[j] - lp[t - 1, ids[j]]).abs().max().item(), abs(chosen[j].item() - lp[t - 1, r[t]].item()))
+            outside += r[t] not in ids[j].tolist()
+    return worst, outside
+
+
 def _summary(gap):
     return {k: gap[k] for k in ("positions", "pairs", "max", "mean")} | {"set_mismatches": len(gap["set_mismatches"])}
 
@@ -471,17 +487,8 @@ def test_live_llama_server_f32_gguf_matches_the_local_base(tok, local_lm, report
     with _llama_server(GGUF_F32, extra_args=LLAMA_SERVER_F32_KV) as server:
         api = APIBase(server.url, tok, top_logprobs=20, timeout=60)
         gap = top_k_gap(api, local_lm.base, rows)
-        # teacher-forced scoring (training against this server): each position's top-20 and the
-        # row's own token, also outside the top-20, against the local forward
-        scored = api.score_top_k([rows[1], rows[2]], [1, 30])
+        worst, outside = _scoring_gap(api, local_lm.base, rows)
         api.close()
-    worst, outside = 0.0, 0
-    for r, s, (ids, vals, chosen) in zip([rows[1], rows[2]], [1, 30], scored):
-        with torch.no_grad():
-            lp = torch.log_softmax(local_lm.base(input_ids=torch.tensor([r])).logits[0].float(), -1)
-        for j, t in enumerate(range(s, len(r))):
-            worst = max(worst, (vals[j] - lp[t - 1, ids[j]]).abs().max().item(), abs(chosen[j].item() - lp[t - 1, r[t]].item()))
-            outside += r[t] not in ids[j].tolist()
     gap["scored_max"], gap["scored_outside_top20"] = worst, outside
     report["llama_server_f32_gguf_f32_kv"] = _summary(gap) | {"score_top_k_max": worst, "scored_tokens_outside_top20": outside}
     print(f"llama-server f32 GGUF (f32 KV) vs local fp32 base, top-20: max |d| {gap['max']:.2e}, "
@@ -564,15 +571,8 @@ def test_live_vllm_matches_the_local_base(tok, local_lm, vllm_server, report):
     api = APIBase(vllm_server.url + "/v1", tok, top_logprobs=20, timeout=300)
     assert api.detect_dialect() == "vllm" and api.check_tokenizer()
     gap = top_k_gap(api, local_lm.base, rows)
-    scored = api.score_top_k([rows[1], rows[2]], [1, 30])
+    worst, outside = _scoring_gap(api, local_lm.base, rows)
     api.close()
-    worst, outside = 0.0, 0
-    for r, s, (ids, vals, chosen) in zip([rows[1], rows[2]], [1, 30], scored):
-        with torch.no_grad():
-            lp = torch.log_softmax(local_lm.base(input_ids=torch.tensor([r])).logits[0].float(), -1)
-        for j, t in enumerate(range(s, len(r))):
-            worst = max(worst, (vals[j] - lp[t - 1, ids[j]]).abs().max().item(), abs(chosen[j].item() - lp[t - 1, r[t]].item()))
-            outside += r[t] not in ids[j].tolist()
     report["vllm_fp32"] = _summary(gap) | {"score_top_k_max": worst, "scored_tokens_outside_top20": outside}
     print(f"vLLM (CPU, float32) vs local fp32 base, top-20: max |d| {gap['max']:.2e}, mean {gap['mean']:.2e} nats "
           f"over {gap['pairs']} pairs at {gap['positions']} positions; scoring max {worst:.2e}")
