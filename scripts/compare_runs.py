@@ -73,7 +73,13 @@ def expand(runs: list[str], metric: str) -> tuple[list[str], list[dict[int, floa
 
 
 def compare(a: list[str], b: list[str], metric: str = "reward") -> list[dict]:
-    ea, eb = expand(a, metric)[1], expand(b, metric)[1]
+    """The rows of :func:`compare_values` for two groups of run folders / saved groups."""
+    return compare_values(expand(a, metric)[1], expand(b, metric)[1])
+
+
+def compare_values(ea: list[dict[int, float]], eb: list[dict[int, float]]) -> list[dict]:
+    """Per step every run of both groups evaluated: each group's values, mean and standard error,
+    the difference and whether it lies within two standard errors."""
     steps = sorted(set.intersection(*(set(e) for e in ea + eb)))
     if not steps:
         raise ValueError("the runs share no evaluated step")
@@ -97,8 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     try:
-        rows = compare(args.a, args.b, args.metric)
-        names_a, names_b = expand(args.a, args.metric)[0], expand(args.b, args.metric)[0]
+        (names_a, ea), (names_b, eb) = expand(args.a, args.metric), expand(args.b, args.metric)
+        rows = compare_values(ea, eb)
     except ValueError as exc:
         ap.error(str(exc))
     la, lb = args.labels

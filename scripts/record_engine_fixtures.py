@@ -276,9 +276,7 @@ def record_vllm(args, argv) -> None:
         record("POST", "/tokenize", {"prompt": api.TOKENIZER_PROBE, "add_special_tokens": False,
                                      "model": server.served_name}, name="tokenize")
         sbody = APIBase(server.url + "/v1", tok, top_logprobs=scored["top_logprobs"], dialect="vllm",
-                        model=server.served_name)._body(scored["rows"])
-        sbody.pop("logprobs")
-        sbody["prompt_logprobs"] = scored["top_logprobs"]
+                        model=server.served_name)._score_body(scored["rows"])
         scoring = []
         _recorder(client, server.url, scoring)("POST", "/v1/completions", sbody, name="prompt-logprobs")
         client.close()

@@ -548,10 +548,7 @@ class APIBase:
             chunks = [rows[a:a + self.SCORE_CHUNK] for a in range(0, len(rows), self.SCORE_CHUNK)]
 
             async def batch(c):
-                body = self._body(c)
-                body.pop("logprobs", None)
-                body["prompt_logprobs"] = self.top_logprobs
-                reply = await self._request("POST", self.url, body, deadline)
+                reply = await self._request("POST", self.url, self._score_body(c), deadline)
                 return self._parse_prompt_logprobs(reply, c)
 
             parts = await asyncio.gather(*(batch(c) for c in chunks))
@@ -571,6 +568,14 @@ class APIBase:
             return self._parse_echo(reply, r)
 
         return await _gather_or_cancel(one(r) for r in rows)
+
+    def _score_body(self, rows) -> dict:
+        """The batched teacher-forced scoring request (vllm, ipa-fast): the rows as token ids with
+        ``prompt_logprobs=K`` instead of next-token ``logprobs``."""
+        body = self._body(rows)
+        body.pop("logprobs", None)
+        body["prompt_logprobs"] = self.top_logprobs
+        return body
 
     def _parse_prompt_logprobs(self, reply, rows) -> list[list[list[tuple[int, float]]]]:
         """vLLM's ``choices[i].prompt_logprobs`` (keys: ids as decimal strings, or ``token_id:N``;
