@@ -233,6 +233,41 @@ def test_demo_compose_decodes_every_shipped_adapter_at_once(home, tmp_path, monk
         assert lex["composed"]["gain_kept"] is None
 
 
+def test_demo_compose_weights_replace_the_shipped_alphas(home, tmp_path, monkeypatch):
+    """--compose-weights W1 W2: the composed row decodes base + W1 x lexical + W2 x detox."""
+    from ipa_fast.cli.demo import PROTOCOL
+    from ipa_fast.training.rewards import lexical_coverage
+    monkeypatch.setenv("IPA_FAST_HOME", str(home))
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--quick", "--prompts", "3", "--tasks", "lexical", "--compose", "lexical", "detox",
+                 "--compose-weights", "0.3", "0.8", "--train-steps", "0", "--no-larger-base",
+                 "--out", str(tmp_path / "run"), "--json", str(out)]) == 0
+    lex = json.loads(out.read_text())["tasks"]["lexical"]
+    assert lex["composed"]["weights"] == {"lexical": 0.3, "detox": 0.8}
+    lm = TailoredLM.from_pretrained(str(home / "models/base"), str(home / "models/adapters/lexical"))
+    detox = TailoredLM.from_pretrained(str(home / "models/base"), str(home / "models/adapters/detox")).adapter
+    product = TailoredLM(lm.base, tokenizer=lm.tokenizer, experts=[lm.adapter, detox], weights=[0.3, 0.8])
+    rows = LEXICAL[:3]
+    gen = product.generate([r["prompt"] for r in rows], PROTOCOL["max_new_tokens"], top_p=PROTOCOL["top_p"],
+                           seed=PROTOCOL["seed"])
+    cov = lexical_coverage([r["prompt"] for r in rows], gen.texts, [r["concepts"] for r in rows])
+    assert lex["composed"]["score"] == pytest.approx(sum(cov) / len(cov))
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--compose", "lexical", "detox", "--compose-weights", "0.5"], "--compose-weights takes 2 finite numbers"),
+    (["--compose", "lexical", "detox", "--compose-weights", "0.5", "nan"], "--compose-weights takes 2 finite numbers"),
+    (["--compose", "lexical", "detox", "--compose-weights", "0.5", "-1"], "--compose-weights takes 2 finite numbers"),
+    (["--compose-weights", "0.5", "0.5"], "--compose-weights needs --compose"),
+])
+def test_demo_compose_weights_bad_input_is_one_line(home, tmp_path, monkeypatch, capsys, argv, says):
+    monkeypatch.setenv("IPA_FAST_HOME", str(home))
+    assert main(["demo", "--quick", "--tasks", "lexical", *argv, "--out", str(tmp_path / "run")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
 def test_demo_compose_needs_two_shipped_adapters_of_the_named_tasks(home, tmp_path, monkeypatch, capsys):
     import shutil
     h = tmp_path / "h"

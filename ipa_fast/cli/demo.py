@@ -84,6 +84,9 @@ def add_arguments(parser) -> None:
                         help="also decode these tasks' shipped adapters at once (two or more, each at its shipped "
                              "alpha) on each of them that is in --tasks, beside each adapter alone: rows composed "
                              "and ipa_<other task>")
+    parser.add_argument("--compose-weights", nargs="+", type=float, default=None, metavar="W",
+                        help="the --compose adapters' weights, one per adapter in --compose's order (default: each "
+                             "adapter's shipped alpha); scripts/sweep_compose.py chooses them on validation rows")
     parser.add_argument("--no-larger-base", action="store_true",
                         help="skip the larger untuned model alone (Gemma 3 270M base), which is otherwise "
                              "evaluated when `ipa-fast setup --larger-base` has built it")
@@ -123,9 +126,15 @@ def validate(args) -> None:
             raise FileNotFoundError(f"--compose: no shipped adapter in the cache for "
                                     f"{sorted(set(named) - set(shipped))} (shipped: {sorted(trained_adapters())}; "
                                     f"`ipa-fast setup` builds them)")
+        weights = getattr(args, "compose_weights", None)
+        if weights is not None and (len(weights) != len(named) or not all(0 <= w < float("inf") for w in weights)):
+            raise ValueError(f"--compose-weights takes {len(named)} finite numbers >= 0 (one per --compose adapter "
+                             f"{named}), got {weights}")
         if not set(named) & set(args.tasks):
             raise ValueError(f"--compose: none of {named} is in --tasks {args.tasks}: the composition is evaluated "
                              f"on the tasks of its adapters")
+    elif getattr(args, "compose_weights", None) is not None:
+        raise ValueError("--compose-weights needs --compose (the adapters they weigh)")
 
 
 def trained_adapters(names=None) -> dict:
@@ -335,14 +344,15 @@ def load_pair(base, adapter_dir, tok):
     return TailoredLM.from_pretrained(base, str(adapter_dir), tokenizer=tok, dtype="float32")
 
 
-def load_composed(base, tok, paths: dict):
+def load_composed(base, tok, paths: dict, weights=None):
     """``(lm, paths)``: one TailoredLM over the loaded ``base`` that decodes every adapter of
-    ``paths`` (``{task: adapter dir}``) at once, each at its stored alpha:
-    ``z = base + sum_i alpha_i * adapter_i`` (a residual adapter contributes its difference to its
-    initial weights)."""
+    ``paths`` (``{task: adapter dir}``) at once, each at its stored alpha or at ``weights`` (one
+    per adapter, in ``paths``' order): ``z = base + sum_i alpha_i * adapter_i`` (a residual
+    adapter contributes its difference to its initial weights)."""
     from ipa_fast.decoding.tailored import TailoredLM
 
-    return TailoredLM.from_pretrained(base, [str(p) for p in paths.values()], tokenizer=tok, dtype="float32"), paths
+    return TailoredLM.from_pretrained(base, [str(p) for p in paths.values()], tokenizer=tok, dtype="float32",
+                                      alpha=None if weights is None else list(weights)), paths
 
 
 def adapter_alone(lm):
@@ -550,7 +560,8 @@ def run(args) -> dict:
     trained = trained_adapters(args.tasks)
     composed = None
     if getattr(args, "compose", None):
-        composed = load_composed(base, tok, trained_adapters(list(dict.fromkeys(args.compose))))
+        composed = load_composed(base, tok, trained_adapters(list(dict.fromkeys(args.compose))),
+                                 weights=getattr(args, "compose_weights", None))
         print(f"[demo] composition: {' + '.join(f'{w:g} x {t}' for t, w in zip(composed[1], composed[0].weights))} "
               f"adapters at once, on each task that has its own adapter")
     results, samples = {}, {}
